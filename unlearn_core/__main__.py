@@ -1,0 +1,5 @@
+import sys
+
+from unlearn_core.cli import entry
+
+sys.exit(entry())

@@ -1,0 +1,236 @@
+"""`python -m unlearn_core generate|surrogate|unlearn|evaluate|probe` (DESIGN §5).
+
+Each verb is `parse_args(argv)` + `main(args)`, so tests call `main(parse_args([...]))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, parse_seeds
+
+
+def _add_model(parser):
+    parser.add_argument("--model", default=DEMO_MODEL, help="hub id or local diffusers folder (default: the embedded demo model)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def _load(args):
+    from unlearn_core.models import load_model
+
+    return load_model(args.model, args.device)
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from unlearn_core.generate import generate_grid, write_grid
+
+    request = GenerationRequest(args.prompt, parse_seeds(args.seeds), args.steps, args.guidance)
+    model = _load(args)
+    with tqdm(total=len(request.seeds), desc="generate", unit="img") as bar:
+        results = generate_grid(model, request, progress=lambda done, total: bar.update(done - bar.n))
+    manifest = write_grid(results, Path(args.out))
+    print(f"wrote {len(results)} images and {manifest}")
+    return 0
+
+
+# -- surrogate ---------------------------------------------------------------------------------
+def cmd_surrogate(args) -> int:
+    from unlearn_core.images import load_for_model, save_atomic
+    from unlearn_core.surrogate import make_surrogate
+
+    model = _load(args) if args.method == "sdedit" or args.size is None else None
+    size = model.image_size if model else (args.size, args.size)
+    target = load_for_model(args.image, size, "target image")
+    if model is None:
+        from unlearn_core.surrogate import add_noise, flip
+
+        result = flip(target) if args.method == "flip" else add_noise(target, args.sigma, args.seed)
+    else:
+        with tqdm(total=1, desc=f"surrogate ({args.method})") as bar:
+            result = make_surrogate(model, args.method, target, prompt=args.prompt, strength=args.strength, sigma=args.sigma, seed=args.seed, steps=args.steps, guidance=args.guidance)
+            bar.update(1)
+    save_atomic(result, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# -- unlearn -----------------------------------------------------------------------------------
+# Config fields whose option would clash with an instance option of the same verb.
+RENAMED_OPTIONS = {"seed": "train_seed"}
+
+
+def config_from_args(args) -> UnlearnConfig:
+    values = dict(PRESETS[args.preset])
+    for spec in fields(UnlearnConfig):
+        value = getattr(args, RENAMED_OPTIONS.get(spec.name, spec.name), None)
+        if value is not None:
+            values[spec.name] = value
+    return UnlearnConfig.from_dict(values)
+
+
+def _add_config_options(parser):
+    """One option per `UnlearnConfig` field, with its help text (None = preset/default)."""
+    for spec in fields(UnlearnConfig):
+        option = "--" + RENAMED_OPTIONS.get(spec.name, spec.name).replace("_", "-")
+        help_text = spec.metadata.get("help", "")
+        if spec.name in ("remember_prompts", "eval_prompts"):
+            parser.add_argument(option, action="append", default=None, help=help_text + " (repeatable)")
+        elif spec.type in ("bool", bool):
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(spec.type), str)
+            choices = spec.metadata.get("choices")
+            parser.add_argument(option, type=kind, choices=choices, default=None, help=help_text)
+
+
+def cmd_unlearn(args) -> int:
+    from unlearn_core.run import run_unlearning, write_status
+
+    config = config_from_args(args)
+    if not args.surrogate:
+        raise ValueError("--surrogate is required (an image file)")
+    if not (len(args.surrogate) == len(args.seed) == len(args.prompt)) or (args.target and len(args.target) != len(args.seed)):
+        raise ValueError("give one --prompt, --seed and --surrogate (and --target if any) per instance")
+    targets = [InstanceTarget(p, s, sur, (args.target or [None] * len(args.seed))[i]) for i, (p, s, sur) in enumerate(zip(args.prompt, args.seed, args.surrogate))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _load(args)
+    stop_file = out / "CANCEL"
+    bar = tqdm(total=config.steps, desc="unlearn", unit="step")
+
+    def on_step(report):
+        bar.n = report.step
+        bar.set_postfix(L_f=f"{report.loss_forget:.4f}", L_r=f"{report.loss_remember:.4f}", cos=f"{report.cosine:+.2f}")
+        bar.refresh()
+        write_status(out, "running", step=report.step, total=report.total)
+
+    write_status(out, "running", step=0, total=config.steps)
+    try:
+        result = run_unlearning(model, targets, config, out, on_step=on_step, should_stop=stop_file.exists, on_phase=lambda name: bar.set_description(name))
+    except Exception as error:
+        from unlearn_core.trainer import TrainingCancelled
+
+        write_status(out, "cancelled" if isinstance(error, TrainingCancelled) else "failed", error=str(error))
+        raise
+    finally:
+        bar.close()
+    write_status(out, "done", step=config.steps, total=config.steps)
+    print(json.dumps(result["summary"], indent=2))
+    print(f"adapter and report in {out}")
+    return 0
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from unlearn_core.evaluation import EvalTarget, evaluate
+    from unlearn_core.images import load_for_model, save_atomic
+    from unlearn_core.trainer import write_json_atomic
+
+    model = _load(args)
+    adapter = Path(args.adapter)
+    with tqdm(total=3, desc="evaluate") as bar:
+        base_target = model.generate(args.prompt, [args.seed], args.steps, args.guidance)[0][0]
+        model.load_lora(adapter)
+        bar.update(1)
+        target = load_for_model(args.target, model.image_size, "target") if args.target else base_target
+        surrogate_file = adapter / "surrogate_0.png"
+        surrogate = load_for_model(surrogate_file, model.image_size, "surrogate") if surrogate_file.is_file() else target
+        remember_range = range(args.remember_seed_offset, args.remember_seed_offset + args.remember_count)
+        report, picture = evaluate(model, [EvalTarget(args.prompt, args.seed, target, surrogate)], args.eval_seeds, args.eval_prompt or [], remember_range, args.steps, args.guidance)
+        bar.update(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", report)
+    save_atomic(picture, out / "before_after.png")
+    print(json.dumps({"target": report["targets"][0]["after_vs_target"], "integrity_ssim": {k: v["ssim"]["value"] for k, v in report["integrity"].items()}}, indent=2, default=str))
+    print(f"wrote {out / 'metrics.json'} and {out / 'before_after.png'}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m unlearn_core", description="Hotfix Studio: prompt-free instance unlearning for diffusion models.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{generate,surrogate,unlearn,evaluate,probe}")
+
+    gen = sub.add_parser("generate", help="a seed grid with provenance (PNGs + manifest.json)")
+    _add_model(gen)
+    gen.add_argument("--prompt", default="", help="text prompt (ignored by unconditional models)")
+    gen.add_argument("--seeds", default="0-7", help="'0-7', '1,5,9' or '3'")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=cmd_generate)
+
+    sur = sub.add_parser("surrogate", help="make a surrogate image from a target")
+    _add_model(sur)
+    sur.add_argument("--method", choices=("sdedit", "flip", "noise"), required=True)
+    sur.add_argument("--image", required=True, help="the target image")
+    sur.add_argument("--out", required=True)
+    sur.add_argument("--prompt", default="", help="SDEdit: edit prompt")
+    sur.add_argument("--strength", type=float, default=0.6, help="SDEdit strength in (0, 1]")
+    sur.add_argument("--sigma", type=float, default=0.2, help="noise: std in [0, 1] pixel units")
+    sur.add_argument("--seed", type=int, default=0)
+    sur.add_argument("--steps", type=int, default=25)
+    sur.add_argument("--guidance", type=float, default=5.0)
+    sur.add_argument("--size", type=int, default=None, help="flip/noise without loading a model: output size")
+    sur.set_defaults(func=cmd_surrogate)
+
+    unl = sub.add_parser("unlearn", help="fine-tune a LoRA that removes the target output")
+    _add_model(unl)
+    unl.add_argument("--prompt", action="append", required=True, help="the target's prompt (repeat for several targets)")
+    unl.add_argument("--seed", type=int, action="append", required=True, help="the target's seed")
+    unl.add_argument("--surrogate", action="append", required=True, help="surrogate image file")
+    unl.add_argument("--target", action="append", default=None, help="target image (default: the model's output for prompt + seed)")
+    unl.add_argument("--out", required=True, help="run folder")
+    unl.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    _add_config_options(unl)
+    unl.set_defaults(func=cmd_unlearn)
+
+    ev = sub.add_parser("evaluate", help="before/after metrics of an adapter")
+    _add_model(ev)
+    ev.add_argument("--adapter", required=True, help="run folder with the adapter")
+    ev.add_argument("--prompt", default="")
+    ev.add_argument("--seed", type=int, required=True)
+    ev.add_argument("--target", default=None, help="target image (default: the base model's output)")
+    ev.add_argument("--eval-seeds", type=int, default=16)
+    ev.add_argument("--eval-prompt", action="append", default=None)
+    ev.add_argument("--remember-seed-offset", type=int, default=1000)
+    ev.add_argument("--remember-count", type=int, default=16)
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--guidance", type=float, default=5.0)
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_evaluate)
+
+    try:
+        from unlearn_core.instruction import register_cli
+    except ImportError:  # the analysis module is optional at import time
+        pass
+    else:
+        register_cli(sub)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def main(args) -> int:
+    from unlearn_core.images import ImageError
+    from unlearn_core.models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ValueError, ImageError, ModelLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def entry(argv=None) -> int:
+    return main(parse_args(argv))

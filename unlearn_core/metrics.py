@@ -1,0 +1,163 @@
+"""Forgetting and integrity metrics (DESIGN §3), each with honest availability.
+
+SSCD and LPIPS need pretrained networks that are downloaded on first use. Where they cannot be
+had, the metric is reported as unavailable (value None and the reason) — never replaced by a
+stand-in under its name. SSIM and PSNR need no weights (torchmetrics).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
+SSCD_THRESHOLD = 0.4
+CACHE = Path(os.environ.get("HOTFIX_CACHE", Path.home() / ".cache" / "hotfix-studio"))
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("HOTFIX_DOWNLOAD_TIMEOUT", "10"))
+
+
+@dataclass
+class MetricResult:
+    """One metric over image pairs: mean value, per-pair values, availability and reason."""
+
+    name: str
+    available: bool
+    value: float | None = None
+    per_pair: list[float] = field(default_factory=list)
+    reason: str = ""
+    higher_is_more_similar: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _images_to_tensor(images: list[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
+    size = size or images[0].size
+    array = np.stack([np.asarray(img.convert("RGB").resize(size), dtype=np.float32) / 255.0 for img in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+# -- SSCD --------------------------------------------------------------------------------------
+def _download(url: str, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_suffix(".part")
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as handle:
+        while chunk := response.read(1 << 20):
+            handle.write(chunk)
+    tmp.replace(destination)
+
+
+@functools.lru_cache(maxsize=1)
+def load_sscd() -> tuple[torch.jit.ScriptModule | None, str]:
+    """The official `sscd_disc_mixup` TorchScript, from $HOTFIX_SSCD_PATH, the cache, or its URL."""
+    path = Path(os.environ.get("HOTFIX_SSCD_PATH", CACHE / "sscd_disc_mixup.torchscript.pt"))
+    try:
+        if not path.is_file():
+            _download(SSCD_URL, path)
+        return torch.jit.load(str(path), map_location="cpu").eval(), ""
+    except (OSError, socket.timeout, RuntimeError, ValueError) as error:
+        return None, f"SSCD weights unavailable ({type(error).__name__}: {str(error)[:160]}); set HOTFIX_SSCD_PATH to sscd_disc_mixup.torchscript.pt"
+
+
+def sscd_similarity(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
+    model, reason = load_sscd()
+    if model is None:
+        return MetricResult("SSCD", False, reason=reason)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def embed(images):
+        x = _images_to_tensor(images)
+        x = F.interpolate(x, size=(288, 288), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            return F.normalize(model((x - mean) / std), dim=1)
+
+    values = (embed(a) * embed(b)).sum(1).tolist()
+    return MetricResult("SSCD", True, float(np.mean(values)), values)
+
+
+# -- LPIPS -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def load_lpips():
+    """The `lpips` package with its AlexNet backbone (torchvision downloads the weights once)."""
+    try:
+        import lpips
+
+        default_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            return lpips.LPIPS(net="alex", verbose=False).eval(), ""
+        finally:
+            socket.setdefaulttimeout(default_timeout)
+    except Exception as error:  # torch.hub raises URLError, RuntimeError, HTTPError...
+        return None, f"LPIPS AlexNet weights unavailable ({type(error).__name__}: {str(error)[:160]})"
+
+
+def lpips_distance(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
+    model, reason = load_lpips()
+    if model is None:
+        return MetricResult("LPIPS", False, reason=reason, higher_is_more_similar=False)
+    with torch.no_grad():
+        values = model(_images_to_tensor(a) * 2 - 1, _images_to_tensor(b, a[0].size) * 2 - 1).flatten().tolist()
+    return MetricResult("LPIPS", True, float(np.mean(values)), values, higher_is_more_similar=False)
+
+
+# -- weight-free -------------------------------------------------------------------------------
+def ssim(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    x, y = _images_to_tensor(a), _images_to_tensor(b, a[0].size)
+    values = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none").flatten().tolist()
+    return MetricResult("SSIM", True, float(np.mean(values)), values)
+
+
+def psnr(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    x, y = _images_to_tensor(a), _images_to_tensor(b, a[0].size)
+    values = [min(100.0, float(peak_signal_noise_ratio(x[i : i + 1], y[i : i + 1], data_range=1.0))) for i in range(len(x))]
+    return MetricResult("PSNR", True, float(np.mean(values)), values)
+
+
+def fid(real: list[Image.Image], fake: list[Image.Image]) -> MetricResult:
+    """FID via torchmetrics when its Inception weights can be had (needs many images to mean much)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=2048, normalize=True)
+        metric.update(_images_to_tensor(real, (299, 299)), real=True)
+        metric.update(_images_to_tensor(fake, (299, 299)), real=False)
+        return MetricResult("FID", True, float(metric.compute()), higher_is_more_similar=False)
+    except Exception as error:  # ModuleNotFoundError (torch-fidelity), download errors
+        return MetricResult("FID", False, reason=f"Inception weights unavailable ({type(error).__name__}: {str(error)[:160]})", higher_is_more_similar=False)
+
+
+PAIR_METRICS = {"sscd": sscd_similarity, "lpips": lpips_distance, "ssim": ssim, "psnr": psnr}
+
+
+def compare(a: list[Image.Image], b: list[Image.Image], names=("sscd", "lpips", "ssim", "psnr")) -> dict[str, dict]:
+    """Each metric over pairs (a[i], b[i]) as dicts ready for JSON."""
+    if len(a) != len(b) or not a:
+        raise ValueError("compare needs two equally long, non-empty lists of images")
+    return {name: PAIR_METRICS[name](a, b).to_dict() for name in names}
+
+
+def availability() -> dict[str, dict]:
+    """Which networks are available here, and why not where they are not."""
+    sscd_model, sscd_reason = load_sscd()
+    lpips_model, lpips_reason = load_lpips()
+    return {
+        "SSCD": {"available": sscd_model is not None, "reason": sscd_reason},
+        "LPIPS": {"available": lpips_model is not None, "reason": lpips_reason},
+        "SSIM": {"available": True, "reason": ""},
+        "PSNR": {"available": True, "reason": ""},
+    }

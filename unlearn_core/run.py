@@ -1,0 +1,140 @@
+"""One unlearning run end to end, written to one folder (DESIGN §5).
+
+    run_dir/config.json  status.json  target_0.png  surrogate_0.png  loss_log.csv  checkpoint.pt
+           pytorch_lora_weights.safetensors (SD/SD3; peft's adapter_model.safetensors for DDPM)
+           adapter_card.json  metrics.json  before_after.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from unlearn_core import __version__
+from unlearn_core.cache import GenerationCache
+from unlearn_core.config import InstanceTarget, UnlearnConfig
+from unlearn_core.evaluation import EvalTarget, evaluate
+from unlearn_core.images import ImageError, load_for_model, open_image, save_atomic
+from unlearn_core.models import DiffusionModel
+from unlearn_core.trainer import StepReport, UnlearnTrainer, encode_sets, summarise, write_json_atomic
+
+
+def write_status(run_dir: Path, state: str, **extra) -> dict:
+    """Record the run's state (queued, running, done, failed, cancelled, interrupted)."""
+    status = {"state": state, "updated": time.time(), **extra}
+    write_json_atomic(run_dir / "status.json", status)
+    return status
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {"state": "unknown"}
+
+
+def resolve_target_images(model: DiffusionModel, targets: list[InstanceTarget], config: UnlearnConfig, cache: GenerationCache) -> list[EvalTarget]:
+    """Load or generate each x_f and load each x_s at the model's size."""
+    resolved = []
+    for index, target in enumerate(targets):
+        if target.target_path:
+            target_image = load_for_model(target.target_path, model.image_size, f"target {index}")
+        else:
+            target_image = cache.get_or_generate(model, target.prompt, [target.seed], config.generation_steps, config.guidance_scale)[0][0]
+        surrogate = load_for_model(target.surrogate_path, model.image_size, f"surrogate {index}")
+        resolved.append(EvalTarget(target.prompt, target.seed, target_image, surrogate))
+    return resolved
+
+
+def remember_images(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> tuple[list[Image.Image], list[str]]:
+    """A user folder, or pretrained generations of the targets' prompts (other seeds) + extra prompts."""
+    if config.remember_dir:
+        files = sorted(p for p in Path(config.remember_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ImageError(f"remember folder {config.remember_dir} holds no images")
+        images = [load_for_model(f, model.image_size, f.name) for f in files[: config.remember_count]]
+        return images, [targets[0].prompt] * len(images)
+    prompts = list(dict.fromkeys([t.prompt for t in targets] + config.remember_prompts))
+    seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    images, texts = [], []
+    for prompt in prompts:
+        generated, _ = cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)
+        images += generated
+        texts += [prompt] * len(generated)
+    return images, texts
+
+
+def write_card(run_dir: Path, model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> None:
+    card = {
+        "hotfix_studio_version": __version__,
+        "base_model": model.source,
+        "family": model.family,
+        "prediction_type": model.prediction_type,
+        "adapter_files": files,
+        "load_with": "pipe.load_lora_weights(run_dir)" if model.family != "ddpm" else "peft.PeftModel.from_pretrained(unet, run_dir)",
+        "targets": [{"prompt": t.prompt, "seed": t.seed, "target_image": f"target_{i}.png", "surrogate_image": f"surrogate_{i}.png"} for i, t in enumerate(targets)],
+        "config": config.to_dict(),
+        "training": summary,
+        "metrics": metrics,
+    }
+    write_json_atomic(run_dir / "adapter_card.json", card)
+
+
+def run_unlearning(
+    model: DiffusionModel,
+    targets: list[InstanceTarget],
+    config: UnlearnConfig,
+    run_dir: Path,
+    on_step: Callable[[StepReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    cache: GenerationCache | None = None,
+    evaluate_after: bool = True,
+) -> dict:
+    """Train, save the adapter, evaluate. Resumes from `run_dir/checkpoint.pt` when present."""
+    if not targets:
+        raise ValueError("give at least one target to unlearn")
+    phase = on_phase or (lambda name: None)
+    cache = cache or GenerationCache()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {"config": config.to_dict(), "model": model.source, "targets": [vars(t) for t in targets]})
+    started = time.time()
+    phase("preparing")
+    resolved = resolve_target_images(model, targets, config, cache)
+    for index, target in enumerate(resolved):
+        save_atomic(target.target, run_dir / f"target_{index}.png")
+        save_atomic(target.surrogate, run_dir / f"surrogate_{index}.png")
+    phase("remember set")
+    remember, remember_prompts = remember_images(model, resolved, config, cache)
+    prepared = time.time()
+    if not model.has_lora() and not config.full_finetune:
+        model.add_lora(config.lora_rank, config.lora_alpha)
+    sets = encode_sets(model, [t.target for t in resolved], [t.surrogate for t in resolved], [t.prompt for t in resolved], remember, remember_prompts)
+    phase("training")
+    trainer = UnlearnTrainer(model, config, sets, run_dir, on_step, should_stop)
+    log = trainer.train()
+    trained = time.time()
+    files = [] if config.full_finetune else model.save_lora(run_dir)
+    summary = {**summarise(log), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
+    metrics = None
+    if evaluate_after:
+        phase("evaluating")
+        remember_range = range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count)
+        metrics, picture = evaluate(model, resolved, config.eval_seeds, config.eval_prompts, remember_range, config.generation_steps, config.guidance_scale, cache)
+        save_atomic(picture, run_dir / "before_after.png")
+    summary["seconds_total"] = round(time.time() - started, 2)
+    if metrics is not None:
+        metrics["timing"] = summary
+        write_json_atomic(run_dir / "metrics.json", metrics)
+    write_card(run_dir, model, resolved, config, files, metrics, summary)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return {"run_dir": str(run_dir), "files": files, "summary": summary, "metrics": metrics}
+
+
+def load_image_arg(value, name: str) -> Image.Image:
+    return open_image(value, name)
