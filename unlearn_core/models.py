@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -54,6 +55,11 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def sdedit_steps(strength: float, steps: int) -> int:
+    """Enough scheduler steps that img2img runs at least one denoising step at this strength."""
+    return max(int(steps), int(np.ceil(1.0 / max(strength, 1e-3))))
 
 
 class DiffusionModel:
@@ -240,7 +246,7 @@ class StableDiffusionModel(DiffusionModel):
 
         img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         img2img.set_progress_bar_config(disable=True)
-        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
+        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
 
     def save_lora(self, folder):
         from diffusers import StableDiffusionPipeline
@@ -306,7 +312,7 @@ class StableDiffusion3Model(DiffusionModel):
 
         img2img = StableDiffusion3Img2ImgPipeline.from_pipe(self.pipe)
         img2img.set_progress_bar_config(disable=True)
-        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
+        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
 
     def save_lora(self, folder):
         from diffusers import StableDiffusion3Pipeline
@@ -443,8 +449,23 @@ def allowed_model(source: str) -> None:
         raise ModelLoadError(f"model {source!r} is not on this server's allow-list")
 
 
-def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtype | None = None) -> DiffusionModel:
-    """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`."""
+def _absent_components(path: Path) -> dict:
+    """Components a local folder saved as null (e.g. SD3 without T5) must be passed as None."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        entries = json.loads(index.read_text())
+    except ValueError as error:
+        raise ModelLoadError(f"{index} is not valid JSON ({error})") from None
+    return {name: None for name, value in entries.items() if isinstance(value, list) and value[:1] == [None]}
+
+
+def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtype | None = None, without_t5: bool = False) -> DiffusionModel:
+    """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
+
+    `without_t5` drops SD3's T5 encoder (the pipeline then pads with zeros, as diffusers allows).
+    """
     from diffusers import DiffusionPipeline
 
     source = (source or DEMO_MODEL).strip()
@@ -454,7 +475,9 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtyp
     path = Path(source)
     if path.exists() and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{source} is not a diffusers model folder (no model_index.json)")
-    kwargs = {"trust_remote_code": False}
+    kwargs = {"trust_remote_code": False, **_absent_components(path)}
+    if without_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:

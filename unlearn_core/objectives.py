@@ -29,7 +29,7 @@ def training_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
 def surrogate_target(prediction_type: str, x_t: torch.Tensor, surrogate: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 9–11: the target that makes the model's x0-estimate at x_t equal the surrogate x_s.
 
-    ε' = (x_t − a·x_s) / b, then T(x_s, ε'). For flow (a = 1 − σ, b = σ) this is (x_t − x_s)/σ − x_s.
+    ε' = (x_t − a·x_s) / b, then T(x_s, ε'). For flow (a = 1 − σ, b = σ) this is ε' − x_s = (x_t − x_s)/σ.
     """
     implied_noise = (x_t - a * surrogate) / b
     return training_target(prediction_type, surrogate, implied_noise, a, b)

@@ -258,7 +258,7 @@ class UnlearnTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        report = StepReport(self.step, self.config.steps, float(loss_forget), float(loss_remember), cos, projected, time.perf_counter() - started)
+        report = StepReport(self.step, self.config.steps, float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started)
         self.log.append(report.to_dict())
         return report
 
