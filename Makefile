@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install into .venv and open the app on the embedded demo model (http://127.0.0.1:7860)
+#   make test   install into .venv (plus Chromium for the browser test) and run the tests
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test install install-dev chromium benchmark quality
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "no chromium: the browser test will be skipped")
+
+run: install
+	$(PY) app.py
+
+test: install-dev chromium
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) -m benchmarks
+
+quality: install
+	$(PY) -m unlearn_core.demo.quality check --model assets/demo-model --seeds 16 --out docs/demo-quality

@@ -1,0 +1,163 @@
+"""Speed and memory of Hotfix Studio on the demo model, measured in one run.
+
+    python -m benchmarks [--quick] [--skip-job] [--out docs/PERFORMANCE.md]
+
+Ratios (measured in the same process, which is what we track on noisy machines):
+a. our unlearning step vs one plain LoRA step (ordinary diffusion loss) on the same total batch;
+b. gradient projection on vs off; c. LoRA vs full fine-tuning; d. ours vs NegGrad and SISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn_core import objectives
+from unlearn_core.config import DEMO_MODEL, UnlearnConfig
+from unlearn_core.models import load_model
+from unlearn_core.trainer import UnlearnTrainer, encode_sets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_generation(model, repeats: int) -> float:
+    model.generate("flag of japan", list(range(8)), 25, 5.0)  # warm-up
+    return median_seconds(lambda: model.generate("flag of japan", list(range(8)), 25, 5.0), repeats)
+
+
+def make_trainer(model, sets, **overrides) -> UnlearnTrainer:
+    model.remove_lora()
+    config = UnlearnConfig(**overrides)
+    if not config.full_finetune:
+        model.add_lora(config.lora_rank, config.lora_alpha)
+    else:
+        model.denoiser.requires_grad_(True)
+    return UnlearnTrainer(model, config, sets)
+
+
+def plain_lora_step(trainer: UnlearnTrainer) -> None:
+    """One ordinary diffusion-loss step on 2×batch remember samples: the baseline of ratio a."""
+    batch = trainer.config.batch_size * 2
+    index = torch.randint(0, trainer.sets.remember_x0.shape[0], (batch,), generator=trainer.generator)
+    x0 = trainer.sets.remember_x0[index]
+    cond = {k: v[index] for k, v in trainer.sets.remember_cond.items()}
+    t, a, b, _ = trainer.model.sample_noise_levels(batch, trainer.generator)
+    a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=trainer.generator)
+    prediction = trainer.model.predict(trainer.denoiser, objectives.noisy_sample(x0, noise, a, b), t, cond)
+    loss = objectives.per_sample_mse(prediction, objectives.training_target(trainer.model.prediction_type, x0, noise, a, b)).mean()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+
+
+def step_seconds(trainer, steps: int, step_fn=None) -> float:
+    step_fn = step_fn or trainer.train_step
+    for _ in range(2):
+        step_fn()
+    return median_seconds(step_fn, steps)
+
+
+def trainable_state_mb(trainer) -> float:
+    """Weights + gradients + AdamW moments of the trainable parameters (float32), in MB."""
+    count = sum(p.numel() for p in trainer.params)
+    return count * 4 * 4 / 1e6
+
+
+def bench_job(quick: bool) -> dict:
+    """The whole default job through the CLI (fresh process): remember set + training + evaluation."""
+    out = ROOT / "runs" / "benchmark-job"
+    cache = ROOT / "runs" / "benchmark-cache"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    results = {}
+    for label in ("cold cache", "warm cache"):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", "flag of chad", "--seed", "40", "--surrogate", "assets/examples/chad_seed40_surrogate.png", "--out", str(out)]
+        if quick:
+            cmd += ["--steps", "10"]
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ, "HOTFIX_CACHE": str(cache), "PYTHONPATH": str(ROOT)})
+        results[label] = time.perf_counter() - started
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
+    args = parser.parse_args(argv)
+    repeats = 2 if args.quick else 5
+    model = load_model(DEMO_MODEL, "cpu")
+    rows = []
+    generation = bench_generation(model, repeats)
+    rows.append(("generation: 8 images × 25 steps, guidance 5", f"{generation:.2f} s", "≤ 5 s"))
+
+    remember = [img for img, _ in model.generate("flag of chad", list(range(1000, 1016)), 25, 5.0)]
+    target = remember[0]
+    sets = encode_sets(model, [target], [target.transpose(0)], ["flag of chad"], remember, ["flag of chad"] * len(remember))
+    steps = 5 if args.quick else 15
+    ours = step_seconds(make_trainer(model, sets), steps)
+    plain_trainer = make_trainer(model, sets)
+    plain = step_seconds(plain_trainer, steps, lambda: plain_lora_step(plain_trainer))
+    no_projection = step_seconds(make_trainer(model, sets, projection="none"), steps)
+    neggrad = step_seconds(make_trainer(model, sets, method="neggrad"), steps)
+    siss = step_seconds(make_trainer(model, sets, method="siss"), steps)
+    lora_trainer = make_trainer(model, sets)
+    full_trainer = make_trainer(model, sets, full_finetune=True)
+    full = step_seconds(full_trainer, steps)
+    rows += [
+        ("our unlearning step (batch 4 forget + 4 remember)", f"{ours * 1000:.0f} ms", ""),
+        ("a. ours / plain LoRA step on batch 8", f"{ours / plain:.2f}×", "≤ 1.3×"),
+        ("b. projection on / off", f"{ours / no_projection:.3f}× ({(ours / no_projection - 1) * 100:+.1f} %)", "≤ +5 %"),
+        ("c. full fine-tune / LoRA step time", f"{full / ours:.2f}×", ""),
+        ("c. trainable state (weights+grads+Adam), LoRA vs full", f"{trainable_state_mb(lora_trainer):.2f} MB vs {trainable_state_mb(full_trainer):.1f} MB", ""),
+        ("d. NegGrad / ours per step", f"{neggrad / ours:.2f}×", ""),
+        ("d. SISS-style / ours per step", f"{siss / ours:.2f}×", ""),
+    ]
+    if not args.skip_job:
+        job = bench_job(args.quick)
+        rows += [
+            ("whole default job, cold cache (remember set generated)", f"{job['cold cache']:.1f} s", "≤ 60 s"),
+            ("whole default job, warm cache (remember set reused)", f"{job['warm cache']:.1f} s", "≤ 60 s"),
+            ("peak resident memory of the job process", f"{job['peak_rss_mb']:.0f} MB", ""),
+        ]
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    table = "| measurement | value | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    print(table)
+    text = f"""# Performance
+
+Written by `python -m benchmarks{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')} ({machine}).
+Medians of {repeats} (generation) / {steps} (steps) timed repeats after warm-up; ratios come from
+the same process. The job rows run the real CLI in a fresh process (imports and model loading included).
+
+{table}
+"""
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Metrics on known pairs, honest availability, and every bad image answered clearly."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unlearn_core import metrics
+from unlearn_core.images import ImageError, fit_to_size, is_blank, open_image
+
+
+def _image(seed, size=32):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_identical_images_score_perfectly():
+    a = [_image(0), _image(1)]
+    result = metrics.compare(a, [img.copy() for img in a], names=("ssim", "psnr"))
+    assert result["ssim"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert result["psnr"]["value"] >= 99.0
+    assert len(result["ssim"]["per_pair"]) == 2
+
+
+def test_different_images_score_worse():
+    a = [_image(0)]
+    noisy = Image.fromarray(np.clip(np.asarray(a[0], dtype=np.int16) + np.random.default_rng(9).integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8))
+    close = metrics.compare(a, [noisy], names=("ssim", "psnr"))
+    far = metrics.compare(a, [_image(5)], names=("ssim", "psnr"))
+    assert 1.0 > close["ssim"]["value"] > far["ssim"]["value"]
+    assert 99.0 > close["psnr"]["value"] > far["psnr"]["value"]
+
+
+def test_missing_networks_are_reported_unavailable_not_faked(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOTFIX_SSCD_PATH", str(tmp_path / "missing" / "sscd.pt"))
+    monkeypatch.setattr(metrics, "SSCD_URL", "http://127.0.0.1:9/unreachable.pt")
+    metrics.load_sscd.cache_clear()
+    try:
+        result = metrics.sscd_similarity([_image(0)], [_image(0)])
+    finally:
+        metrics.load_sscd.cache_clear()
+    assert result.available is False and result.value is None
+    assert "HOTFIX_SSCD_PATH" in result.reason
+
+
+def test_lpips_availability_is_consistent():
+    model, reason = metrics.load_lpips()
+    result = metrics.lpips_distance([_image(0)], [_image(1)])
+    assert result.available == (model is not None)
+    if not result.available:
+        assert result.value is None and reason
+
+
+def test_compare_rejects_mismatched_lists():
+    with pytest.raises(ValueError):
+        metrics.compare([_image(0)], [])
+
+
+def _png_bytes(image, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"this is text, not a picture", "not an image"),
+        (_png_bytes(_image(0))[:200], "broken or truncated"),
+    ],
+)
+def test_bad_files_get_clear_messages(data, message):
+    with pytest.raises(ImageError, match=message):
+        open_image(data, "upload")
+
+
+def test_tiny_and_huge_images_refused():
+    with pytest.raises(ImageError, match="too small"):
+        open_image(_png_bytes(Image.new("RGB", (1, 1))))
+    huge = _png_bytes(Image.new("L", (20000, 20000)))
+    with pytest.raises(ImageError, match="too large"):
+        open_image(huge)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "L", "I;16", "LA"])
+def test_unusual_modes_become_rgb(mode):
+    image = _image(3).convert(mode) if mode != "I;16" else Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60))
+    data = io.BytesIO()
+    image.save(data, format="TIFF" if mode in ("CMYK",) else "PNG")
+    result = open_image(data.getvalue())
+    assert result.mode == "RGB" and result.size == (32, 32)
+
+
+def test_fit_and_blank_detection():
+    assert fit_to_size(_image(0, 50), 16).size == (16, 16)
+    assert is_blank(Image.new("RGB", (16, 16), (255, 255, 255)))
+    assert not is_blank(_image(0))
+
+
+def test_missing_file():
+    with pytest.raises(ImageError, match="no such file"):
+        open_image("/nonexistent/file.png")
