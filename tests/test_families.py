@@ -124,3 +124,12 @@ def test_several_targets_in_one_run(tiny_models, cache_dir, tmp_path):
     result = run_unlearning(model, paths, _config(), tmp_path / "run", cache=GenerationCache(cache_dir))
     assert len(result["metrics"]["targets"]) == 2
     assert (tmp_path / "run" / "target_1.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_initial_noise_is_the_pipelines_own_draw(kind, tiny_models):
+    """Seed-anchored forget noise relies on this: latents=initial_noise(seed) ≡ generator=seed."""
+    model = load_model(str(tiny_models[kind]), "cpu")
+    by_seed = model.pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    by_latents = model.pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, latents=model.initial_noise([11]), output_type="np").images[0]
+    np.testing.assert_allclose(by_seed, by_latents, atol=1e-6)

@@ -116,6 +116,19 @@ class DiffusionModel:
     def predict(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def x0_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the denoiser works on."""
+        config = self.denoiser.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (config.in_channels, height, width)
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """The initial noise generation starts from for each seed (same draw as the pipelines)."""
+        noise = [torch.randn((1, *self.x0_shape), generator=generator) for generator in seeded_generators(seeds)]
+        return torch.cat(noise).to(self.device) * float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt: str, seeds: list[int], steps: int = 25, guidance: float = 5.0, batch_size: int = 8) -> list[tuple[Image.Image, Provenance]]:
         """A seed grid; each image carries its provenance. Same seed → same initial noise."""

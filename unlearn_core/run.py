@@ -114,7 +114,7 @@ def run_unlearning(
     prepared = time.time()
     if not model.has_lora() and not config.full_finetune:
         model.add_lora(config.lora_rank, config.lora_alpha)
-    sets = encode_sets(model, [t.target for t in resolved], [t.surrogate for t in resolved], [t.prompt for t in resolved], remember, remember_prompts)
+    sets = encode_sets(model, [t.target for t in resolved], [t.surrogate for t in resolved], [t.prompt for t in resolved], remember, remember_prompts, [t.seed for t in resolved])
     phase("training")
     trainer = UnlearnTrainer(model, config, sets, run_dir, on_step, should_stop)
     log = trainer.train()

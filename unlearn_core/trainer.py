@@ -64,9 +64,10 @@ class FixedSets:
     target_cond: dict[str, torch.Tensor]
     remember_x0: torch.Tensor
     remember_cond: dict[str, torch.Tensor]
+    target_noise: torch.Tensor | None = None  # each target seed's initial noise, when known
 
 
-def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts) -> FixedSets:
+def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:
     """Encode images and prompts once (latents via the VAE, text via the text encoder)."""
     from unlearn_core.images import to_tensor
 
@@ -80,6 +81,7 @@ def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, reme
             target_cond=cond_for(target_prompts),
             remember_x0=model.encode_images(to_tensor(remember_images)),
             remember_cond=cond_for(remember_prompts),
+            target_noise=model.initial_noise(list(target_seeds)) if target_seeds is not None else None,
         )
 
 
@@ -159,7 +161,21 @@ class UnlearnTrainer:
 
     def _forget_batch(self):
         index = self._draw(self.sets.target_x0.shape[0])
+        self._forget_index = index
         return self.sets.target_x0[index], self.sets.surrogate_x0[index], _take(self.sets.target_cond, index)
+
+    def _forget_noise(self, x_f: torch.Tensor) -> torch.Tensor:
+        """Random noise, with a share replaced by the target seed's own initial noise.
+
+        Generation from that seed starts at this noise, so training on it ties the change to the
+        target's own trajectory instead of every trajectory of the prompt.
+        """
+        noise = self._noise_like(x_f)
+        fraction = self.config.seed_noise_fraction
+        if self.sets.target_noise is None or fraction <= 0:
+            return noise
+        use_seed = (torch.rand(x_f.shape[0], generator=self.generator) < fraction).to(x_f.device).view(-1, 1, 1, 1)
+        return torch.where(use_seed, self.sets.target_noise[self._forget_index].to(x_f.device), noise)
 
     def _remember_batch(self):
         index = self._draw(self.sets.remember_x0.shape[0])
@@ -179,7 +195,7 @@ class UnlearnTrainer:
         t, a, b, s = self._levels()
         weight = objectives.forget_weight(s, config.lambda_schedule, config.gamma, config.constant_lambda)
         x_f, x_s, cond_f = self._forget_batch()
-        x_t, prediction = self._forward(x_f, cond_f, t, a, b, self._noise_like(x_f))
+        x_t, prediction = self._forward(x_f, cond_f, t, a, b, self._forget_noise(x_f))
         target = objectives.surrogate_target(pt, x_t, x_s, a, b)
         loss_forget = (weight * objectives.per_sample_mse(prediction, target)).mean()
         g_forget = self._gradient(loss_forget)

@@ -1,0 +1,146 @@
+"""The "Instruction forgetting" tab: why writing "forget X" in the prompt does not forget X.
+
+`render()` builds the tab's components inside an enclosing `gr.Tab(...)` of a `gr.Blocks`;
+all analysis lives in `unlearn_core.instruction`. Results are kept per session in `gr.State`.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import gradio as gr
+
+from unlearn_core import instruction
+from unlearn_core.config import DEMO_MODEL
+
+DEFAULT_CONCEPT = "the flag of japan"
+
+
+@functools.lru_cache(maxsize=2)
+def _pipeline(model_path: str):
+    """Loaded pipelines, shared by sessions (at most two models held)."""
+    return instruction.load_pipeline(model_path)
+
+
+def _load(model_path: str):
+    model_path = (model_path or "").strip() or DEMO_MODEL
+    try:
+        return _pipeline(model_path)
+    except Exception as error:  # ModelLoadError, OSError, ValueError from diffusers/transformers
+        raise gr.Error(f"Cannot load the model {model_path!r}: {error}") from None
+
+
+def _config(concept, variants_text, seeds_text, steps, guidance) -> instruction.ProbeConfig:
+    if not (concept or "").strip():
+        raise gr.Error("Enter a concept to forget, e.g. 'the flag of japan'.")
+    try:
+        seeds = instruction.parse_seeds(seeds_text or "")
+        return instruction.ProbeConfig(concept=concept, variants=variants_text or "", seeds=seeds, steps=int(steps), guidance=float(guidance))
+    except (ValueError, TypeError) as error:
+        raise gr.Error(str(error)) from None
+
+
+def _heatmap(result, variant, position, step):
+    if result is None or variant not in getattr(result, "variants", {}) or position is None:
+        return None
+    try:
+        return instruction.heatmap_image(result, variant, int(position), int(step) - 1)
+    except (ValueError, IndexError, KeyError):
+        return None
+
+
+def _token_update(result, variant):
+    choices = instruction.token_choices(result, variant)
+    v = result.variants[variant]
+    candidates = v.concept_positions or v.instruction_positions or tuple(p for _, p in choices[:1])
+    preferred = candidates[0] if candidates else None
+    return gr.update(choices=choices, value=preferred), preferred
+
+
+def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progress=gr.Progress()):
+    config = _config(concept, variants_text, seeds_text, steps, guidance)
+    pipe = _load(model_path)
+    out_dir = tempfile.mkdtemp(prefix="hotfix-probe-")
+    progress(0.0, desc="encoding prompts")
+    try:
+        result = instruction.run_probe(pipe, config, out_dir=out_dir, progress=lambda done, total: progress(done / total, desc=f"denoising step {done}/{total}"))
+    except ValueError as error:  # e.g. a variant longer than the tokenizer's limit
+        raise gr.Error(str(error)) from None
+    archive = instruction.export_zip(result)
+    gallery = [(image, f"{name} / seed {seed}") for name, v in result.variants.items() for seed, image in zip(v.seeds, v.images)]
+    first = next(iter(result.variants))
+    tokens, position = _token_update(result, first)
+    steps_total = config.steps
+    table = [[row[c] for c in instruction.CSV_COLUMNS] for row in result.rows]
+    status = f"Done in {result.seconds:.1f} s: {len(result.variants)} variants x {len(config.seeds)} seeds, {steps_total} steps."
+    if result.image_similarity_reason:
+        status += f" CLIP image similarity not computed: {result.image_similarity_reason}"
+        gr.Warning("CLIP image similarity not computed (no CLIP model available); the other analyses are complete.")
+    return (
+        result,
+        gallery,
+        gr.update(choices=list(result.variants), value=first),
+        tokens,
+        gr.update(minimum=1, maximum=steps_total, value=steps_total, step=1),
+        _heatmap(result, first, position, steps_total),
+        str(result.figures["attention_mass"]),
+        str(result.figures["similarity"]),
+        gr.update(value=table, headers=list(instruction.CSV_COLUMNS)),
+        str(archive),
+        status,
+    )
+
+
+def _on_variant(result, variant, step):
+    if result is None or variant not in result.variants:
+        return gr.update(), None
+    tokens, position = _token_update(result, variant)
+    return tokens, _heatmap(result, variant, position, step)
+
+
+def render() -> None:
+    """Build the tab body; call inside `with gr.Tab("Instruction forgetting"):`."""
+    result_state = gr.State(None)
+    gr.Markdown(
+        "Ask the model to *forget* a concept in the prompt and watch it draw the concept anyway. "
+        "Compares prompt variants on the same seeds: text-embedding similarity to `a photo of X`, "
+        "token ablation, cross-attention mass on concept vs instruction tokens per step, and heat maps."
+    )
+    with gr.Row():
+        model_path = gr.Textbox(value=DEMO_MODEL, label="Model (hub id or local diffusers folder)", elem_id="instr-model")
+        concept = gr.Textbox(value=DEFAULT_CONCEPT, label="Concept X", elem_id="instr-concept")
+    variants = gr.Textbox(
+        value=instruction.default_variants_text(),
+        lines=5,
+        label="Prompt variants (one per line, optional 'name: ' prefix; {concept} is replaced by X)",
+        elem_id="instr-variants",
+    )
+    with gr.Row():
+        seeds = gr.Textbox(value="0-3", label="Seeds ('0-3', '0,2,5' or '7')", elem_id="instr-seeds")
+        steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="instr-steps")
+        guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance", elem_id="instr-guidance")
+    run = gr.Button("Run probe", variant="primary", elem_id="instr-run")
+    status = gr.Markdown(elem_id="instr-status")
+    gallery = gr.Gallery(label="Images per variant (same seeds = same initial noise)", columns=4, height="auto", elem_id="instr-gallery")
+    with gr.Row():
+        with gr.Column(scale=1):
+            heat_variant = gr.Dropdown(choices=[], label="Variant", elem_id="instr-heat-variant")
+            token = gr.Dropdown(choices=[], label="Token", elem_id="instr-token")
+            step = gr.Slider(1, 25, value=25, step=1, label="Denoising step", elem_id="instr-step")
+        heatmap = gr.Image(label="Cross-attention heat map", type="pil", height=256, elem_id="instr-heatmap")
+    with gr.Row():
+        mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", elem_id="instr-mass-plot")
+        similarity_plot = gr.Image(label="Text similarity and token ablation", type="filepath", elem_id="instr-similarity-plot")
+    table = gr.Dataframe(headers=list(instruction.CSV_COLUMNS), label="Results (one row per variant and seed)", interactive=False, elem_id="instr-table")
+    export = gr.File(label="Export (CSV + figures + images, zip)", elem_id="instr-export")
+
+    run.click(
+        _run,
+        inputs=[model_path, concept, variants, seeds, steps, guidance],
+        outputs=[result_state, gallery, heat_variant, token, step, heatmap, mass_plot, similarity_plot, table, export, status],
+        concurrency_limit=1,
+    )
+    heat_variant.change(_on_variant, inputs=[result_state, heat_variant, step], outputs=[token, heatmap])
+    token.change(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)
+    step.change(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)
