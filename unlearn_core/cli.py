@@ -111,13 +111,25 @@ def cmd_unlearn(args) -> int:
         bar.refresh()
         write_status(out, "running", step=report.step, total=report.total)
 
-    write_status(out, "running", step=0, total=config.steps)
-    try:
-        result = run_unlearning(model, targets, config, out, on_step=on_step, should_stop=stop_file.exists, on_phase=lambda name: bar.set_description(name))
-    except Exception as error:
-        from unlearn_core.trainer import TrainingCancelled
+    def on_phase(name):
+        bar.set_description(name)
+        write_status(out, "running", phase=name, step=bar.n, total=config.steps)
 
-        write_status(out, "cancelled" if isinstance(error, TrainingCancelled) else "failed", error=str(error))
+    from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
+
+    write_status(out, "running", phase="loading", step=0, total=config.steps)
+    try:
+        result = run_unlearning(model, targets, config, out, on_step=on_step, should_stop=stop_file.exists, on_phase=on_phase)
+    except TrainingCancelled as error:
+        write_status(out, "cancelled", error=str(error))
+        print(f"cancelled: {error} (resume continues from the checkpoint in {out})", file=sys.stderr)
+        return 3
+    except TrainingDiverged as error:
+        write_status(out, "failed", error=str(error))
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        write_status(out, "failed", error=str(error))
         raise
     finally:
         bar.close()

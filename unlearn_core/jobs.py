@@ -122,7 +122,7 @@ class JobStore:
             raise ValueError("give at least one target to unlearn")
         if len({instance.get("target") is None for instance in instances}) > 1:
             raise ValueError("give a target image for every instance or for none")
-        job_id = secrets.token_urlsafe(12)
+        job_id = "j" + secrets.token_urlsafe(12)  # a letter first: never mistaken for an option
         run_dir = self.jobs_dir / job_id
         inputs = run_dir / "inputs"
         targets = []

@@ -177,9 +177,10 @@ class DiffusionModel:
         raise NotImplementedError
 
     def has_lora(self) -> bool:
+        """True when some layer still holds LoRA weights (peft keeps emptied layers after deletion)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return any(isinstance(m, BaseTunerLayer) for m in self.denoiser.modules())
+        return any(isinstance(m, BaseTunerLayer) and len(getattr(m, "lora_A", {})) > 0 for m in self.denoiser.modules())
 
     @contextlib.contextmanager
     def adapter_disabled(self):

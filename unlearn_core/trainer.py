@@ -317,7 +317,7 @@ class UnlearnTrainer:
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         params = dict(self.model.denoiser.named_parameters())
         with torch.no_grad():
             for name, value in state["weights"].items():

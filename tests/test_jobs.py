@@ -1,0 +1,183 @@
+"""The job store and worker (no model: the worker runs stand-in subprocesses here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from unlearn_core import jobs
+from unlearn_core.cli import config_from_args, parse_args
+from unlearn_core.config import UnlearnConfig
+from unlearn_core.jobs import JobStore, JobWorker, build_command, progress
+
+
+def instance(seed: int = 3, with_target: bool = True) -> dict:
+    surrogate = Image.new("RGB", (16, 16), (10, 200, 30))
+    target = Image.new("RGB", (16, 16), (200, 10, 30)) if with_target else None
+    return {"prompt": "flag of ireland", "seed": seed, "surrogate": surrogate, "target": target}
+
+
+@pytest.fixture()
+def store(tmp_path) -> JobStore:
+    return JobStore(tmp_path / "runs")
+
+
+def test_create_list_get_update(store):
+    config = UnlearnConfig(steps=7, remember_prompts=["flag of japan"])
+    first = store.create("assets/demo-model", config, [instance()])
+    time.sleep(0.01)
+    second = store.create("assets/demo-model", UnlearnConfig(steps=3), [instance(5, with_target=False)])
+    assert first.state == "queued" and first.total == 7 and first.id != second.id
+    assert len(first.id) >= 16 and first.id[0].isalpha()
+    assert [job.id for job in store.list()] == [second.id, first.id]  # newest first
+    assert (store.jobs_dir / first.id / "inputs" / "surrogate_0.png").is_file()
+    assert Image.open(first.targets[0]["target_path"]).size == (16, 16)
+    assert second.targets[0]["target_path"] is None
+    assert json.loads((first.folder / "status.json").read_text())["state"] == "queued"
+    store.update(first.id, step=3, state="running")
+    again = store.get(first.id)
+    assert (again.state, again.step, again.config["remember_prompts"]) == ("running", 3, ["flag of japan"])
+    assert UnlearnConfig.from_dict(again.config) == config
+    with pytest.raises(ValueError):
+        store.update(first.id, state="exploded")
+    with pytest.raises(ValueError):
+        store.update(first.id, run_dir="/etc")
+    assert store.get("../../etc/passwd") is None and store.get("") is None and store.get("nope-nope-nope") is None
+
+
+def test_create_refuses_mixed_or_missing_targets(store):
+    with pytest.raises(ValueError):
+        store.create("m", UnlearnConfig(), [])
+    with pytest.raises(ValueError):
+        store.create("m", UnlearnConfig(), [instance(1), instance(2, with_target=False)])
+
+
+def test_claim_next_is_in_order_and_exclusive(store):
+    ids = [store.create("m", UnlearnConfig(steps=1), [instance(i)]).id for i in range(6)]
+    claimed, lock = [], threading.Lock()
+
+    def claim():
+        while (job := store.claim_next()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(ids) and len(set(claimed)) == 6
+    assert all(store.get(i).state == "running" for i in ids)
+
+
+def test_restart_marks_pending_jobs_interrupted_and_resume_requeues(store, tmp_path):
+    running = store.create("m", UnlearnConfig(), [instance(1)])
+    queued = store.create("m", UnlearnConfig(), [instance(2)])
+    done = store.create("m", UnlearnConfig(), [instance(3)])
+    store.update(running.id, state="running", step=12)
+    store.update(done.id, state="done")
+    reopened = JobStore(tmp_path / "runs")  # a new server on the same folder
+    assert sorted(reopened.mark_interrupted()) == sorted([running.id, queued.id])
+    assert reopened.get(running.id).state == "interrupted" and reopened.get(running.id).step == 12
+    assert reopened.get(queued.id).state == "interrupted" and reopened.get(done.id).state == "done"
+    assert json.loads((running.folder / "status.json").read_text())["state"] == "interrupted"
+    (running.folder / "CANCEL").write_text("old")
+    assert reopened.resume(running.id).state == "queued"
+    assert not (running.folder / "CANCEL").exists()
+    with pytest.raises(ValueError, match="only"):
+        reopened.resume(done.id)
+    with pytest.raises(KeyError):
+        reopened.resume("jDoesNotExist123")
+
+
+def test_cancel_queued_and_running(store):
+    queued = store.create("m", UnlearnConfig(), [instance(1)])
+    assert store.cancel(queued.id).state == "cancelled"
+    running = store.create("m", UnlearnConfig(), [instance(2)])
+    store.update(running.id, state="running")
+    store.cancel(running.id)
+    assert (running.folder / "CANCEL").is_file()
+    with pytest.raises(ValueError):
+        store.cancel(queued.id)  # already cancelled
+
+
+def test_download_paths_never_leave_the_runs_folder(store, tmp_path):
+    job = store.create("m", UnlearnConfig(), [instance()])
+    inside = store.resolve_path(job.folder / "inputs" / "surrogate_0.png")
+    assert inside.is_file()
+    assert store.resolve_path(f"jobs/{job.id}") == job.folder.resolve()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("no")
+    (job.folder / "link").symlink_to(outside)
+    for path in ("/etc/passwd", "../secret.txt", f"jobs/{job.id}/../../../secret.txt", str(outside), job.folder / "link", str(tmp_path)):
+        with pytest.raises(PermissionError):
+            store.resolve_path(path)
+    with pytest.raises(FileNotFoundError, match="no adapter"):
+        store.adapter_files(job.id)
+    (job.folder / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (job.folder / "adapter_card.json").write_text("{}")
+    assert [p.name for p in store.adapter_files(job.id)] == ["pytorch_lora_weights.safetensors", "adapter_card.json"]
+
+
+def test_command_spells_out_every_setting(store):
+    config = UnlearnConfig(steps=9, seed=4, method="siss", remember_prompts=["flag of japan", "-flag starting with a dash"],
+                           eval_prompts=["flag of france"], gradient_checkpointing=True, lambda_schedule="constant")
+    job = store.create("assets/demo-model", config, [instance(11)])
+    command = build_command(job, device="cpu")
+    assert command[:4] == [sys.executable, "-m", "unlearn_core", "unlearn"]
+    args = parse_args(command[3:])
+    assert config_from_args(args) == config  # the subprocess trains with exactly the stored settings
+    assert (args.seed, args.prompt, args.device, args.out) == ([11], ["flag of ireland"], "cpu", job.run_dir)
+    assert args.target == [job.targets[0]["target_path"]] and args.surrogate == [job.targets[0]["surrogate_path"]]
+
+
+STAND_IN = """
+import json, os, sys, time
+out = sys.argv[1]
+for step in range(1, 1000):
+    json.dump({"state": "running", "step": step, "total": 1000}, open(os.path.join(out, "status.tmp"), "w"))
+    os.replace(os.path.join(out, "status.tmp"), os.path.join(out, "status.json"))
+    if os.path.exists(os.path.join(out, "CANCEL")) and MODE == "obey":
+        json.dump({"state": "cancelled", "step": step, "total": 1000}, open(os.path.join(out, "status.json"), "w"))
+        sys.exit(1)
+    if MODE == "finish" and step == 3:
+        json.dump({"state": "done", "step": 3, "total": 3}, open(os.path.join(out, "status.json"), "w"))
+        sys.exit(0)
+    if MODE == "crash" and step == 2:
+        print("error: something broke", file=sys.stderr)
+        sys.exit(2)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("mode, cancel, expected", [("finish", False, "done"), ("crash", False, "failed"), ("obey", True, "cancelled"), ("ignore", True, "cancelled")])
+def test_worker_runs_subprocesses_to_their_end(store, monkeypatch, mode, cancel, expected):
+    monkeypatch.setattr(jobs, "build_command", lambda job, device: [sys.executable, "-c", f"MODE = {mode!r}\n" + STAND_IN, job.run_dir])
+    monkeypatch.setattr(jobs, "CANCEL_GRACE_S", 0.5)
+    worker = JobWorker(store, poll_s=0.05).start()
+    try:
+        job = store.create("m", UnlearnConfig(steps=3), [instance()])
+        worker.wake()
+        deadline = time.monotonic() + 60
+        while store.get(job.id).state == "queued" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if cancel:
+            while store.get(job.id).step < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            store.cancel(job.id)
+        while store.get(job.id).state == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    final = store.get(job.id)
+    assert final.state == expected, final
+    if expected == "failed":
+        assert "something broke" in final.error
+    assert progress(final)["state"] == expected
+    assert os.path.isfile(os.path.join(final.run_dir, "worker.log"))

@@ -1,0 +1,61 @@
+"""A server killed hard in the middle of a job: after a restart the job is listed as interrupted,
+and resuming it continues from its checkpoint to the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from tests.test_api import AppServer, wait_for_job
+
+LONG_CONFIG = {"steps": 40, "batch_size": 1, "checkpoint_every": 5, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
+
+
+def test_kill_restart_resume(tmp_path):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    surrogate = tmp_path / "surrogate.png"
+    Image.new("RGB", (64, 64), (0, 120, 60)).save(surrogate)
+
+    first = AppServer(runs, cache).start()
+    try:
+        client = Client(first.url, verbose=False)
+        job_id, _ = client.predict("flag of japan", 2, handle_file(str(surrogate)), None, json.dumps(LONG_CONFIG), api_name="/start_unlearning")
+        run_dir = runs / "jobs" / job_id
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:  # training, past its first checkpoint
+            status = client.predict(job_id, api_name="/job_status")
+            if status["state"] == "running" and status["step"] >= 7 and (run_dir / "checkpoint.pt").is_file():
+                break
+            assert status["state"] in ("queued", "running"), status
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"the job never passed its first checkpoint: {status}\n{first.tail()}")
+        first.kill()  # SIGKILL to the server's process group: server and job die at once
+    finally:
+        first.stop()
+
+    second = AppServer(runs, cache).start()
+    try:
+        client = Client(second.url, verbose=False)
+        status = client.predict(job_id, api_name="/job_status")
+        assert status["state"] == "interrupted", status
+        resumed = client.predict(job_id, api_name="/resume_job")
+        assert resumed["state"] in ("queued", "running")
+        done = wait_for_job(client, job_id, server=second)
+        assert done["step"] == LONG_CONFIG["steps"]
+    finally:
+        second.stop()
+
+    for name in ("pytorch_lora_weights.safetensors", "adapter_card.json", "metrics.json", "before_after.png", "loss_log.csv", "config.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint.pt").exists()
+    with open(run_dir / "loss_log.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps.count(1) == 1, "the resumed run started over instead of continuing from its checkpoint"
+    assert max(steps) == LONG_CONFIG["steps"]
+    assert json.loads(Path(run_dir / "status.json").read_text())["state"] == "done"

@@ -1,0 +1,99 @@
+"""Adapters (DESIGN §1.6): download a job's LoRA + card; load an adapter and compare base vs adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from unlearn_core.config import parse_seeds
+from unlearn_core.images import ImageError
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu
+
+ADAPTER_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+
+
+def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
+    store = services.store
+    gr.Markdown("### Download\nThe LoRA in diffusers format plus its card (base model, target provenance, config, metrics).")
+    with gr.Row():
+        job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="ada-job", scale=4)
+        prepare = gr.Button("Get adapter files", variant="primary", elem_id="ada-prepare", scale=1)
+    with gr.Row():
+        weights = gr.File(label="Adapter weights (.safetensors)", interactive=False, elem_id="ada-download")
+        card_file = gr.File(label="Adapter card (JSON)", interactive=False, elem_id="ada-card")
+    card = gr.JSON(label="Card", elem_id="ada-card-json")
+
+    gr.Markdown("### Try an adapter\nBase model and adapter on the same seeds (same initial noise), side by side.")
+    with gr.Row():
+        upload = gr.File(label="…or an adapter file (.safetensors) instead of the job", file_types=[".safetensors"], elem_id="ada-upload")
+        with gr.Column():
+            prompt = gr.Textbox("", label="Prompt (empty: the adapter's target prompt)", elem_id="ada-prompt")
+            seeds = gr.Textbox("0-3", label="Seeds", elem_id="ada-seeds")
+            steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="ada-steps")
+            compare = gr.Button("Compare base vs adapter", elem_id="ada-compare")
+    gallery = gr.Gallery(label="base | adapter", columns=2, height="auto", allow_preview=False, format="png", elem_id="ada-gallery")
+    verdict = gr.Markdown("", elem_id="ada-info")
+
+    def choices(current):
+        options = job_choices(store, only_done=True)
+        ids = [value for _, value in options]
+        return gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None))
+
+    def download(job_id):
+        try:
+            files = store.adapter_files(job_id or "")
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        return str(files[0]), str(files[1])
+
+    def read_card(path):
+        return json.loads(Path(path).read_text()) if path else None
+
+    def adapter_folder(job_id, uploaded) -> tuple[Path, dict]:
+        """The folder to load the adapter from (a job's run folder, or a copy of an upload)."""
+        if uploaded:
+            source = Path(uploaded)
+            if source.suffix != ".safetensors":
+                raise ImageError("the adapter file must be a .safetensors file")
+            folder = Path(tempfile.mkdtemp(prefix="hotfix-adapter-"))
+            shutil.copy(source, folder / ADAPTER_NAMES[0])
+            return folder, {}
+        files = store.adapter_files(job_id or "")
+        return files[0].parent, json.loads(files[1].read_text())
+
+    @on_gpu
+    def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id):
+        try:
+            seed_list = parse_seeds(seed_text, limit=16)
+            folder, card_data = adapter_folder(job_id, uploaded)
+            model = get_model(model_id, services.device)
+            target = (card_data.get("targets") or [{}])[0]
+            text = prompt_text or target.get("prompt", "")
+            try:
+                model.load_lora(folder)
+            except Exception as error:  # diffusers / peft raise many kinds for a file of the wrong shape
+                raise ValueError(f"cannot load this adapter into {model.source}: {str(error).splitlines()[0][:300]}") from None
+            try:
+                after = model.generate(text, seed_list, int(step_count or 25))
+                with model.adapter_disabled():
+                    before = model.generate(text, seed_list, int(step_count or 25))
+            finally:
+                model.remove_lora()
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        items = []
+        for (base, prov), (adapted, _) in zip(before, after):
+            mark = " (target)" if prov.seed == target.get("seed") and text == target.get("prompt") else ""
+            items += [(base, f"base · seed {prov.seed}{mark}"), (adapted, f"adapter · seed {prov.seed}{mark}")]
+        note = ""
+        if card_data.get("base_model") and card_data["base_model"] != model.source:
+            note = f"⚠ this adapter was trained on `{card_data['base_model']}`, the loaded model is `{model.source}`. "
+        return items, note + f"Prompt `{text}`, seeds {seed_list}: left base, right adapter."
+
+    prepare.click(download, [job], [weights, card_file], api_name="download_adapter").success(read_card, [card_file], [card], **INTERNAL)
+    tab.select(choices, [job], [job], **INTERNAL)
+    compare.click(try_adapter, [job, upload, prompt, seeds, steps, model_state], [gallery, verdict], api_name="try_adapter", **MODEL_QUEUE)

@@ -1,0 +1,121 @@
+"""Small helpers shared by the tabs: the model cache, error reporting, table shaping."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from unlearn_core.config import DEMO_MODEL
+from unlearn_core.images import ImageError
+from unlearn_core.jobs import JobStore, JobWorker, read_loss_log
+from unlearn_core.models import DiffusionModel, ModelLoadError, load_model
+
+# Every event that runs the model shares one queue slot: a pipeline is not thread-safe, and the
+# adapter tab attaches a LoRA for the length of its call.
+MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
+INTERNAL = {"api_visibility": "undocumented"}
+OPERATOR_ERRORS = (ValueError, ImageError, ModelLoadError, FileNotFoundError, KeyError, PermissionError)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the tabs share, built once by app.py: the job store, its worker and the device."""
+
+    store: JobStore
+    worker: JobWorker
+    device: str = "auto"
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_id: str, device: str) -> DiffusionModel:
+    return load_model(model_id, device)
+
+
+def get_model(model_id: str | None, device: str = "auto") -> DiffusionModel:
+    """Load lazily and keep the two most recent models (raises `ModelLoadError`)."""
+    return _load((model_id or DEMO_MODEL).strip(), device)
+
+
+def fail(error: Exception) -> gr.Error:
+    """An operator-facing error for a handler to raise: the reason, without a traceback."""
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return gr.Error(message or type(error).__name__)
+
+
+def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
+    """loss_log.csv in long form (step, loss, curve) for gr.LinePlot; None while there is no row
+    (an empty DataFrame as a plot's value stops Gradio 6 from drawing later updates)."""
+    rows = read_loss_log(run_dir) if run_dir else []
+    if not rows:
+        return None
+    records = [{"step": int(r["step"]), "loss": r["loss_forget"], "curve": "L_f (forget)"} for r in rows]
+    records += [{"step": int(r["step"]), "loss": r["loss_remember"], "curve": "L_r (remember)"} for r in rows]
+    return pd.DataFrame(records, columns=["step", "loss", "curve"])
+
+
+def job_table(store: JobStore) -> pd.DataFrame:
+    """All jobs, newest first, for gr.Dataframe."""
+    rows = []
+    for job in store.list():
+        target = job.targets[0] if job.targets else {}
+        rows.append({
+            "job": job.id,
+            "state": job.state,
+            "step": f"{job.step}/{job.total}",
+            "prompt": target.get("prompt", ""),
+            "seed": target.get("seed", ""),
+            "method": job.config.get("method", ""),
+            "model": job.model,
+            "error": job.error[:120],
+        })
+    return pd.DataFrame(rows, columns=["job", "state", "step", "prompt", "seed", "method", "model", "error"])
+
+
+def job_choices(store: JobStore, only_done: bool = False) -> list[tuple[str, str]]:
+    """(label, id) pairs for a job dropdown."""
+    choices = []
+    for job in store.list():
+        if only_done and job.state != "done":
+            continue
+        target = job.targets[0] if job.targets else {}
+        choices.append((f"{job.id} · {job.state} · {target.get('prompt', '')!r} seed {target.get('seed', '')}", job.id))
+    return choices
+
+
+def pretty(data) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+def on_gpu(fn):
+    """`spaces.GPU` where the `spaces` package exists (Hugging Face ZeroGPU), else unchanged."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+def model_picker(device: str = "auto") -> gr.State:
+    """The model box at the top of the page; returns the session's loaded-model id."""
+    with gr.Row(equal_height=True):
+        box = gr.Textbox(DEMO_MODEL, label="Model", info="hub id or local diffusers folder", elem_id="model-id", scale=4)
+        button = gr.Button("Load model", elem_id="model-load", scale=1)
+    status = gr.Markdown(f"Model: `{DEMO_MODEL}` (loads on first use).", elem_id="model-status")
+    state = gr.State(DEMO_MODEL)
+
+    @on_gpu
+    def load(model_id: str, previous: str):
+        try:
+            model = get_model(model_id, device)
+        except OPERATOR_ERRORS as error:
+            gr.Warning(f"{error} — still using {previous}.")
+            return previous, f"Could not load `{model_id}`: {error}\n\nStill using `{previous}`."
+        width, height = model.image_size
+        return model.source, f"Model: `{model.source}` · {model.family} · {model.prediction_type} · {width}×{height}"
+
+    button.click(load, [box, state], [state, status], **MODEL_QUEUE, **INTERNAL)
+    return state

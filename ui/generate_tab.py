@@ -1,0 +1,61 @@
+"""Generate & flag (DESIGN §1.1–1.2): a seed grid with provenance; clicking an image flags it."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from unlearn_core.config import GenerationRequest, parse_seeds
+from unlearn_core.generate import generate_grid
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, on_gpu
+
+
+def caption(provenance: dict) -> str:
+    return f"seed {provenance['seed']} · {provenance['prompt'] or '(no prompt)'} · {provenance['steps']} steps · cfg {provenance['guidance']:g}"
+
+
+def describe_target(target: dict | None) -> str:
+    if not target:
+        return "No target yet: click an image of the grid to flag it as the undesired output."
+    p = target["provenance"]
+    return (f"**Target flagged** — seed **{p['seed']}**, prompt `{p['prompt']}`, {p['steps']} steps, guidance {p['guidance']:g}, "
+            f"{p['scheduler']}, {p['width']}×{p['height']}, model `{p['model']}`. Next: make a surrogate.")
+
+
+def render(services: Services, model_state: gr.State, target_state: gr.State) -> None:
+    results_state = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox("flag of ireland", label="Prompt", elem_id="gen-prompt")
+            seeds = gr.Textbox("0-7", label="Seeds", info="'0-7', '1,5,9' or '3'", elem_id="gen-seeds")
+            with gr.Row():
+                steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="gen-steps")
+                guidance = gr.Number(5.0, label="Guidance", minimum=0, maximum=50, elem_id="gen-guidance")
+            run = gr.Button("Generate", variant="primary", elem_id="gen-run")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Click the undesired output to flag it", columns=8, height="auto", allow_preview=False, format="png", elem_id="gen-gallery")
+    with gr.Accordion("Provenance of the grid (JSON)", open=False):
+        provenance = gr.JSON(label="Provenance", elem_id="gen-provenance")
+    with gr.Row():
+        target_image = gr.Image(label="Flagged target x_f", type="pil", interactive=False, height=192, width=192, format="png", elem_id="target-image")
+        target_info = gr.Markdown(describe_target(None), elem_id="target-info")
+
+    @on_gpu
+    def generate(prompt_text, seed_text, step_count, guidance_scale, model_id, progress=gr.Progress()):
+        try:
+            request = GenerationRequest(prompt_text or "", parse_seeds(seed_text), int(step_count or 0), float(guidance_scale if guidance_scale is not None else -1))
+            model = get_model(model_id, services.device)
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        results = generate_grid(model, request, progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
+        records = [prov.to_dict() for _, prov in results]
+        items = [(image, caption(record)) for (image, _), record in zip(results, records)]
+        return items, records, [{"image": image, "provenance": record} for (image, _), record in zip(results, records)]
+
+    def flag(results: list, evt: gr.SelectData):
+        if not results or evt.index is None or not 0 <= int(evt.index) < len(results):
+            raise gr.Error("generate a grid first, then click one of its images")
+        target = results[int(evt.index)]
+        return target, target["image"], describe_target(target)
+
+    run.click(generate, [prompt, seeds, steps, guidance, model_state], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE)
+    gallery.select(flag, [results_state], [target_state, target_image, target_info], **INTERNAL)
