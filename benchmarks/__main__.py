@@ -143,6 +143,8 @@ def main(argv=None) -> None:
             ("whole default job, warm cache (remember set reused)", f"{job['warm cache']:.1f} s", "≤ 60 s"),
             ("peak resident memory of the job process", f"{job['peak_rss_mb']:.0f} MB", ""),
         ]
+    gpu_file = ROOT / "docs" / "PERFORMANCE-gpu-h100.md"
+    gpu_section = gpu_file.read_text() if gpu_file.is_file() else "Not measured yet: run `python -m benchmarks.gpu` where a GPU is available."
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     table = "| measurement | value | target |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     print(table)
@@ -153,6 +155,21 @@ Medians of {repeats} (generation) / {steps} (steps) timed repeats after warm-up;
 the same process. The job rows run the real CLI in a fresh process (imports and model loading included).
 
 {table}
+
+Profile notes (py-spy / torch.profiler over a default job): the fixed sets (target, surrogate,
+remember latents and prompt embeddings) are encoded once before the loop; pretrained generations
+(remember set, "before" images) are cached on disk by model fingerprint + prompt + seed + steps +
+guidance, which is the difference between the cold and warm job rows; generation for evaluation
+runs in batches of 8. Most of a warm job is now the evaluation's generation (17 "after" images and
+the denoise probes) and the 60 training steps.
+
+## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
+
+`python -m benchmarks.gpu` on a lent GPU machine; LoRA rank 16, bf16 autocast, one forget + one
+remember sample per step (the trainer's two forward/backward passes, projection and AdamW). Only
+the training steps are timed: the VAE/text encoding of the fixed sets happens once per job.
+
+{gpu_section}
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
