@@ -143,7 +143,14 @@ def test_operator_flow(page, server, tmp_path):
     wait_text(page, "#ada-card-json", "base_model")
     shoot(page, "adapters")
 
-    # 7. the instruction-forgetting tab renders (its own module, or a clear fallback)
+    # 7. the instruction-forgetting tab: a short probe, its images, table and heat map
     open_tab(page, "Instruction forgetting")
-    page.wait_for_timeout(1000)
+    page.locator("#instr-seeds textarea, #instr-seeds input").first.fill("0")
+    steps_box = page.locator("#instr-steps input[type=number]").first
+    steps_box.fill("3")
+    steps_box.press("Enter")
+    page.click("#instr-run")
+    page.wait_for_selector("#instr-gallery img")
+    wait_text(page, "#instr-table", "unlearning")
+    page.wait_for_selector("#instr-heatmap img")
     shoot(page, "instruction")

@@ -45,7 +45,8 @@ def _heatmap(result, variant, position, step):
     if result is None or variant not in getattr(result, "variants", {}) or position is None:
         return None
     try:
-        return instruction.heatmap_image(result, variant, int(position), int(step) - 1)
+        last = int(result.config.steps) if hasattr(result, "config") else int(step)
+        return instruction.heatmap_image(result, variant, int(position), min(int(step), last) - 1)
     except (ValueError, IndexError, KeyError):
         return None
 
@@ -82,7 +83,9 @@ def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progre
         gallery,
         gr.update(choices=list(result.variants), value=first),
         tokens,
-        gr.update(minimum=1, maximum=steps_total, value=steps_total, step=1),
+        # The slider's range stays 1..200 (a changing maximum races the dropdowns' change events,
+        # which would send the old value against the new maximum); the heat map clamps the step.
+        gr.update(value=steps_total),
         _heatmap(result, first, position, steps_total),
         str(result.figures["attention_mass"]),
         str(result.figures["similarity"]),
@@ -127,7 +130,7 @@ def render() -> None:
         with gr.Column(scale=1):
             heat_variant = gr.Dropdown(choices=[], label="Variant", elem_id="instr-heat-variant")
             token = gr.Dropdown(choices=[], label="Token", elem_id="instr-token")
-            step = gr.Slider(1, 25, value=25, step=1, label="Denoising step", elem_id="instr-step")
+            step = gr.Slider(1, 200, value=25, step=1, label="Denoising step (clamped to the run's steps)", elem_id="instr-step")
         heatmap = gr.Image(label="Cross-attention heat map", type="pil", height=256, elem_id="instr-heatmap")
     with gr.Row():
         mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", elem_id="instr-mass-plot")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from unlearn_core import __version__
@@ -113,6 +114,7 @@ def run_unlearning(
     remember, remember_prompts = remember_images(model, resolved, config, cache)
     prepared = time.time()
     if not model.has_lora() and not config.full_finetune:
+        torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
         model.add_lora(config.lora_rank, config.lora_alpha)
     sets = encode_sets(model, [t.target for t in resolved], [t.surrogate for t in resolved], [t.prompt for t in resolved], remember, remember_prompts, [t.seed for t in resolved])
     phase("training")
