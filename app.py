@@ -17,7 +17,7 @@ import gradio as gr
 
 from unlearn_core.jobs import JobStore, JobWorker
 from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
-from ui.common import Services, model_picker
+from ui.common import Services, model_picker, refuse_non_finite
 
 ROOT = Path(__file__).resolve().parent
 MAX_FILE_SIZE = "20mb"
@@ -53,6 +53,7 @@ def build(services: Services) -> gr.Blocks:
                 adapters_tab.render(services, model_state, tab)
             with gr.Tab("Instruction forgetting", elem_id="tab-instruction"):
                 instruction_tab()
+    refuse_non_finite(demo.blocks.values())
     return demo
 
 

@@ -76,7 +76,11 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             try:
                 model.load_lora(folder)
             except Exception as error:  # diffusers / peft raise many kinds for a file of the wrong shape
-                raise ValueError(f"cannot load this adapter into {model.source}: {str(error).splitlines()[0][:300]}") from None
+                model.remove_lora()  # never leave half an adapter on the shared model
+                text = str(error)
+                reason = ("its layer shapes do not match this model (an adapter trained on another base model?)" if "size mismatch" in text
+                          else (text.strip().splitlines() or [type(error).__name__])[0][:300])
+                raise ValueError(f"cannot load this adapter into {model.source}: {reason}") from None
             try:
                 after = model.generate(text, seed_list, int(step_count or 25))
                 with model.adapter_disabled():

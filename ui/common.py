@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from unlearn_core.config import DEMO_MODEL
 from unlearn_core.images import ImageError
@@ -44,6 +46,48 @@ def fail(error: Exception) -> gr.Error:
     """An operator-facing error for a handler to raise: the reason, without a traceback."""
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     return gr.Error(message or type(error).__name__)
+
+
+def image_input(label: str, **kwargs) -> gr.Image:
+    """A `gr.Image` input handed to the handler as the uploaded file, untouched.
+
+    `image_mode=None` stops Gradio from decoding and converting the upload itself (which would
+    load a decompression bomb in full, clip 16-bit images and drop alpha); `unlearn_core.images`
+    then checks and converts it. What Gradio's header check still refuses (a non-image, an image
+    over PIL's bomb limit) becomes an operator message instead of a "could not preprocess" error.
+    """
+    component = gr.Image(label=label, type="filepath", image_mode=None, **kwargs)
+    original = component.preprocess
+    name = label.split("(")[0].strip()
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error:
+            raise
+        except Image.DecompressionBombError as error:
+            raise gr.Error(f"{name}: image is too large to open safely ({error})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise gr.Error(f"{name}: not an image file PIL can read ({error})") from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def refuse_non_finite(blocks) -> None:
+    """Every Number and Slider input refuses NaN and ±inf with its label (the API accepts the JSON
+    literals NaN/Infinity; Gradio's own rounding would fail with "could not preprocess")."""
+    for block in blocks:
+        if not isinstance(block, (gr.Number, gr.Slider)):
+            continue
+        original, label = block.preprocess, block.label or "number"
+
+        def preprocess(payload, original=original, label=label):
+            if isinstance(payload, float) and not math.isfinite(payload):
+                raise gr.Error(f"{label}: must be a finite number, got {payload}")
+            return original(payload)
+
+        block.preprocess = preprocess
 
 
 def loss_frame(run_dir: str | None) -> pd.DataFrame | None:

@@ -11,7 +11,8 @@ from PIL import Image
 from unlearn_core import metrics
 from unlearn_core.images import ImageError, open_image
 from unlearn_core.surrogate import SURROGATE_METHODS, make_surrogate
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, on_gpu
+from unlearn_core.config import check_seed
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, image_input, on_gpu
 
 EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush stroke is not a blot
 BRUSH_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#ffffff", "#000000", "#ffdd00"]
@@ -54,7 +55,7 @@ def canvas_image(value) -> Image.Image:
 
 def render(services: Services, model_state: gr.State, target_state: gr.State, surrogate_state: gr.State) -> None:
     with gr.Row():
-        target_image = gr.Image(label="Target x_f", type="filepath", interactive=False, height=256, width=256, format="png", elem_id="sur-target")
+        target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_id="sur-target")
         surrogate_image = gr.Image(label="Surrogate x_s", type="pil", interactive=False, height=256, width=256, format="png", elem_id="sur-surrogate")
         similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
     with gr.Tabs():
@@ -73,7 +74,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             )
             canvas_button = gr.Button("Use canvas as surrogate", variant="primary", elem_id="sur-use-canvas")
         with gr.Tab("Upload"):
-            upload = gr.Image(label="Edited image", type="filepath", sources=("upload", "clipboard"), height=256, format="png", elem_id="sur-upload")
+            upload = image_input("Edited image", sources=("upload", "clipboard"), height=256, format="png", elem_id="sur-upload")
             upload_button = gr.Button("Use upload as surrogate", variant="primary", elem_id="sur-use-upload")
         with gr.Tab("Baselines"):
             sigma = gr.Slider(0.0, 1.0, 0.2, step=0.05, label="Noise σ (pixel units)", elem_id="sur-sigma")
@@ -92,6 +93,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
                 raise ImageError("no target: flag an image in 'Generate & flag' first (or pass a target image)")
             if method_name not in SURROGATE_METHODS:
                 raise ValueError(f"unknown method {method_name!r}; use one of {', '.join(SURROGATE_METHODS)}")
+            seed_value = check_seed(seed_value or 0)
             model = get_model(model_id, services.device)
             target = open_image(target, "target").resize(model.image_size)
             surrogate = make_surrogate(model, method_name, target, prompt=prompt or "", strength=float(strength_value), sigma=float(sigma_value),

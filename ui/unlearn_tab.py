@@ -7,10 +7,10 @@ from dataclasses import MISSING, fields
 
 import gradio as gr
 
-from unlearn_core.config import DEMO_MODEL, PRESETS, UnlearnConfig
+from unlearn_core.config import DEMO_MODEL, PRESETS, UnlearnConfig, check_seed
 from unlearn_core.images import ImageError, open_image
 from unlearn_core.jobs import progress
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, job_table, loss_frame, pretty
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
 WEB_EXCLUDED = ("remember_dir",)  # a server folder is not something a browser user may name
@@ -92,8 +92,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     with gr.Row():
         prompt = gr.Textbox(label="Target prompt", elem_id="unl-prompt")
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
-        target = gr.Image(label="Target x_f (optional: else regenerated from prompt + seed)", type="filepath", height=160, width=160, format="png", elem_id="unl-target")
-        surrogate = gr.Image(label="Surrogate x_s", type="filepath", height=160, width=160, format="png", elem_id="unl-surrogate")
+        target = image_input("Target x_f (optional: else regenerated from prompt + seed)", height=160, width=160, format="png", elem_id="unl-target")
+        surrogate = image_input("Surrogate x_s", height=160, width=160, format="png", elem_id="unl-surrogate")
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS), value="quick", label="Preset", elem_id="unl-preset")
     specs = form_fields()
@@ -137,7 +137,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             if seed_value is None:
                 raise ValueError("the target seed is empty: flag a target or type its seed")
             config = config_from_json(config_text)
-            instance = {"prompt": prompt_text or "", "seed": int(seed_value), "surrogate": open_image(surrogate_image, "surrogate"),
+            instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}
             job = store.create(model_id or DEMO_MODEL, config, [instance])
         except OPERATOR_ERRORS as error:

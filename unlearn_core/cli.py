@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, parse_seeds
+from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, check_seed, parse_seeds
 
 
 def _add_model(parser):
@@ -45,6 +45,9 @@ def cmd_surrogate(args) -> int:
     from unlearn_core.images import load_for_model, save_atomic
     from unlearn_core.surrogate import make_surrogate
 
+    check_seed(args.seed)
+    if args.size is not None and not 8 <= args.size <= 4096:
+        raise ValueError(f"--size must be between 8 and 4096 pixels; got {args.size}")
     model = _load(args) if args.method == "sdedit" or args.size is None else None
     size = model.image_size if model else (args.size, args.size)
     target = load_for_model(args.image, size, "target image")

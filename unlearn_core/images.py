@@ -96,8 +96,9 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name}: {width}×{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        array -= min(array.min(), 0.0)
         top = array.max() or 1.0
         image = Image.fromarray((array / top * 255).astype(np.uint8))
     if image.mode == "P":
@@ -120,8 +121,9 @@ def load_for_model(source, size, name: str = "image") -> Image.Image:
 
 
 def is_blank(image: Image.Image, tolerance: float = 1.0) -> bool:
-    """True for an image of one flat colour (an empty canvas)."""
-    return float(np.asarray(image, dtype=np.float32).std()) < tolerance
+    """True for an image of one flat colour (an empty canvas): no channel varies across the image."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+    return float(pixels.std(axis=0).max()) < tolerance
 
 
 def to_tensor(images: list[Image.Image] | Image.Image) -> torch.Tensor:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unlearn_core.config import InstanceTarget, UnlearnConfig
+from unlearn_core.config import InstanceTarget, UnlearnConfig, check_prompt, check_seed
 from unlearn_core.images import save_atomic
 from unlearn_core.run import read_status, write_status
 
@@ -122,6 +122,9 @@ class JobStore:
             raise ValueError("give at least one target to unlearn")
         if len({instance.get("target") is None for instance in instances}) > 1:
             raise ValueError("give a target image for every instance or for none")
+        for instance in instances:  # refuse bad values before anything is written to disk
+            check_prompt(instance.get("prompt", ""))
+            check_seed(instance.get("seed"))
         job_id = "j" + secrets.token_urlsafe(12)  # a letter first: never mistaken for an option
         run_dir = self.jobs_dir / job_id
         inputs = run_dir / "inputs"
@@ -353,7 +356,8 @@ class JobWorker:
         with open(folder / "worker.log", "ab") as log:  # an append-only stream: the one file not written atomically
             log.write(f"\n$ {' '.join(command)}\n".encode())
             log.flush()
-            process = subprocess.Popen(command, cwd=os.getcwd(), env=self._environment(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(command, cwd=os.getcwd(), env=self._environment(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=_die_with_parent if _PRCTL is not None else None)
         cancel_seen = None
         last = (job.step, job.total)
         while process.poll() is None:
@@ -386,10 +390,43 @@ class JobWorker:
             self.store.update(job.id, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             write_status(folder, "cancelled", step=step, total=job.total)
             return "cancelled"
-        reason = status.get("error") or _log_tail(folder / "worker.log") or f"exit code {returncode}"
+        reason = status.get("error") or _killed_reason(returncode) or _log_tail(folder / "worker.log") or f"exit code {returncode}"
         self.store.update(job.id, state="failed", step=step, error=str(reason)[-2000:])
         write_status(folder, "failed", step=step, total=job.total, error=str(reason)[-2000:])
         return "failed"
+
+
+def _killed_reason(returncode: int) -> str:
+    """A clear reason for a job process ended by a signal (kill -9, the out-of-memory killer, ...)."""
+    if returncode is None or returncode >= 0:
+        return ""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"the job's process was killed ({name}; out of memory or killed by hand?); resume continues from the last checkpoint"
+
+
+def _load_prctl():
+    """libc's prctl on Linux (loaded here, not after fork), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the job's child process: the kernel kills it if the server dies (even by SIGKILL), so no
+    orphaned job keeps writing into a run folder that a restarted server marks interrupted."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _terminate(process: subprocess.Popen, grace_s: float = 3.0) -> None:

@@ -1,0 +1,171 @@
+"""Run the fault and abuse suite and write docs/RELIABILITY.md.
+
+    .venv/bin/python scripts/reliability_report.py            # HOTFIX_SLOW=1: includes the load test
+    .venv/bin/python scripts/reliability_report.py --no-slow  # without it
+
+Runs `pytest tests/test_hardening.py tests/test_restart.py` with `--junitxml` (outcomes and
+durations) and `HOTFIX_HARDENING_STATS` (figures the tests record: each case's message, faults
+injected, jobs and their end, load answered / errors), then writes the report. Exit code: pytest's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.hardening_cases import CASES, STATS_ENV  # noqa: E402
+
+SUITE = ["tests/test_hardening.py", "tests/test_restart.py"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_version = torch.__version__
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:
+        torch_version, gpu = "?", "?"
+    return f"{platform.node()} · {cpu} · {os.cpu_count()} cores · {gpu} · {platform.system()} {platform.release()} · Python {platform.python_version()} · torch {torch_version}"
+
+
+def run_suite(work: Path, slow: bool) -> tuple[int, Path, Path, float]:
+    junit, stats = work / "junit.xml", work / "stats.jsonl"
+    env = {**os.environ, STATS_ENV: str(stats), "PYTHONPATH": str(ROOT)}
+    if slow:
+        env["HOTFIX_SLOW"] = "1"
+    started = dt.datetime.now()
+    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *SUITE], cwd=ROOT, env=env)
+    return code, junit, stats, (dt.datetime.now() - started).total_seconds()
+
+
+def read_junit(path: Path) -> list[dict]:
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        detail = ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                detail = (node.get("message") or "")[:300]
+                break
+        tests.append({"file": case.get("classname", ""), "name": case.get("name", ""), "time": float(case.get("time", 0)), "outcome": outcome, "detail": detail})
+    return tests
+
+
+def read_stats(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cell(text: str, limit: int = 110) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float, slow: bool, code: int) -> dict:
+    case_tests = {t["name"][len("test_bad_input["):-1]: t for t in tests if t["name"].startswith("test_bad_input[")}
+    other = [t for t in tests if not t["name"].startswith("test_bad_input[")]
+    messages = {s["id"]: s for s in stats if s["kind"] == "case"}
+    passed = sum(t["outcome"] == "passed" for t in case_tests.values())
+    faults = [s for s in stats if s["kind"] == "fault"]
+    jobs = [s for s in stats if s["kind"] == "job"]
+    restart = [t for t in other if "test_restart" in t["file"]]
+    durability = [t for t in other if t["name"] in ("test_kill_the_job_process_then_resume", "test_server_killed_leaves_nothing_running")] + restart
+    lost = sum(j["final"] not in ("done", "interrupted (resumable)") for j in jobs) + sum(t["outcome"] in ("failed", "error") for t in durability)
+    load = [s for s in stats if s["kind"] == "load"]
+    figures = {
+        "cases": len(CASES),
+        "cases_passed": passed,
+        "faults_injected": len(CASES) + len(faults) + sum(t["outcome"] == "passed" for t in restart),
+        "jobs_lost": lost,
+        "load_answered": sum(s["answered"] for s in load) if load else None,
+        "load_errors": sum(s["errors"] for s in load) if load else None,
+    }
+    doors = Counter(case.door for case in CASES)
+    families = Counter(case.fault for case in CASES)
+    must_work = sum(case.expect is None for case in CASES)
+    lines = [
+        "# Reliability report",
+        "",
+        f"Written by `scripts/reliability_report.py` on {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, machine: {machine()}.",
+        f"Suite: `pytest {' '.join(SUITE)}`{' with `HOTFIX_SLOW=1`' if slow else ''}, {seconds:.0f} s, pytest exit code {code}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| bad-input cases tried (one table, `tests/hardening_cases.py`) | **{len(CASES)}** ({must_work} must work, {len(CASES) - must_work} must be refused with a clear message) |",
+        f"| cases passed | **{passed} / {len(case_tests)}** |",
+        f"| doors | {', '.join(f'{k} {v}' for k, v in sorted(doors.items()))} |",
+        f"| fault families | {', '.join(f'{k} {v}' for k, v in sorted(families.items()))} |",
+        f"| faults injected (bad inputs + kills, NaN, unauthenticated calls, allow-list) | **{figures['faults_injected']}** |",
+        f"| jobs lost (stuck running, unresumable, or wrong result) | **{lost}** |",
+        (f"| load: 8 clients generating while a job trains | **{figures['load_answered']} requests answered, {figures['load_errors']} errors**; the job's losses and adapter identical to the same job alone |"
+         if load else "| load | not run (HOTFIX_SLOW unset) |"),
+        "",
+        "After every case the live server still answers, the finished job's folder (every file's size and mtime) and",
+        "the list of job folders are unchanged; at the end the server still generates.",
+        "",
+        "## Durability, access and load",
+        "",
+        "| test | outcome | seconds |",
+        "|---|---|---|",
+    ]
+    for test in other:
+        name = f"{Path(test['file'].replace('.', '/')).name}::{test['name']}"
+        lines.append(f"| `{name}` | {test['outcome']}{': ' + cell(test['detail'], 80) if test['detail'] else ''} | {test['time']:.1f} |")
+    lines += ["", "Faults injected outside the table:", ""]
+    lines += [f"- {s['what']}" + (f" (at step {s['step']})" if "step" in s else "") for s in faults] or ["- (none recorded)"]
+    if restart:
+        lines.append("- SIGKILL to the server's process group mid-training, restart, resume (`tests/test_restart.py`)")
+    lines += ["", "## Every case", "", "| case | door | fault | expected | outcome | message (excerpt) |", "|---|---|---|---|---|---|"]
+    for case in CASES:
+        test = case_tests.get(case.id, {"outcome": "not run", "time": 0})
+        message = messages.get(case.id, {}).get("message", "")
+        expected = "works" if case.expect is None else f"refused: `/{cell(case.expect, 40)}/`"
+        lines.append(f"| `{case.id}` | {case.door} | {case.fault} | {expected} | {test['outcome']} | {cell(message) if case.expect else ''} |")
+    lines += ["", "## Durations", "", f"Slowest tests: " + ", ".join(f"`{t['name']}` {t['time']:.1f} s" for t in sorted(tests, key=lambda t: -t["time"])[:6]) + ".", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return figures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-slow", action="store_true", help="skip the load test")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "RELIABILITY.md"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="hotfix-reliability-") as work:
+        code, junit, stats, seconds = run_suite(Path(work), not args.no_slow)
+        if not junit.is_file():
+            print("pytest wrote no junit report", file=sys.stderr)
+            return code or 1
+        figures = write_report(Path(args.out), read_junit(junit), read_stats(stats), seconds, not args.no_slow, code)
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {args.out}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
