@@ -38,7 +38,7 @@ def _run(kind, tiny_models, cache_dir, tmp_path, **overrides):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_unlearning_run_writes_folder_and_changes_lora(kind, tiny_models, cache_dir, tmp_path):
     model, target, run_dir, result = _run(kind, tiny_models, cache_dir, tmp_path)
-    for name in ("config.json", "status.json" if False else "config.json", "target_0.png", "surrogate_0.png", "loss_log.csv", "metrics.json", "before_after.png", "adapter_card.json"):
+    for name in ("config.json", "target_0.png", "surrogate_0.png", "loss_log.csv", "metrics.json", "before_after.png", "adapter_card.json"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "checkpoint.pt").exists(), "the checkpoint is removed once the run is complete"
     weights_file = run_dir / ("adapter_model.safetensors" if kind == "ddpm" else "pytorch_lora_weights.safetensors")

@@ -213,7 +213,22 @@ class DiffusionModel:
                     module.delete_adapter(name)
 
 
-class StableDiffusionModel(DiffusionModel):
+class TextToImageModel(DiffusionModel):
+    """What the diffusers text-to-image pipelines share: seed-grid calls and `load_lora_weights`."""
+
+    def _generate_batch(self, prompt, seeds, steps, guidance):
+        width, height = self.image_size
+        return self.pipe(
+            [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
+            generator=seeded_generators(seeds), width=width, height=height,
+        ).images
+
+    def load_lora(self, folder):
+        self.remove_lora()
+        self.pipe.load_lora_weights(str(folder), adapter_name=self.adapter_name)
+
+
+class StableDiffusionModel(TextToImageModel):
     family = "stable-diffusion"
 
     def __init__(self, pipe, source, device):
@@ -248,12 +263,6 @@ class StableDiffusionModel(DiffusionModel):
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
-    def _generate_batch(self, prompt, seeds, steps, guidance):
-        width, height = self.image_size
-        return self.pipe(
-            [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
-            generator=seeded_generators(seeds), width=width, height=height,
-        ).images
 
     def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
         from diffusers import StableDiffusionImg2ImgPipeline
@@ -269,12 +278,9 @@ class StableDiffusionModel(DiffusionModel):
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()), safe_serialization=True)
         return ["pytorch_lora_weights.safetensors"]
 
-    def load_lora(self, folder):
-        self.remove_lora()
-        self.pipe.load_lora_weights(str(folder), adapter_name=self.adapter_name)
 
 
-class StableDiffusion3Model(DiffusionModel):
+class StableDiffusion3Model(TextToImageModel):
     family = "stable-diffusion-3"
     prediction_type = "flow"
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -314,12 +320,6 @@ class StableDiffusion3Model(DiffusionModel):
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
 
-    def _generate_batch(self, prompt, seeds, steps, guidance):
-        width, height = self.image_size
-        return self.pipe(
-            [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
-            generator=seeded_generators(seeds), width=width, height=height,
-        ).images
 
     def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
         from diffusers import StableDiffusion3Img2ImgPipeline
@@ -335,9 +335,6 @@ class StableDiffusion3Model(DiffusionModel):
         StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()), safe_serialization=True)
         return ["pytorch_lora_weights.safetensors"]
 
-    def load_lora(self, folder):
-        self.remove_lora()
-        self.pipe.load_lora_weights(str(folder), adapter_name=self.adapter_name)
 
 
 class PixelDDPMModel(DiffusionModel):

@@ -19,7 +19,7 @@ from unlearn_core import __version__
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import InstanceTarget, UnlearnConfig
 from unlearn_core.evaluation import EvalTarget, evaluate
-from unlearn_core.images import ImageError, load_for_model, open_image, save_atomic
+from unlearn_core.images import ImageError, load_for_model, save_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.trainer import StepReport, UnlearnTrainer, encode_sets, summarise, write_json_atomic
 
@@ -137,6 +137,3 @@ def run_unlearning(
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return {"run_dir": str(run_dir), "files": files, "summary": summary, "metrics": metrics}
 
-
-def load_image_arg(value, name: str) -> Image.Image:
-    return open_image(value, name)

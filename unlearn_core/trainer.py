@@ -241,12 +241,10 @@ class UnlearnTrainer:
         x_t = objectives.noisy_sample(torch.where(pick, x_f, x_r), self._noise_like(x_f), a, b)
         # Conditioning of the remember sample: the mixture is over images of the same prompt.
         cond = {key: torch.where(from_forget.view(-1, *[1] * (value.dim() - 1)), cond_f[key], value) for key, value in cond_r.items()}
-        dims = x_t[0].numel()
         log_q_r = -((x_t - a * x_r) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
         log_q_f = -((x_t - a * x_f) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
         log_mix = torch.logaddexp(math.log(1 - config.siss_mixture) + log_q_r, math.log(config.siss_mixture) + log_q_f)
         w_r, w_f = (log_q_r - log_mix).exp().clamp(max=1e3).detach(), (log_q_f - log_mix).exp().clamp(max=1e3).detach()
-        del dims
         with self._autocast():
             prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
         loss_remember = (w_r * objectives.per_sample_mse(prediction, objectives.training_target(pt, x_r, (x_t - a * x_r) / b, a, b))).mean()
