@@ -214,7 +214,45 @@ class DiffusionModel:
 
 
 class TextToImageModel(DiffusionModel):
-    """What the diffusers text-to-image pipelines share: seed-grid calls and `load_lora_weights`."""
+    """What the diffusers text-to-image pipelines share: seed grids, SDEdit through the family's
+    img2img pipeline, and LoRA files in the family's `save_lora_weights` format."""
+
+    img2img_pipeline = ""  # diffusers class name
+    lora_layers_argument = ""  # keyword of the pipeline's save_lora_weights for the denoiser
+    img2img_extras: dict = {}
+
+    @property
+    def image_size(self):
+        size = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        return (size, size)
+
+    def encode_images(self, images):
+        """Scaled VAE latents (mean of the posterior); SD3's VAE also has a shift factor, SD's none."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode().float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def decode(self, x0):
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            return vae.decode((x0 / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+
+    def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
+        import diffusers
+
+        img2img = getattr(diffusers, self.img2img_pipeline).from_pipe(self.pipe, **self.img2img_extras)
+        img2img.set_progress_bar_config(disable=True)
+        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
+
+    def save_lora(self, folder):
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        type(self.pipe).save_lora_weights(folder, **{self.lora_layers_argument: layers}, safe_serialization=True)
+        return ["pytorch_lora_weights.safetensors"]
 
     def _generate_batch(self, prompt, seeds, steps, guidance):
         width, height = self.image_size
@@ -230,6 +268,9 @@ class TextToImageModel(DiffusionModel):
 
 class StableDiffusionModel(TextToImageModel):
     family = "stable-diffusion"
+    img2img_pipeline = "StableDiffusionImg2ImgPipeline"
+    img2img_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    lora_layers_argument = "unet_lora_layers"
 
     def __init__(self, pipe, source, device):
         super().__init__(pipe, source, device)
@@ -238,22 +279,6 @@ class StableDiffusionModel(TextToImageModel):
     @property
     def denoiser(self):
         return self.pipe.unet
-
-    @property
-    def image_size(self):
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return (size, size)
-
-    def encode_images(self, images):
-        vae = self.pipe.vae
-        with torch.no_grad():
-            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode()
-        return latents.float() * vae.config.scaling_factor
-
-    def decode(self, x0):
-        vae = self.pipe.vae
-        with torch.no_grad():
-            return vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
     def encode_prompts(self, prompts):
         with torch.no_grad():
@@ -264,48 +289,16 @@ class StableDiffusionModel(TextToImageModel):
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
 
-    def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        img2img.set_progress_bar_config(disable=True)
-        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
-
-    def save_lora(self, folder):
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()), safe_serialization=True)
-        return ["pytorch_lora_weights.safetensors"]
-
-
-
 class StableDiffusion3Model(TextToImageModel):
     family = "stable-diffusion-3"
     prediction_type = "flow"
+    img2img_pipeline = "StableDiffusion3Img2ImgPipeline"
+    lora_layers_argument = "transformer_lora_layers"
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     @property
     def denoiser(self):
         return self.pipe.transformer
-
-    @property
-    def image_size(self):
-        size = self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
-        return (size, size)
-
-    def encode_images(self, images):
-        vae = self.pipe.vae
-        with torch.no_grad():
-            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode().float()
-        shift = vae.config.shift_factor or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
-    def decode(self, x0):
-        vae = self.pipe.vae
-        shift = vae.config.shift_factor or 0.0
-        with torch.no_grad():
-            return vae.decode((x0 / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
 
     def encode_prompts(self, prompts):
         with torch.no_grad():
@@ -319,22 +312,6 @@ class StableDiffusion3Model(TextToImageModel):
 
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
-
-
-    def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
-        from diffusers import StableDiffusion3Img2ImgPipeline
-
-        img2img = StableDiffusion3Img2ImgPipeline.from_pipe(self.pipe)
-        img2img.set_progress_bar_config(disable=True)
-        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
-
-    def save_lora(self, folder):
-        from diffusers import StableDiffusion3Pipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()), safe_serialization=True)
-        return ["pytorch_lora_weights.safetensors"]
-
 
 
 class PixelDDPMModel(DiffusionModel):
