@@ -44,7 +44,8 @@ def bench_generation(model, repeats: int) -> float:
 
 def make_trainer(model, sets, **overrides) -> UnlearnTrainer:
     model.remove_lora()
-    config = UnlearnConfig(**overrides)
+    # The paper's step (random forget states, denoise remember): it needs only the fixed image sets.
+    config = UnlearnConfig(**{"forget_states": "random", "forget_target": "surrogate", "remember_loss": "denoise", **overrides})
     if not config.full_finetune:
         model.add_lora(config.lora_rank, config.lora_alpha)
     else:

@@ -64,7 +64,7 @@ def build(kind: str, tiny: bool, device: torch.device, resolution: int):
 
 def time_steps(kind: str, tiny: bool, device: torch.device, resolution: int, steps: int, checkpointing: bool) -> dict:
     model, sets = build(kind, tiny, device, resolution)
-    config = UnlearnConfig(batch_size=1, steps=steps + 2, mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=checkpointing, lora_rank=16, lora_alpha=16, seed_noise_fraction=0.0)
+    config = UnlearnConfig(batch_size=1, steps=steps + 2, mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=checkpointing, lora_rank=16, lora_alpha=16, seed_noise_fraction=0.0, forget_states="random", forget_target="surrogate", remember_loss="denoise")
     model.add_lora(config.lora_rank, config.lora_alpha)
     trainer = UnlearnTrainer(model, config, sets)
     if device.type == "cuda":

@@ -126,6 +126,8 @@ def test_operator_flow(page, server, tmp_path):
     metrics_text = text_of(page, "#res-metrics")
     assert "SSIM" in metrics_text and "integrity" in metrics_text
     wait_text(page, "#res-availability", "SSIM")
+    wait_text(page, "#res-verdict", "of the way to the surrogate")
+    assert re.search(r"(Fixed|Partly fixed|Not fixed)", text_of(page, "#res-verdict"))
     shoot(page, "results")
 
     # 6. adapters: download the LoRA and check the file

@@ -71,6 +71,21 @@ def test_adapter_loads_in_plain_diffusers_and_changes_target_seed(kind, tiny_mod
     assert np.abs(after - before).max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_plain_diffusers_reproduces_the_trained_adapter_exactly(kind, tiny_models, cache_dir, tmp_path):
+    """Convolution LoRA layers and lora_alpha ≠ rank survive save → load_lora_weights unchanged."""
+    from diffusers import DiffusionPipeline
+
+    model, _, run_dir, _ = _run(kind, tiny_models, cache_dir, tmp_path, lora_layers="all", lora_rank=2, lora_alpha=8.0)
+    trained = np.asarray(model.generate(PROMPT, [7], 3, 2.0)[0][0], dtype=np.int16)
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_models[kind]), **without_t5)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(run_dir))
+    reloaded = np.asarray(pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(7)).images[0], dtype=np.int16)
+    assert np.abs(trained - reloaded).max() <= 1
+
+
 def test_ddpm_adapter_loads_with_plain_peft(tiny_models, cache_dir, tmp_path):
     from diffusers import UNet2DModel
     from peft import PeftModel

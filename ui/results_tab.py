@@ -1,4 +1,4 @@
-"""Results (DESIGN §1.5): the before/after grid on the same seeds, forgetting and integrity metrics."""
+"""Results: the verdict (did the fix work?), the before/after grid on the same seeds, forgetting and integrity metrics."""
 
 from __future__ import annotations
 
@@ -35,11 +35,43 @@ def metrics_frame(report: dict) -> pd.DataFrame:
                 else:
                     reading = f"{'forgotten' if target['forgotten'] else 'NOT forgotten'} (SSCD {'<' if target['forgotten'] else '≥'} {threshold})"
             rows.append([f"{label}: {text}", *(_value(scores, n) for n in ("sscd", "lpips", "ssim", "psnr")), reading])
+        for key, text in (("toward_surrogate", "painted pixels toward the surrogate (r)"), ("denoise_probe_toward_surrogate", "denoise probe toward the surrogate (r)")):
+            moved = target.get(key) or {}
+            if moved.get("r") is not None:
+                rows.append([f"{label}: {text}", "", "", "", "", f"r = {moved['r']:.2f} ({moved['verdict']}), residual {moved['residual']:.2f}"])
     for prompt, scores in report.get("integrity", {}).items():
         seeds = scores.get("seeds", [])
         reading = f"{scores.get('ssim_at_least_0.9', 0)}/{len(seeds)} seeds with SSIM ≥ 0.9"
         rows.append([f"integrity: {prompt!r}, before vs after on {len(seeds)} other seeds", *(_value(scores, n) for n in ("sscd", "lpips", "ssim", "psnr")), reading])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+ADVICE = {
+    "partly fixed": "Run it again with more steps or a higher learning rate, or with LoRA layers 'all' (more capacity, more risk to other seeds).",
+    "not fixed": "Check that the surrogate really differs where the error is; then run it again with more steps, a higher learning rate or LoRA layers 'all'.",
+}
+
+
+def verdict_markdown(report: dict) -> str:
+    """The operator's answer in large text: did the fix work, the number behind it, and what next."""
+    forgetting = report.get("forgetting")
+    if not forgetting:
+        return ""
+    r = forgetting.get("toward_surrogate")
+    if r is None:
+        return "### No verdict\nThe surrogate equals the target, so nothing was painted to measure."
+    verdict = forgetting["verdict"]
+    lines = [
+        f"## {'✅' if verdict == 'fixed' else '⚠️' if verdict == 'partly fixed' else '❌'} {verdict.capitalize()}",
+        f"On the target seed (seed {forgetting.get('worst_target_seed')}), the pixels you painted moved **{r:.0%}** of the way to the surrogate "
+        f"(fixed at ≥ {forgetting.get('fixed_at', 0.7):.0%}; 0 % = unchanged). Denoise probe: {forgetting.get('denoise_probe_toward_surrogate') or 0:.0%}.",
+    ]
+    kept = [f"{scores.get('ssim_at_least_0.9', 0)}/{len(scores.get('seeds', []))} of {prompt!r}" for prompt, scores in report.get("integrity", {}).items()]
+    if kept:
+        lines.append("Other images kept (SSIM ≥ 0.9 before/after on the same seeds): " + ", ".join(kept) + ".")
+    if verdict in ADVICE:
+        lines.append(ADVICE[verdict])
+    return "\n\n".join(lines)
 
 
 def availability_markdown(report: dict) -> str:
@@ -55,6 +87,7 @@ def render(services: Services, tab: gr.Tab) -> None:
         job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="res-job", scale=4)
         refresh = gr.Button("Refresh list", elem_id="res-refresh", scale=1)
     summary = gr.Markdown("Pick a finished job.", elem_id="res-summary")
+    verdict = gr.Markdown("", elem_id="res-verdict")
     grid = gr.Image(label="Before (top) / after (bottom): target seed first, then other seeds", type="filepath", interactive=False, format="png", elem_id="res-grid")
     table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Metrics", interactive=False, wrap=True, elem_id="res-metrics")
     availability = gr.Markdown("", elem_id="res-availability")
@@ -70,7 +103,7 @@ def render(services: Services, tab: gr.Tab) -> None:
     def show(job_id):
         found = store.get(job_id or "")
         if found is None:
-            return "Pick a finished job.", None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
+            return "Pick a finished job.", "", None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
         folder = Path(found.run_dir)
         info = progress(found)
         picture = folder / "before_after.png"
@@ -84,9 +117,9 @@ def render(services: Services, tab: gr.Tab) -> None:
         else:
             timing = report.get("timing", {})
             text += f" · conflict rate {timing.get('conflict_rate', 0):.0%} · {timing.get('seconds_total', 0):.0f} s in all"
-        return text, str(picture) if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir)
+        return text, verdict_markdown(report), str(picture) if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir)
 
-    outputs = [summary, grid, table, availability, curves]
+    outputs = [summary, verdict, grid, table, availability, curves]
     refresh.click(choices, [job], [job], **INTERNAL).then(show, [job], outputs, **INTERNAL)
     tab.select(choices, [job], [job], **INTERNAL).then(show, [job], outputs, **INTERNAL)
     job.input(show, [job], outputs, **INTERNAL)

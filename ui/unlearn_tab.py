@@ -76,6 +76,9 @@ def progress_markdown(info: dict | None) -> str:
     parts = [f"**Job `{info['id']}`** — {info['state']} · step **{info['step']}/{info['total']}**"]
     if info.get("loss_forget") is not None:
         parts.append(f"L_f {info['loss_forget']:.4f} · L_r {info['loss_remember']:.4f} · gradient conflicts {info['conflict_rate']:.0%} · {info['seconds_per_step']:.2f} s/step")
+    if info.get("toward_surrogate") is not None:
+        stop = f" (training stops at {info['stop_at_r']:.0%})" if info.get("stop_at_r") else ""
+        parts.append(f"target seed now {info['toward_surrogate']:.0%} of the way to the surrogate{stop}")
     if info.get("eta_s") is not None:
         parts.append(f"ETA {info['eta_s']:.0f} s (then evaluation)")
     elif info["state"] == "running":

@@ -138,8 +138,18 @@ def cmd_unlearn(args) -> int:
         bar.close()
     write_status(out, "done", step=config.steps, total=config.steps)
     print(json.dumps(result["summary"], indent=2))
+    if result["metrics"]:
+        print(verdict_line(result["metrics"]["forgetting"]))
     print(f"adapter and report in {out}")
     return 0
+
+
+def verdict_line(forgetting: dict) -> str:
+    """One line for the operator: the verdict and the number behind it."""
+    r = forgetting["toward_surrogate"]
+    if r is None:
+        return "verdict: the surrogate equals the target (nothing was painted), so there is nothing to measure"
+    return f"verdict: {forgetting['verdict']} — the painted pixels moved {r:.0%} of the way to the surrogate (fixed at ≥ {forgetting['fixed_at']:.0%})"
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -165,6 +175,7 @@ def cmd_evaluate(args) -> int:
     write_json_atomic(out / "metrics.json", report)
     save_atomic(picture, out / "before_after.png")
     print(json.dumps({"target": report["targets"][0]["after_vs_target"], "integrity_ssim": {k: v["ssim"]["value"] for k, v in report["integrity"].items()}}, indent=2, default=str))
+    print(verdict_line(report["forgetting"]))
     print(f"wrote {out / 'metrics.json'} and {out / 'before_after.png'}")
     return 0
 

@@ -1,7 +1,8 @@
 """Before/after evaluation on the same initial noise (DESIGN §3).
 
 Forgetting: the target seed's output after unlearning vs the target (and vs the surrogate), and
-the denoise probe (the target noised to t≈T/4 and denoised by the unlearned model). Integrity:
+the denoise probe (the target noised to t≈T/4 and denoised by the unlearned model); for each, how
+far the painted pixels moved toward the surrogate (r) and the verdict that gives. Integrity:
 before vs after on other seeds of the same prompt and on other prompts.
 """
 
@@ -72,6 +73,9 @@ def evaluate(
         }
         sscd = entry["after_vs_target"]["sscd"]
         entry["forgotten"] = (sscd["value"] < metrics.SSCD_THRESHOLD) if sscd["available"] else None
+        entry["toward_surrogate"] = metrics.toward_surrogate(after_target, target.target, target.surrogate).to_dict()
+        entry["denoise_probe_toward_surrogate"] = metrics.toward_surrogate(probe_after, target.target, target.surrogate).to_dict()
+        entry["denoise_probe_before_toward_surrogate"] = metrics.toward_surrogate(probe_before, target.target, target.surrogate).to_dict()
         report["targets"].append(entry)
         grid_rows_before.append(target.target)
         grid_rows_after.append(after_target)
@@ -89,8 +93,23 @@ def evaluate(
         report["integrity"][prompt or "(empty prompt)"] = scores
         grid_rows_before.extend(before[:7])
         grid_rows_after.extend(after[:7])
+    report["forgetting"] = forgetting_summary(report["targets"])
     picture = before_after_grid(grid_rows_before, grid_rows_after)
     return report, picture
+
+
+def forgetting_summary(entries: list[dict]) -> dict:
+    """The run's answer: the least-fixed target's r (same seed regenerated) and its verdict."""
+    worst = min(entries, key=lambda e: e["toward_surrogate"]["r"] if e["toward_surrogate"]["r"] is not None else float("inf"))
+    moved = worst["toward_surrogate"]
+    return {
+        "toward_surrogate": moved["r"],
+        "residual": moved["residual"],
+        "denoise_probe_toward_surrogate": worst["denoise_probe_toward_surrogate"]["r"],
+        "verdict": moved["verdict"],
+        "fixed_at": metrics.FIXED_AT,
+        "worst_target_seed": worst["seed"],
+    }
 
 
 def before_after_grid(before: list[Image.Image], after: list[Image.Image], scale: int = 2) -> Image.Image:

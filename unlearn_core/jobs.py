@@ -254,7 +254,7 @@ def read_loss_log(run_dir: str | os.PathLike) -> list[dict]:
     parsed = []
     for row in rows:
         try:
-            parsed.append({k: (v == "True" if k == "projected" else float(v)) for k, v in row.items()})
+            parsed.append({k: (v == "True" if k == "projected" else None if v == "" else float(v)) for k, v in row.items()})
         except (TypeError, ValueError):
             continue  # a line being written
     return parsed
@@ -266,12 +266,14 @@ def progress(job: Job) -> dict:
     step = max(job.step, int(rows[-1]["step"]) if rows else 0)
     total = job.total or job.config.get("steps", 0)
     info = {"id": job.id, "state": job.state, "step": step, "total": total, "error": job.error, "model": job.model,
-            "loss_forget": None, "loss_remember": None, "conflict_rate": None, "seconds_per_step": None, "eta_s": None}
+            "loss_forget": None, "loss_remember": None, "conflict_rate": None, "seconds_per_step": None, "eta_s": None,
+            "toward_surrogate": None, "stop_at_r": job.config.get("stop_at_r")}
     if rows:
         recent = rows[-20:]
         seconds = sum(r["seconds_per_step"] for r in recent) / len(recent)
         info.update(loss_forget=rows[-1]["loss_forget"], loss_remember=rows[-1]["loss_remember"],
-                    conflict_rate=sum(r["cosine"] < 0 for r in rows) / len(rows), seconds_per_step=seconds)
+                    conflict_rate=sum(r["cosine"] < 0 for r in rows) / len(rows), seconds_per_step=seconds,
+                    toward_surrogate=next((r["toward_surrogate"] for r in reversed(rows) if r.get("toward_surrogate") is not None), None))
         if job.state == "running":
             info["eta_s"] = max(0.0, (total - step) * seconds)
     status = read_status(job.run_dir)

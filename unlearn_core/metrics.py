@@ -161,3 +161,57 @@ def availability() -> dict[str, dict]:
         "SSIM": {"available": True, "reason": ""},
         "PSNR": {"available": True, "reason": ""},
     }
+
+
+# -- forgetting on the painted pixels (weight-free) -------------------------------------------
+PAINT_THRESHOLD = 0.1  # per-pixel RGB distance in [0, 1] units (≈ 15/255 per channel) that counts as painted
+FIXED_AT = 0.7
+PARTLY_FIXED_AT = 0.3
+
+
+@dataclass
+class TowardSurrogate:
+    """How far an image moved from the target toward the surrogate, on the pixels the operator changed.
+
+    r = ⟨after − x_f, x_s − x_f⟩_M / ‖x_s − x_f‖²_M (1: the painted pixels look like the surrogate;
+    0: unchanged) and residual = ‖(after − x_f) − r·(x_s − x_f)‖_M / ‖x_s − x_f‖_M (change off that line).
+    """
+
+    r: float | None
+    residual: float | None
+    painted_fraction: float
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize(size), dtype=np.float64) / 255.0
+
+
+def painted_mask(target: Image.Image, surrogate: Image.Image, threshold: float = PAINT_THRESHOLD) -> np.ndarray:
+    """M: the pixels where the surrogate differs from the target by more than `threshold` (RGB distance)."""
+    difference = _pixels(surrogate, target.size) - _pixels(target, target.size)
+    return np.linalg.norm(difference, axis=-1) > threshold
+
+
+def verdict_for(r: float | None) -> str:
+    if r is None:
+        return "no painted pixels"
+    return "fixed" if r >= FIXED_AT else "partly fixed" if r >= PARTLY_FIXED_AT else "not fixed"
+
+
+def toward_surrogate(after: Image.Image, target: Image.Image, surrogate: Image.Image, threshold: float = PAINT_THRESHOLD) -> TowardSurrogate:
+    """Project the change after − x_f onto the painted change x_s − x_f over M (see `TowardSurrogate`)."""
+    size = target.size
+    mask = painted_mask(target, surrogate, threshold)
+    if not mask.any():
+        return TowardSurrogate(None, None, 0.0, verdict_for(None))
+    x_f = _pixels(target, size)[mask]
+    painted = _pixels(surrogate, size)[mask] - x_f
+    moved = _pixels(after, size)[mask] - x_f
+    norm2 = float((painted**2).sum())
+    r = float((moved * painted).sum() / norm2)
+    residual = float(np.sqrt(((moved - r * painted) ** 2).sum() / norm2))
+    return TowardSurrogate(round(r, 4), round(residual, 4), round(float(mask.mean()), 4), verdict_for(r))

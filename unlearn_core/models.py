@@ -12,6 +12,7 @@ none of them branches on the family.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unlearn_core import objectives
 from unlearn_core.config import DEMO_MODEL
 
 
@@ -68,7 +70,13 @@ class DiffusionModel:
     family = "base"
     prediction_type = "epsilon"
     conditional = True
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # LoRA placement per `UnlearnConfig.lora_layers`: the attention projections diffusers' training
+    # scripts use, or those plus the family's ResNet convolutions and feed-forward layers.
+    lora_layer_sets: dict[str, tuple[str, ...]] = {
+        "text-kv": ("attn2.to_k", "attn2.to_v"),
+        "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+        "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"),
+    }
     adapter_name = "hotfix"
 
     def __init__(self, pipe, source: str, device: torch.device):
@@ -105,16 +113,26 @@ class DiffusionModel:
         return {}
 
     # -- noise levels ----------------------------------------------------------------------
-    def sample_noise_levels(self, batch: int, generator: torch.Generator):
-        """Random noise levels: (model timestep, a_t, b_t, s ∈ [0, 1]) each of shape (B,)."""
+    def noise_levels_at(self, timesteps: torch.Tensor):
+        """(a_t, b_t, s ∈ [0, 1]) for model timesteps, each of shape (B,): x_t = a_t·x0 + b_t·ε."""
         steps = self.pipe.scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (batch,), generator=generator)
         alphas = self.pipe.scheduler.alphas_cumprod.float()
-        a, b = alphas[t].sqrt(), (1 - alphas[t]).sqrt()
-        return t.to(self.device), a.to(self.device), b.to(self.device), (t.float() / (steps - 1)).to(self.device)
+        index = timesteps.detach().cpu().round().long().clamp(0, steps - 1)
+        a, b = alphas[index].sqrt(), (1 - alphas[index]).sqrt()
+        return a.to(self.device), b.to(self.device), (index.float() / (steps - 1)).to(self.device)
+
+    def sample_noise_levels(self, batch: int, generator: torch.Generator):
+        """Random noise levels for training: (model timestep, a_t, b_t, s ∈ [0, 1]) each of shape (B,)."""
+        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        return (t.to(self.device), *self.noise_levels_at(t))
 
     def predict(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def remember_loss_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the ordinary diffusion loss: 1 in the prediction's own space, as
+        diffusers' SD/DDPM training scripts use it (SD3 overrides it with diffusers' x0-space loss)."""
+        return torch.ones_like(a)
 
     @property
     def x0_shape(self) -> tuple[int, int, int]:
@@ -125,9 +143,39 @@ class DiffusionModel:
         return (config.in_channels, height, width)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        """The initial noise generation starts from for each seed (same draw as the pipelines)."""
+        """Each seed's unit-variance initial noise ε (the pipelines' own draw, before they scale it by
+        the scheduler's `init_noise_sigma`, which is 14.6 for Euler schedulers)."""
         noise = [torch.randn((1, *self.x0_shape), generator=generator) for generator in seeded_generators(seeds)]
-        return torch.cat(noise).to(self.device) * float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
+        return torch.cat(noise).to(self.device)
+
+    # -- sampling states -------------------------------------------------------------------
+    def denoiser_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x_t, timesteps, conditioning) of one call of the denoiser, as the pipeline made it."""
+        raise NotImplementedError
+
+    def record_sampling(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "SamplingRecord":
+        """Generate and record every state the denoiser saw: x_t, t, conditioning and its outputs.
+
+        A forward hook on the denoiser (not a copied sampling loop) sees exactly what the family's
+        pipeline feeds it, so the states are the model's real sampling trajectory for these seeds.
+        With classifier-free guidance the pipelines batch [unconditional, conditional]; both
+        halves' predictions are kept.
+        """
+        calls: list[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]] = []
+
+        def hook(module, args, kwargs, output):
+            x_t, t, cond = self.denoiser_call(args, kwargs)
+            sample = output.sample if hasattr(output, "sample") else output[0]
+            t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+            calls.append((x_t.detach().float().cpu(), t.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in cond.items()}, sample.detach().float().cpu()))
+
+        handle = self.denoiser.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                images = [image for image, _ in self.generate(prompt, seeds, steps, guidance, batch_size=max(1, len(seeds)))]
+        finally:
+            handle.remove()
+        return SamplingRecord.from_calls(calls, len(seeds), images, prompt)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt: str, seeds: list[int], steps: int = 25, guidance: float = 5.0, batch_size: int = 8) -> list[tuple[Image.Image, Provenance]]:
@@ -149,13 +197,17 @@ class DiffusionModel:
         raise NotImplementedError
 
     # -- LoRA ------------------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float) -> list[torch.nn.Parameter]:
-        """Attach a fresh LoRA to the denoiser; return its trainable parameters (all else frozen)."""
+    def lora_config(self, rank: int, alpha: float, layers: str = "attention"):
         from peft import LoraConfig
 
+        if layers not in self.lora_layer_sets:
+            raise ValueError(f"lora_layers must be one of {', '.join(self.lora_layer_sets)}; got {layers!r}")
+        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_layer_sets[layers]))
+
+    def add_lora(self, rank: int, alpha: float, layers: str = "attention") -> list[torch.nn.Parameter]:
+        """Attach a fresh LoRA to the denoiser; return its trainable parameters (all else frozen)."""
         self.denoiser.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_target_modules))
-        self.denoiser.add_adapter(config, adapter_name=self.adapter_name)
+        self.denoiser.add_adapter(self.lora_config(rank, alpha, layers), adapter_name=self.adapter_name)
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -213,6 +265,47 @@ class DiffusionModel:
                     module.delete_adapter(name)
 
 
+@dataclass
+class SamplingRecord:
+    """The states of one sampling run of B seeds over K steps, flattened step-major (K·B rows).
+
+    `cond`/`uncond` hold the conditioning rows the pipeline used (B rows each, reused every step);
+    `out_cond`/`out_uncond` the denoiser's predictions there (out_uncond is None without guidance).
+    """
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    out_cond: torch.Tensor
+    out_uncond: torch.Tensor | None
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    seeds_per_step: int
+    images: list
+    prompt: str = ""
+
+    @classmethod
+    def from_calls(cls, calls, batch: int, images, prompt: str = "") -> "SamplingRecord":
+        guided = calls[0][0].shape[0] == 2 * batch
+
+        def half(tensor, which):
+            return tensor[batch * which : batch * (which + 1)] if guided else tensor
+
+        return cls(
+            x_t=torch.cat([half(x, 1) for x, _, _, _ in calls]),
+            timesteps=torch.cat([half(t, 1) for _, t, _, _ in calls]),
+            out_cond=torch.cat([half(out, 1) for _, _, _, out in calls]),
+            out_uncond=torch.cat([half(out, 0) for _, _, _, out in calls]) if guided else None,
+            cond={k: half(v, 1) for k, v in calls[0][2].items()},
+            uncond={k: half(v, 0) for k, v in calls[0][2].items()} if guided else None,
+            seeds_per_step=batch,
+            images=images,
+            prompt=prompt,
+        )
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+
 class TextToImageModel(DiffusionModel):
     """What the diffusers text-to-image pipelines share: seed grids, SDEdit through the family's
     img2img pipeline, and LoRA files in the family's `save_lora_weights` format."""
@@ -248,10 +341,10 @@ class TextToImageModel(DiffusionModel):
         return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
 
     def save_lora(self, folder):
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
-        type(self.pipe).save_lora_weights(folder, **{self.lora_layers_argument: layers}, safe_serialization=True)
+        """peft-format keys plus the adapter's LoraConfig as metadata, as diffusers' current training
+        scripts save them: convolution layers and lora_alpha ≠ rank then load back exactly."""
+        metadata = self.denoiser.peft_config[self.adapter_name].to_dict()
+        type(self.pipe).save_lora_weights(folder, **{self.lora_layers_argument: self.lora_state_dict(), f"{self.lora_layers_argument.removesuffix('_layers')}_adapter_metadata": metadata}, safe_serialization=True)
         return ["pytorch_lora_weights.safetensors"]
 
     def _generate_batch(self, prompt, seeds, steps, guidance):
@@ -260,6 +353,11 @@ class TextToImageModel(DiffusionModel):
             [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
             generator=seeded_generators(seeds), width=width, height=height,
         ).images
+
+    def generate_from_noise(self, prompt: str, noise: torch.Tensor, steps: int = 25, guidance: float = 5.0) -> Image.Image:
+        """One image from given unit initial noise (shape of `initial_noise`), e.g. a perturbed seed."""
+        width, height = self.image_size
+        return self.pipe(prompt, latents=noise.to(self.device), num_inference_steps=steps, guidance_scale=guidance, width=width, height=height).images[0]
 
     def load_lora(self, folder):
         self.remove_lora()
@@ -288,13 +386,22 @@ class StableDiffusionModel(TextToImageModel):
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
+    def denoiser_call(self, args, kwargs):
+        x_t = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        return x_t, t, {"encoder_hidden_states": kwargs["encoder_hidden_states"]}
+
 
 class StableDiffusion3Model(TextToImageModel):
     family = "stable-diffusion-3"
     prediction_type = "flow"
     img2img_pipeline = "StableDiffusion3Img2ImgPipeline"
     lora_layers_argument = "transformer_lora_layers"
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_layer_sets = {
+        "text-kv": ("add_k_proj", "add_v_proj"),
+        "attention": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        "all": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    }
 
     @property
     def denoiser(self):
@@ -305,10 +412,33 @@ class StableDiffusion3Model(TextToImageModel):
             embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
 
+    def noise_levels_at(self, timesteps):
+        sigma = (timesteps.detach().float() / self.pipe.scheduler.config.num_train_timesteps).clamp(1e-3, 1.0).to(self.device)
+        return 1 - sigma, sigma, sigma
+
     def sample_noise_levels(self, batch, generator):
-        sigma = torch.rand(batch, generator=generator).clamp(1e-3, 1.0)
-        timestep = sigma * self.pipe.scheduler.config.num_train_timesteps
-        return timestep.to(self.device), (1 - sigma).to(self.device), sigma.to(self.device), sigma.to(self.device)
+        """σ as diffusers' `train_dreambooth_lora_sd3.py` draws it: logit-normal u (mean 0, std 1)
+        indexing the timesteps of a fresh copy of the shifted flow-matching schedule."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        schedule = self.training_schedule
+        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0, generator=generator)
+        indices = (u * schedule.config.num_train_timesteps).long().clamp(0, len(schedule.timesteps) - 1)
+        timesteps = schedule.timesteps[indices].float()
+        return (timesteps.to(self.device), *self.noise_levels_at(timesteps))
+
+    @functools.cached_property
+    def training_schedule(self):
+        """A pristine copy of the scheduler: generation calls set_timesteps on the pipeline's own."""
+        return type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+
+    def remember_loss_weight(self, a, b):
+        """x0-space loss (diffusers' SD3 script: prediction preconditioned to x0, weighting 1)."""
+        return objectives.x0_error_weight(self.prediction_type, a, b)
+
+    def denoiser_call(self, args, kwargs):
+        cond = {"encoder_hidden_states": kwargs["encoder_hidden_states"], "pooled_projections": kwargs["pooled_projections"]}
+        return kwargs["hidden_states"], kwargs["timestep"], cond
 
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
@@ -319,7 +449,7 @@ class PixelDDPMModel(DiffusionModel):
 
     family = "ddpm"
     conditional = False
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+    lora_layer_sets = {"attention": ("to_q", "to_k", "to_v", "to_out.0"), "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")}
 
     def __init__(self, pipe, source, device):
         super().__init__(pipe, source, device)
@@ -336,6 +466,9 @@ class PixelDDPMModel(DiffusionModel):
 
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps).sample
+
+    def denoiser_call(self, args, kwargs):
+        return (args[0] if args else kwargs["sample"]), (args[1] if len(args) > 1 else kwargs["timestep"]), {}
 
     def _denoise_from(self, x_t: torch.Tensor, start_index: int, steps: int, seeds: list[int]) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) from timestep index `start_index` of a `steps`-step schedule."""
@@ -376,11 +509,13 @@ class PixelDDPMModel(DiffusionModel):
         x_t = scheduler.add_noise(x0, noise, scheduler.timesteps[start : start + 1].to(self.device))
         return to_pil(self._denoise_from(x_t, start, steps, [seed]))[0]
 
-    def add_lora(self, rank, alpha):
-        from peft import LoraConfig, inject_adapter_in_model
+    def add_lora(self, rank, alpha, layers="all"):
+        return self._inject(self.lora_config(rank, alpha, layers))
+
+    def _inject(self, config):
+        from peft import inject_adapter_in_model
 
         self.denoiser.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_target_modules))
         inject_adapter_in_model(config, self.denoiser, adapter_name=self.adapter_name)
         self._lora_config = config
         return [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -404,8 +539,7 @@ class PixelDDPMModel(DiffusionModel):
 
         folder = Path(folder)
         self.remove_lora()
-        config = LoraConfig.from_pretrained(str(folder))
-        self.add_lora(config.r, config.lora_alpha)
+        self._inject(LoraConfig.from_pretrained(str(folder)))
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
         self.load_lora_state_dict(state)
 

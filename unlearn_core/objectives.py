@@ -35,14 +35,58 @@ def surrogate_target(prediction_type: str, x_t: torch.Tensor, surrogate: torch.T
     return training_target(prediction_type, surrogate, implied_noise, a, b)
 
 
+def implied_x0(prediction_type: str, x_t: torch.Tensor, prediction: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The clean sample a prediction implies at x_t: (x_t − b·ε̂)/a, a·x_t − b·v̂, or x_t − σ·v̂ (flow)."""
+    if prediction_type == "epsilon":
+        return (x_t - b * prediction) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - b * prediction
+    if prediction_type == "flow":
+        return x_t - b * prediction
+    raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def painted_aim(frozen_x0: torch.Tensor, surrogate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Where the forget loss aims x̂0: the surrogate on the painted region, the frozen model's own
+    estimate everywhere else. Aiming at the whole surrogate would also force the target's
+    unpainted pixels (its layout, background) onto x̂0 at large t, where x̂0 is still a blur shared
+    by every seed of the prompt: that drags all of them toward this one image."""
+    return mask * surrogate + (1 - mask) * frozen_x0
+
+
+def x0_error_weight(prediction_type: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """w with ‖x̂0 − x0‖² = w·‖pred − target‖² at x_t = a·x0 + b·ε: (b/a)² = 1/SNR for epsilon,
+    b² for v-prediction (x̂0 = a·x_t − b·v) and σ² = b² for flow (x̂0 = x_t − σ·v).
+
+    An ε-space error is SNR(t) times the x0 error it implies, so at small t it dwarfs everything:
+    stating a loss in x0-space lets λ(s) decide where along t the forgetting happens.
+    """
+    if prediction_type == "epsilon":
+        return (b / a).pow(2)
+    if prediction_type in ("v_prediction", "flow"):
+        return b.pow(2)
+    raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def guided_prediction(unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance as the pipelines apply it: u + w·(c − u) (c alone when w ≤ 1)."""
+    if guidance <= 1.0:
+        return conditional
+    return unconditional + guidance * (conditional - unconditional)
+
+
 def forget_weight(s: torch.Tensor, schedule: str = "timestep", gamma: float = 1.0, constant: float = 0.5) -> torch.Tensor:
-    """λ(s) in [0, 1] for normalised time s ∈ [0, 1]: s^γ ('timestep') or a constant."""
+    """λ(s) in [0, 1] for normalised time s ∈ [0, 1]: s^γ ('timestep': forget at large t, the
+    paper's form), c·(1 − s)^γ ('timestep-late': forget late in sampling, at small t, at most c,
+    so remembering keeps a weight ≥ 1 − c everywhere) or c ('constant')."""
     s = s.clamp(0.0, 1.0)
     if schedule == "timestep":
         return s.pow(gamma)
+    if schedule == "timestep-late":
+        return float(constant) * (1 - s).pow(gamma)
     if schedule == "constant":
         return torch.full_like(s, float(constant))
-    raise ValueError(f"unknown λ schedule {schedule!r}; expected 'timestep' or 'constant'")
+    raise ValueError(f"unknown λ schedule {schedule!r}; expected 'timestep', 'timestep-late' or 'constant'")
 
 
 def project_conflicting(g_forget: torch.Tensor, g_remember: torch.Tensor, mode: str = "forget") -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -21,7 +21,7 @@ from unlearn_core.config import InstanceTarget, UnlearnConfig
 from unlearn_core.evaluation import EvalTarget, evaluate
 from unlearn_core.images import ImageError, load_for_model, save_atomic
 from unlearn_core.models import DiffusionModel
-from unlearn_core.trainer import StepReport, UnlearnTrainer, encode_sets, summarise, write_json_atomic
+from unlearn_core.trainer import FixedSets, StepReport, UnlearnTrainer, encode_sets, record_target_states, remember_pool, summarise, write_json_atomic
 
 
 def write_status(run_dir: Path, state: str, **extra) -> dict:
@@ -69,6 +69,42 @@ def remember_images(model: DiffusionModel, targets: list[EvalTarget], config: Un
     return images, texts
 
 
+def remember_prompts_for(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig) -> list[str]:
+    """The targets' prompts, the extra remember prompts and, for a text-conditioned model, the
+    empty prompt (whose states stand for everything the operator did not name)."""
+    prompts = [t.prompt for t in targets] + config.remember_prompts + ([""] if model.conditional else [])
+    return list(dict.fromkeys(prompts))
+
+
+def paint_mask(model: DiffusionModel, targets: list[EvalTarget]) -> torch.Tensor:
+    """Where each surrogate differs from its target, at x0's resolution: a latent cell counts as
+    painted when any of its pixels is (max-pooling keeps thin strokes and edges)."""
+    from unlearn_core.metrics import painted_mask
+
+    masks = torch.stack([torch.from_numpy(painted_mask(t.target, t.surrogate)).float()[None] for t in targets])
+    return torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
+
+
+def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
+    """Everything training reads, made once with the frozen model: encoded targets and surrogates;
+    sampling states of the target seeds (trajectory forgetting) and of the remember seeds
+    (distillation), or remember images (denoise)."""
+    images, prompts = remember_images(model, targets, config, cache) if config.remember_loss == "denoise" or config.method != "ours" else ([], [])
+    sets = encode_sets(model, [t.target for t in targets], [t.surrogate for t in targets], [t.prompt for t in targets], images, prompts, [t.seed for t in targets])
+    if config.method != "ours":
+        return sets
+    sets.paint_mask = paint_mask(model, targets)
+    sets.pictures = [(t.target, t.surrogate) for t in targets]
+    seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    steps, guidance = config.generation_steps, config.guidance_scale
+    with model.adapter_disabled():
+        if config.remember_loss == "distill":
+            sets.remember_states = remember_pool([model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)])
+        if config.forget_states == "trajectory":
+            sets.target_states = record_target_states(model, sets.targets, steps, guidance)
+    return sets
+
+
 def write_card(run_dir: Path, model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> None:
     card = {
         "hotfix_studio_version": __version__,
@@ -111,12 +147,11 @@ def run_unlearning(
         save_atomic(target.target, run_dir / f"target_{index}.png")
         save_atomic(target.surrogate, run_dir / f"surrogate_{index}.png")
     phase("remember set")
-    remember, remember_prompts = remember_images(model, resolved, config, cache)
+    sets = prepare_sets(model, resolved, config, cache)
     prepared = time.time()
     if not model.has_lora() and not config.full_finetune:
         torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
-        model.add_lora(config.lora_rank, config.lora_alpha)
-    sets = encode_sets(model, [t.target for t in resolved], [t.surrogate for t in resolved], [t.prompt for t in resolved], remember, remember_prompts, [t.seed for t in resolved])
+        model.add_lora(config.lora_rank, config.lora_alpha, config.lora_layers)
     phase("training")
     trainer = UnlearnTrainer(model, config, sets, run_dir, on_step, should_stop)
     log = trainer.train()

@@ -2,20 +2,27 @@
 
 Methods (`UnlearnConfig.method`):
 - ours: surrogate forget loss + remember loss, weighted per sample by λ(s) / 1 − λ(s), with
-  gradient projection of g_f against g_r when they conflict;
-- neggrad: gradient ascent on the ordinary diffusion loss of the target;
-- siss: SISS-style importance-sampled mixture (x_t drawn from the remember/forget mixture,
-  each term reweighted by its posterior responsibility, forget term subtracted with a superfactor);
-- erasediff: EraseDiff-style — the forget target is fresh Gaussian noise, plus the remember loss.
+  gradient projection of g_f against g_r when they conflict. By default (each part an option,
+  each measured in docs/QUALITY.md):
+  * forgetting at the target seed's own guided sampling states, re-recorded every few steps,
+    with x̂0 aimed at the surrogate on the painted pixels and at the frozen model elsewhere;
+  * remembering by distillation: the frozen model's predictions at its sampling states of other
+    seeds of the target prompt and of the empty prompt;
+  * both losses stated in x0-space, so λ(s) (not SNR(t)) decides where along t each acts;
+  * training stops once the target seed's output has moved `stop_at_r` toward the surrogate.
+- neggrad: gradient ascent on the target's diffusion loss plus descent on the remember loss;
+- siss: SISS's importance-sampled mixture, deletion gradient rescaled to a fixed norm;
+- erasediff: EraseDiff's uniform-noise forget target, step g_r + λ·g_f.
 
-The forget and remember halves are run as two forward/backward passes of half the total batch,
-so g_f and g_r come without a second backward over the same graph. Works unchanged under
-`accelerate launch` (DDP all-reduces each backward) and on one CPU.
+Forget and remember terms are two forward/backward passes, so g_f and g_r come without a second
+backward over the same graph. Works under `accelerate launch` (DDP all-reduces each backward)
+and on one CPU.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +35,7 @@ import torch
 
 from unlearn_core import objectives
 from unlearn_core.config import UnlearnConfig
-from unlearn_core.models import DiffusionModel
+from unlearn_core.models import DiffusionModel, SamplingRecord
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,21 +57,116 @@ class StepReport:
     cosine: float
     projected: bool
     seconds_per_step: float
+    toward_surrogate: float | None = None  # r of the target seed's output, as last re-recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
+class StatePool:
+    """Sampling states to train at, one row each: x_t, its timestep, its conditioning (a row of
+    `conds`), a reference prediction and a label.
+
+    Remember pools hold the frozen model's own prediction there (the teacher to match); target
+    pools hold the unconditional prediction (for classifier-free guidance) and the target index.
+    """
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    cond_index: torch.Tensor
+    reference: torch.Tensor
+    label: torch.Tensor
+    conds: dict[str, torch.Tensor]
+    frozen: torch.Tensor | None = None  # target pools: the frozen model's guided prediction
+    images: list | None = None  # target pools: each target seed's output when recorded
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+    def take(self, index: torch.Tensor, device: torch.device):
+        cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
+        return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)
+
+    def frozen_at(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.frozen[index].to(device)
+
+
+def _pool(parts: list[tuple[SamplingRecord, str, int]]) -> StatePool:
+    """Rows of (record, which prediction — 'cond' or 'uncond' — is the reference and which
+    conditioning row applies, label). Conditioning rows are stored once per part."""
+    rows: dict[str, list] = {"x_t": [], "timesteps": [], "cond_index": [], "reference": [], "label": []}
+    conds: list[dict[str, torch.Tensor]] = []
+    for record, branch, label in parts:
+        size = len(record)
+        cond = record.cond if branch == "cond" else record.uncond
+        conds.append({key: value[:1] for key, value in cond.items()})
+        rows["x_t"].append(record.x_t)
+        rows["timesteps"].append(record.timesteps)
+        rows["cond_index"].append(torch.full((size,), len(conds) - 1))
+        rows["reference"].append(record.out_cond if branch == "cond" else record.out_uncond)
+        rows["label"].append(torch.full((size,), label))
+    return StatePool(**{key: torch.cat(value) for key, value in rows.items()}, conds={key: torch.cat([c[key] for c in conds]) for key in conds[0]})
+
+
+def remember_pool(records: list[SamplingRecord]) -> StatePool:
+    """The frozen model's predictions on its own sampling states: the distillation targets. Both
+    branches of guidance are kept (the unconditional one serves every prompt), except for the empty
+    prompt, whose two branches are the same."""
+    parts = [(record, "cond", -1) for record in records]
+    parts += [(record, "uncond", -1) for record in records if record.out_uncond is not None and record.prompt]
+    return _pool(parts)
+
+
+def target_pool(records: list[SamplingRecord], guided: bool) -> StatePool:
+    """The target seeds' own sampling states (record i = target i), with the unconditional
+    prediction the pipeline combined there (guidance) as the reference."""
+    pool = _pool([(record, "cond", index) for index, record in enumerate(records)])
+    if guided:
+        pool.reference = torch.cat([record.out_uncond for record in records])
+    return pool
+
+
+def with_frozen_outputs(model: DiffusionModel, record: SamplingRecord) -> SamplingRecord:
+    """The same states with the frozen model's predictions there (every LoRA layer off): the
+    teacher at states the adapted model visits."""
+    def predict(cond):
+        rows = {key: value[:1].expand(len(record), *value.shape[1:]).to(model.device) for key, value in cond.items()}
+        return model.predict(model.denoiser, record.x_t.to(model.device), record.timesteps.to(model.device), rows).float().cpu()
+
+    with model.adapter_disabled(), torch.no_grad():
+        return dataclasses.replace(record, out_cond=predict(record.cond), out_uncond=predict(record.uncond) if record.out_uncond is not None else None)
+
+
+def record_target_states(model: DiffusionModel, targets: list[tuple[str, int]], steps: int, guidance: float) -> StatePool:
+    """Each target's (prompt, seed) sampled and recorded with the model as it is now, plus the
+    frozen model's guided prediction at every recorded state (`StatePool.frozen`) and the image
+    each target seed now gives (`StatePool.images`)."""
+    records = [model.record_sampling(prompt, [seed], steps, guidance) for prompt, seed in targets]
+    guided = records[0].out_uncond is not None
+    pool = target_pool(records, guided)
+    frozen = [with_frozen_outputs(model, record) for record in records]
+    pool.frozen = torch.cat([objectives.guided_prediction(f.out_uncond, f.out_cond, guidance) if guided else f.out_cond for f in frozen])
+    pool.images = [record.images[0] for record in records]
+    return pool
+
+
+@dataclass
 class FixedSets:
-    """Encoded once before training: x0 of targets, surrogates and remember images, and their prompts."""
+    """Prepared once before training: x0 of targets, surrogates and remember images and their
+    prompts; for trajectory forgetting and distillation remembering, the sampling states."""
 
     target_x0: torch.Tensor
     surrogate_x0: torch.Tensor
     target_cond: dict[str, torch.Tensor]
-    remember_x0: torch.Tensor
-    remember_cond: dict[str, torch.Tensor]
-    target_noise: torch.Tensor | None = None  # each target seed's initial noise, when known
+    remember_x0: torch.Tensor | None = None
+    remember_cond: dict[str, torch.Tensor] | None = None
+    target_noise: torch.Tensor | None = None  # each target seed's unit initial noise, when known
+    remember_states: StatePool | None = None
+    target_states: StatePool | None = None
+    targets: list[tuple[str, int]] | None = None  # (prompt, seed) of each target, to re-record its trajectory
+    paint_mask: torch.Tensor | None = None  # (targets, 1, h, w) at x0's resolution: where x_s differs from x_f
+    pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
 
 
 def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:
@@ -79,9 +181,10 @@ def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, reme
             target_x0=model.encode_images(to_tensor(targets)),
             surrogate_x0=model.encode_images(to_tensor(surrogates)),
             target_cond=cond_for(target_prompts),
-            remember_x0=model.encode_images(to_tensor(remember_images)),
-            remember_cond=cond_for(remember_prompts),
+            remember_x0=model.encode_images(to_tensor(remember_images)) if remember_images else None,
+            remember_cond=cond_for(remember_prompts) if remember_images else None,
             target_noise=model.initial_noise(list(target_seeds)) if target_seeds is not None else None,
+            targets=list(zip(target_prompts, target_seeds)) if target_seeds is not None else None,
         )
 
 
@@ -136,6 +239,8 @@ class UnlearnTrainer:
         self.generator = torch.Generator("cpu").manual_seed(config.seed * 1000 + rank)
         self.step = 0
         self.log: list[dict] = []
+        self.toward_surrogate: float | None = None
+        self._siss_norm: float | None = None
 
     # -- losses --------------------------------------------------------------------------------
     def _autocast(self):
@@ -148,14 +253,14 @@ class UnlearnTrainer:
             prediction = self.model.predict(self.denoiser, x_t, timesteps, cond)
         return x_t, prediction.float()
 
-    def _draw(self, pool_size: int):
-        return torch.randint(0, pool_size, (self.config.batch_size,), generator=self.generator)
+    def _draw(self, pool_size: int, batch: int | None = None):
+        return torch.randint(0, pool_size, (batch or self.config.batch_size,), generator=self.generator)
 
     def _noise_like(self, x0: torch.Tensor) -> torch.Tensor:
         return torch.randn(x0.shape, generator=self.generator).to(x0.device)
 
-    def _levels(self):
-        t, a, b, s = self.model.sample_noise_levels(self.config.batch_size, self.generator)
+    def _levels(self, batch: int | None = None):
+        t, a, b, s = self.model.sample_noise_levels(batch or self.config.batch_size, self.generator)
         shape = (-1, 1, 1, 1)
         return t, a.view(shape), b.view(shape), s
 
@@ -177,90 +282,190 @@ class UnlearnTrainer:
         use_seed = (torch.rand(x_f.shape[0], generator=self.generator) < fraction).to(x_f.device).view(-1, 1, 1, 1)
         return torch.where(use_seed, self.sets.target_noise[self._forget_index].to(x_f.device), noise)
 
-    def _remember_batch(self):
-        index = self._draw(self.sets.remember_x0.shape[0])
+    def _remember_batch(self, batch: int | None = None):
+        index = self._draw(self.sets.remember_x0.shape[0], batch)
         return self.sets.remember_x0[index], _take(self.sets.remember_cond, index)
 
-    def _gradient(self, loss: torch.Tensor) -> torch.Tensor:
+    def _gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         """Backward one loss (through accelerate, so DDP averages it) and return the flat gradient."""
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; the last good checkpoint is kept")
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss, retain_graph=retain_graph)
         return _flat([p.grad for p in self.params], self.params)
 
     def _losses_ours(self):
-        """Per-sample λ(s)-weighted surrogate forget loss and remember loss at shared noise levels."""
-        config, pt = self.config, self.model.prediction_type
-        t, a, b, s = self._levels()
-        weight = objectives.forget_weight(s, config.lambda_schedule, config.gamma, config.constant_lambda)
-        x_f, x_s, cond_f = self._forget_batch()
-        x_t, prediction = self._forward(x_f, cond_f, t, a, b, self._forget_noise(x_f))
-        target = objectives.surrogate_target(pt, x_t, x_s, a, b)
-        loss_forget = (weight * objectives.per_sample_mse(prediction, target)).mean()
+        """λ(s)-weighted surrogate forget loss and (1 − λ(s))-weighted remember loss, as two gradients."""
+        loss_forget = self._forget_loss_trajectory() if self.config.forget_states == "trajectory" else self._forget_loss_random()
         g_forget = self._gradient(loss_forget)
-        x_r, cond_r = self._remember_batch()
-        noise = self._noise_like(x_r)
-        _, prediction = self._forward(x_r, cond_r, t, a, b, noise)
-        loss_remember = ((1 - weight) * objectives.per_sample_mse(prediction, objectives.training_target(pt, x_r, noise, a, b))).mean()
-        g_remember = self._gradient(loss_remember)
-        return loss_forget, loss_remember, g_forget, g_remember
-
-    def _losses_erasediff(self):
-        config, pt = self.config, self.model.prediction_type
-        t, a, b, _ = self._levels()
-        x_f, _, cond_f = self._forget_batch()
-        _, prediction = self._forward(x_f, cond_f, t, a, b, self._noise_like(x_f))
-        random_target = self._noise_like(x_f)
-        loss_forget = config.erasediff_weight * objectives.per_sample_mse(prediction, random_target).mean()
-        g_forget = self._gradient(loss_forget)
-        x_r, cond_r = self._remember_batch()
-        noise = self._noise_like(x_r)
-        _, prediction = self._forward(x_r, cond_r, t, a, b, noise)
-        loss_remember = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_r, noise, a, b)).mean()
+        loss_remember = self._remember_loss_distill() if self.config.remember_loss == "distill" else self._remember_loss_denoise()
         return loss_forget, loss_remember, g_forget, self._gradient(loss_remember)
 
-    def _losses_neggrad(self):
+    def _lambda(self, s: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        return objectives.forget_weight(s, config.lambda_schedule, config.gamma, config.constant_lambda)
+
+    def _forget_error(self, prediction, x_t, surrogate, a, b) -> torch.Tensor:
+        """Per-sample distance of the prediction to the one whose x0-estimate is the surrogate, in
+        x0-space (default: so λ(s), not SNR(t), decides where forgetting acts) or the prediction's own."""
+        pt = self.model.prediction_type
+        return self._in_loss_space(objectives.per_sample_mse(prediction, objectives.surrogate_target(pt, x_t, surrogate, a, b)), a, b)
+
+    def _in_loss_space(self, error: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A per-sample prediction error, restated as the clean-image error it implies when loss_space is x0."""
+        if self.config.loss_space == "x0":
+            return error * objectives.x0_error_weight(self.model.prediction_type, a, b).flatten()
+        return error
+
+    def _forget_loss_trajectory(self):
+        """At the target seed's own guided sampling states: make the *guided* prediction imply x_s.
+
+        The unconditional half is the recorded one (no gradient), so the change lands in the
+        target prompt's conditional branch, which only that prompt's images use.
+        """
+        pool = self.sets.target_states
+        index = torch.randint(0, len(pool), (self.config.batch_size,), generator=self.generator)
+        x_t, t, cond, unconditional, label = pool.take(index, self.model.device)
+        a, b, s = (v.view(-1, 1, 1, 1) for v in self.model.noise_levels_at(t))
+        with self._autocast():
+            conditional = self.model.predict(self.denoiser, x_t, t, cond).float()
+        guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if self.model.conditional else conditional
+        aim = self.sets.surrogate_x0[label]
+        if self.config.forget_target == "painted":
+            frozen_x0 = objectives.implied_x0(self.model.prediction_type, x_t, pool.frozen_at(index, x_t.device), a, b)
+            aim = objectives.painted_aim(frozen_x0, aim, self.sets.paint_mask[label])
+        error = self._forget_error(guided, x_t, aim, a, b)
+        return (self._lambda(s.flatten()) * error).mean()
+
+    def _refresh_target_states(self) -> None:
+        """Re-record the targets' trajectories with the adapter as trained so far: the states the
+        model now visits from the target seeds are the ones that decide the output. The recorded
+        outputs give r, how far each target has moved toward its surrogate (the least is kept)."""
+        from unlearn_core.metrics import toward_surrogate
+
+        self.denoiser.eval()
+        config = self.config
+        self.sets.target_states = record_target_states(self.model, self.sets.targets, config.generation_steps, config.guidance_scale)
+        self.denoiser.train()
+        if self.sets.pictures:
+            moved = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
+            self.toward_surrogate = min((r for r in moved if r is not None), default=None)
+
+    def _trajectory_due(self) -> bool:
+        every = self.config.trajectory_refresh
+        return self.config.method == "ours" and self.config.forget_states == "trajectory" and every > 0 and self.step % every == 0
+
+    def _fixed(self) -> bool:
+        """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
+        return self.config.stop_at_r > 0 and self.toward_surrogate is not None and self.toward_surrogate >= self.config.stop_at_r
+
+    def _forget_loss_random(self):
+        """The paper's form: x_t drawn from q(x_t | x_f) at random t (a share of samples noised with
+        the target seed's own initial noise, tying the change to that seed)."""
+        t, a, b, s = self._levels()
+        x_f, x_s, cond_f = self._forget_batch()
+        x_t, prediction = self._forward(x_f, cond_f, t, a, b, self._forget_noise(x_f))
+        if self.config.forget_target == "painted":
+            with torch.no_grad(), self.model.adapter_disabled():
+                frozen = self.model.predict(self.denoiser, x_t, t, cond_f).float()
+            x_s = objectives.painted_aim(objectives.implied_x0(self.model.prediction_type, x_t, frozen, a, b), x_s, self.sets.paint_mask[self._forget_index])
+        return (self._lambda(s) * self._forget_error(prediction, x_t, x_s, a, b)).mean()
+
+    def _remember_loss_distill(self):
+        """Match the frozen model's prediction at its own sampling states of other seeds and prompts
+        (conditional and unconditional), in the same space and with weight 1 − λ(s)."""
+        pool = self.sets.remember_states
+        index = torch.randint(0, len(pool), (self.config.remember_batch_size,), generator=self.generator)
+        x_t, t, cond, teacher, _ = pool.take(index, self.model.device)
+        a, b, s = (v.view(-1, 1, 1, 1) for v in self.model.noise_levels_at(t))
+        with self._autocast():
+            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
+        error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
+        return ((1 - self._lambda(s.flatten())) * error).mean()
+
+    def _remember_loss_denoise(self):
+        """The ordinary diffusion loss on remember images (Eq. 8), weighted 1 − λ(s)."""
+        t, a, b, s = self._levels(self.config.remember_batch_size)
+        x_r, cond_r = self._remember_batch(self.config.remember_batch_size)
+        noise = self._noise_like(x_r)
+        _, prediction = self._forward(x_r, cond_r, t, a, b, noise)
+        error = objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x_r, noise, a, b))
+        return ((1 - self._lambda(s)) * self.model.remember_loss_weight(a, b).flatten() * error).mean()
+
+    def _losses_erasediff(self):
+        """EraseDiff (github JingWu321/EraseDiff, DDPM code before Aug 2024): forget samples noised
+        with *uniform* noise u ~ U[0, 1) and trained to predict it; the step is g_r + λ·g_f with
+        λ = `erasediff_weight` (their `lambda_bome`, 0.1), no projection, clipped at norm 1."""
         pt = self.model.prediction_type
         t, a, b, _ = self._levels()
         x_f, _, cond_f = self._forget_batch()
-        noise = self._noise_like(x_f)
-        _, prediction = self._forward(x_f, cond_f, t, a, b, noise)
-        loss_forget = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, noise, a, b)).mean()
+        uniform = torch.rand(x_f.shape, generator=self.generator).to(x_f.device)
+        _, prediction = self._forward(x_f, cond_f, t, a, b, uniform)
+        loss_forget = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, uniform, a, b)).mean()
+        g_forget = self.config.erasediff_weight * self._gradient(loss_forget)
+        loss_remember = self._denoise_loss(*self._remember_batch(), t, a, b)
+        return loss_forget, loss_remember, g_forget, self._gradient(loss_remember)
+
+    def _denoise_loss(self, x0, cond, t, a, b) -> torch.Tensor:
+        """The ordinary diffusion loss (mean squared error) at the given noise levels."""
+        noise = self._noise_like(x0)
+        _, prediction = self._forward(x0, cond, t, a, b, noise)
+        return objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x0, noise, a, b)).mean()
+
+    def _losses_neggrad(self):
+        """NegGrad as the paper defines it: gradient ascent on the target's diffusion loss plus
+        descent on the remember loss, g = −g_f + g_r."""
+        t, a, b, _ = self._levels()
+        x_f, _, cond_f = self._forget_batch()
+        loss_forget = self._denoise_loss(x_f, cond_f, t, a, b)
         g_ascent = self._gradient(-loss_forget)
-        return loss_forget, torch.tensor(float("nan")), g_ascent, torch.zeros_like(g_ascent)
+        loss_remember = self._denoise_loss(*self._remember_batch(), t, a, b)
+        return loss_forget, loss_remember, g_ascent, self._gradient(loss_remember)
 
     def _losses_siss(self):
-        """x_t from the remember or forget image (half each); each term reweighted by q(x_t|x)/q_mix(x_t)."""
-        config, pt = self.config, self.model.prediction_type
+        """SISS (github claserken/SISS, `losses/ddpm_deletion_loss.py`): x_t is the remember or the
+        forget sample noised with the *same* ε at the same t, picked per item with probability
+        `siss_mixture` (λ); each loss is importance-weighted by q(x_t | x)/q_mix(x_t) and summed
+        over pixels. The deletion gradient is rescaled to norm `siss_deletion_norm` and subtracted;
+        the step is then clipped at norm 1 (`max_grad_norm`)."""
+        config = self.config
         t, a, b, _ = self._levels()
         x_f, _, cond_f = self._forget_batch()
         x_r, cond_r = self._remember_batch()
+        noise = self._noise_like(x_f)
         from_forget = (torch.rand(config.batch_size, generator=self.generator) < config.siss_mixture).to(x_f.device)
-        pick = from_forget.view(-1, 1, 1, 1)
-        x_t = objectives.noisy_sample(torch.where(pick, x_f, x_r), self._noise_like(x_f), a, b)
-        # Conditioning of the remember sample: the mixture is over images of the same prompt.
+        x_t = torch.where(from_forget.view(-1, 1, 1, 1), objectives.noisy_sample(x_f, noise, a, b), objectives.noisy_sample(x_r, noise, a, b))
+        # Conditioning of a forget pick is the target prompt's, of a remember pick the remember prompt's.
         cond = {key: torch.where(from_forget.view(-1, *[1] * (value.dim() - 1)), cond_f[key], value) for key, value in cond_r.items()}
-        log_q_r = -((x_t - a * x_r) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
-        log_q_f = -((x_t - a * x_f) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
-        log_mix = torch.logaddexp(math.log(1 - config.siss_mixture) + log_q_r, math.log(config.siss_mixture) + log_q_f)
-        w_r, w_f = (log_q_r - log_mix).exp().clamp(max=1e3).detach(), (log_q_f - log_mix).exp().clamp(max=1e3).detach()
+        distance_r = ((x_t - a * x_r) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
+        distance_f = ((x_t - a * x_f) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
+        mix = config.siss_mixture
+        weight_r = (1 / ((1 - mix) + mix * torch.exp((distance_r - distance_f).clamp(max=80)))).detach()
+        weight_f = (1 / ((1 - mix) * torch.exp((distance_f - distance_r).clamp(max=80)) + mix)).detach()
         with self._autocast():
             prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
-        loss_remember = (w_r * objectives.per_sample_mse(prediction, objectives.training_target(pt, x_r, (x_t - a * x_r) / b, a, b))).mean()
-        loss_forget = (w_f * objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, (x_t - a * x_f) / b, a, b))).mean()
-        gradient = self._gradient(loss_remember - config.siss_superfactor * loss_forget)
-        return loss_forget, loss_remember, gradient, torch.zeros_like(gradient)
+        pt = self.model.prediction_type
+
+        def summed(x0, weight):
+            target = objectives.training_target(pt, x0, (x_t - a * x0) / b, a, b)
+            return (weight * (prediction - target).pow(2).flatten(1).sum(1)).sum() / config.batch_size
+
+        loss_remember, loss_forget = summed(x_r, weight_r), summed(x_f, weight_f)
+        g_remember = self._gradient(loss_remember, retain_graph=True)
+        g_deletion = self._gradient(loss_forget)
+        if self._siss_norm is None:  # 0 in the config: 10 % of the first kept-data gradient norm (SISS's README advice)
+            self._siss_norm = config.siss_deletion_norm or 0.1 * float(g_remember.norm())
+        g_deletion = -self._siss_norm / (g_deletion.norm() + 1e-12) * g_deletion
+        return loss_forget, loss_remember, g_deletion, g_remember
 
     # -- the loop ------------------------------------------------------------------------------
     def train_step(self) -> StepReport:
         started = time.perf_counter()
         losses = {"ours": self._losses_ours, "erasediff": self._losses_erasediff, "neggrad": self._losses_neggrad, "siss": self._losses_siss}
         loss_forget, loss_remember, g_forget, g_remember = losses[self.config.method]()
-        two_gradients = self.config.method in ("ours", "erasediff")
-        cos = objectives.cosine(g_forget, g_remember) if two_gradients else 0.0
+        cos = objectives.cosine(g_forget, g_remember)
         projected = False
-        if two_gradients:
+        if self.config.method == "ours":  # the baselines combine their gradients as published, unprojected
             g_forget, g_remember, projected = objectives.project_conflicting(g_forget, g_remember, self.config.projection)
         total = g_forget + g_remember
         if not torch.isfinite(total).all():
@@ -272,7 +477,9 @@ class UnlearnTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        report = StepReport(self.step, self.config.steps, float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started)
+        if self._trajectory_due():
+            self._refresh_target_states()
+        report = StepReport(self.step, self.config.steps, float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate)
         self.log.append(report.to_dict())
         return report
 
@@ -289,6 +496,8 @@ class UnlearnTrainer:
             if self.run_dir:
                 self._append_log(report)
             self.on_step(report)
+            if self._fixed():
+                break
             every = self.config.checkpoint_every
             if self.run_dir and every and self.step % every == 0 and self.step < self.config.steps:
                 self.save_checkpoint()
@@ -325,6 +534,8 @@ class UnlearnTrainer:
         self.step, self.log = state["step"], state["log"]
         if self.run_dir:
             self._rewrite_log()
+        if self.config.method == "ours" and self.config.forget_states == "trajectory":
+            self._refresh_target_states()
         return True
 
     def _append_log(self, report: StepReport) -> None:
@@ -356,6 +567,8 @@ def summarise(log: list[dict]) -> dict:
         "conflict_rate": sum(r["projected"] for r in log) / len(log),
         "mean_cosine": sum(r["cosine"] for r in log) / len(log),
         "mean_seconds_per_step": sum(r["seconds_per_step"] for r in log) / len(log),
+        "steps_run": log[-1]["step"],
+        "toward_surrogate_when_stopped": log[-1].get("toward_surrogate"),
     }
 
 

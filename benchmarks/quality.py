@@ -1,0 +1,361 @@
+"""Does the hotfix fix? Forgetting against integrity on a suite of flagged cases (demo model, CPU).
+
+    python -m benchmarks.quality                       # the whole study (≈ 40 min on 2 cores)
+    python -m benchmarks.quality --quick               # default settings only, one training seed
+    python -m benchmarks.quality --variants default,NegGrad --train-seeds 0,1,2 --cases chad-40-stripe
+
+Each case (`benchmarks/cases.py`) is the model's own output for a prompt and seed with a local
+painted correction. Every variant is trained on every case with each training seed, through the
+same `run_unlearning` the CLI and the app use, and measured on the same initial noise:
+
+- forgetting: r, how far the painted pixels moved toward the surrogate (1 = fixed, 0 = unchanged),
+  for the target seed regenerated and for the denoise probe, and the residual off that line;
+- integrity: SSIM before/after on 16 other seeds of the same prompt and on 16 other-prompt images
+  (share ≥ 0.9, share ≥ 0.95, mean), and whether the flag judge still names the right flag;
+- wall time of the job (preparation + training; the benchmark measures separately).
+
+For the default it also reports, without a threshold, whether the fix holds for paraphrased
+prompts and for slightly perturbed initial noise, and one two-target job. Writes
+`runs/quality/results.csv`, `docs/QUALITY.md`, `docs/quality/pareto.png` and
+`docs/quality/cases.png` (target | surrogate | after, per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.cases import CASES, Case, paint
+from unlearn_core import metrics
+from unlearn_core.cache import GenerationCache
+from unlearn_core.config import DEMO_MODEL, PRESETS, InstanceTarget, UnlearnConfig
+from unlearn_core.demo.quality import classify, load_classifier
+from unlearn_core.evaluation import other_seeds
+from unlearn_core.images import grid, save_atomic
+from unlearn_core.models import DiffusionModel, load_model
+from unlearn_core.run import run_unlearning
+
+ROOT = Path(__file__).resolve().parent.parent
+JUDGE = ROOT / "assets" / "flag-classifier.safetensors"
+OTHER_PROMPTS = ("flag of romania", "flag of italy")  # confusable neighbours of several cases
+OTHER_SEEDS_PER_PROMPT = 8
+SAME_PROMPT_SEEDS = 16
+PARAPHRASES = ("the flag of {name}", "{name} flag", "a picture of the flag of {name}")
+NOISE_PERTURBATIONS = (0.05, 0.15)
+
+# Baselines use our LoRA (rank 8 on all layers) and learning rate, with their own losses and step
+# counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
+BASELINES: dict[str, dict] = {
+    "NegGrad": {"method": "neggrad"},
+    "SISS": {"method": "siss", "steps": 35},
+    "EraseDiff": {"method": "erasediff"},
+    "paper preset": dict(PRESETS["paper"]),
+}
+ABLATIONS: dict[str, dict] = {
+    "λ(s)=s^γ (paper's direction)": {"lambda_schedule": "timestep"},
+    "constant λ": {"lambda_schedule": "constant"},
+    "ε-space loss": {"loss_space": "native"},
+    "no projection": {"projection": "none"},
+    "project both (PCGrad)": {"projection": "both"},
+    "random forget states": {"forget_states": "random"},
+    "whole-surrogate target": {"forget_target": "surrogate"},
+    "denoise remember": {"remember_loss": "denoise"},
+    "attention-only LoRA": {"lora_layers": "attention"},
+    "no early stop": {"stop_at_r": 0.0},
+}
+VARIANTS: dict[str, dict] = {"default": {}, **BASELINES, **ABLATIONS}
+
+
+@dataclass
+class Measured:
+    """One run's numbers (a row of results.csv)."""
+
+    variant: str
+    case: str
+    kind: str
+    train_seed: int
+    r: float
+    residual: float
+    probe_r: float
+    same_09: float
+    same_095: float
+    same_mean: float
+    other_09: float
+    other_095: float
+    other_mean: float
+    judge_kept: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def prepare_case(model: DiffusionModel, case: Case, cache: GenerationCache, folder: Path) -> tuple[Path, Path]:
+    """target.png (the model's own output) and surrogate.png (the painted correction) of a case."""
+    target = cache.get_or_generate(model, case.prompt, [case.seed], 25, 5.0)[0][0]
+    surrogate = Image.open(ROOT / case.surrogate_file).convert("RGB") if case.surrogate_file else paint(target, case.edits)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_atomic(target, folder / "target.png"), save_atomic(surrogate, folder / "surrogate.png")
+
+
+def ssim_shares(before: list[Image.Image], after: list[Image.Image]) -> tuple[float, float, float]:
+    values = metrics.ssim(before, after).per_pair
+    return float(np.mean([v >= 0.9 for v in values])), float(np.mean([v >= 0.95 for v in values])), float(np.mean(values))
+
+
+def flag_name(prompt: str) -> str:
+    return prompt.removeprefix("flag of ")
+
+
+def judge_kept(judge, images: list[Image.Image], prompts: list[str]) -> float:
+    names = classify(judge, np.stack([np.asarray(image) for image in images]))
+    return float(np.mean([name == flag_name(prompt) for name, prompt in zip(names, prompts)]))
+
+
+def measure(model: DiffusionModel, case: Case, target: Image.Image, surrogate: Image.Image, cache: GenerationCache, judge, config: UnlearnConfig) -> dict:
+    """Forgetting and integrity of the adapter the model now carries."""
+    steps, guidance = config.generation_steps, config.guidance_scale
+    after_target = model.generate(case.prompt, [case.seed], steps, guidance)[0][0]
+    probe = model.sdedit(target, case.prompt, 0.25, case.seed, steps, guidance)
+    moved = metrics.toward_surrogate(after_target, target, surrogate)
+    seeds = other_seeds(SAME_PROMPT_SEEDS, {case.seed}, range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    same_before = cache.get_or_generate(model, case.prompt, seeds, steps, guidance)[0]
+    same_after = [image for image, _ in model.generate(case.prompt, seeds, steps, guidance)]
+    other_before, other_after, other_prompts = [], [], []
+    for prompt in OTHER_PROMPTS:
+        other_before += cache.get_or_generate(model, prompt, seeds[:OTHER_SEEDS_PER_PROMPT], steps, guidance)[0]
+        other_after += [image for image, _ in model.generate(prompt, seeds[:OTHER_SEEDS_PER_PROMPT], steps, guidance)]
+        other_prompts += [prompt] * OTHER_SEEDS_PER_PROMPT
+    same = ssim_shares(same_before, same_after)
+    other = ssim_shares(other_before, other_after)
+    kept = judge_kept(judge, same_after + other_after, [case.prompt] * len(same_after) + other_prompts)
+    return {
+        "r": moved.r, "residual": moved.residual, "probe_r": metrics.toward_surrogate(probe, target, surrogate).r,
+        "same_09": same[0], "same_095": same[1], "same_mean": same[2],
+        "other_09": other[0], "other_095": other[1], "other_mean": other[2], "judge_kept": kept,
+        "after_target": after_target,
+    }
+
+
+def robustness(model: DiffusionModel, case: Case, surrogate: Image.Image, config: UnlearnConfig) -> dict:
+    """r of the fix under paraphrased prompts and perturbed initial noise, each measured against the
+    base model's own image for that prompt/noise (so r = 0 means the error is still there)."""
+    steps, guidance = config.generation_steps, config.guidance_scale
+    name = flag_name(case.prompt)
+    results = {}
+    for template in PARAPHRASES:
+        prompt = template.format(name=name)
+        with model.adapter_disabled():
+            before = model.generate(prompt, [case.seed], steps, guidance)[0][0]
+        after = model.generate(prompt, [case.seed], steps, guidance)[0][0]
+        results[f"prompt '{prompt}'"] = metrics.toward_surrogate(after, before, surrogate).r
+    noise = model.initial_noise([case.seed])
+    other = model.initial_noise([case.seed + 10_000])
+    for delta in NOISE_PERTURBATIONS:
+        latents = (1 - delta**2) ** 0.5 * noise + delta * other
+        with model.adapter_disabled():
+            before = model.generate_from_noise(case.prompt, latents, steps, guidance)
+        after = model.generate_from_noise(case.prompt, latents, steps, guidance)
+        results[f"noise perturbed {delta:.0%}"] = metrics.toward_surrogate(after, before, surrogate).r
+    return results
+
+
+def run_one(model, case, files, variant, overrides, train_seed, cache, judge, out: Path) -> tuple[Measured, dict]:
+    config = UnlearnConfig(**{**overrides, "seed": train_seed, "checkpoint_every": 0})
+    run_dir = out / variant.replace(" ", "_") / case.name / f"seed{train_seed}"
+    for stale in run_dir.glob("*"):
+        stale.unlink()
+    model.remove_lora()
+    started = time.perf_counter()
+    run_unlearning(model, [InstanceTarget(case.prompt, case.seed, str(files[1]), str(files[0]))], config, run_dir, cache=cache, evaluate_after=False)
+    seconds = time.perf_counter() - started
+    target, surrogate = (Image.open(f).convert("RGB") for f in files)
+    numbers = measure(model, case, target, surrogate, cache, judge, config)
+    after = numbers.pop("after_target")
+    save_atomic(after, run_dir / "after_target.png")
+    extra = robustness(model, case, surrogate, config) if variant == "default" and train_seed == 0 else {}
+    model.remove_lora()
+    return Measured(variant, case.name, case.kind, train_seed, seconds=seconds, extra=extra, **numbers), {"target": target, "surrogate": surrogate, "after": after}
+
+
+def two_target_job(model, cases: list[Case], files: dict, cache, judge, out: Path) -> dict:
+    """Two flagged outputs fixed by one job (the paper's Table I, right half)."""
+    config = UnlearnConfig(checkpoint_every=0)
+    targets = [InstanceTarget(case.prompt, case.seed, str(files[case.name][1]), str(files[case.name][0])) for case in cases]
+    model.remove_lora()
+    started = time.perf_counter()
+    run_unlearning(model, targets, config, out / "two-targets", cache=cache, evaluate_after=False)
+    seconds = time.perf_counter() - started
+    result = {"cases": [case.name for case in cases], "seconds": seconds}
+    for case in cases:
+        target, surrogate = (Image.open(f).convert("RGB") for f in files[case.name])
+        numbers = measure(model, case, target, surrogate, cache, judge, config)
+        numbers.pop("after_target")
+        result[case.name] = numbers
+    model.remove_lora()
+    return result
+
+
+# -- report ------------------------------------------------------------------------------------
+COLUMNS = ("r", "probe_r", "same_09", "same_095", "same_mean", "other_09", "other_095", "other_mean", "judge_kept", "seconds")
+HEADERS = ("r (target seed)", "r (denoise probe)", "same prompt SSIM ≥ 0.9", "≥ 0.95", "mean SSIM", "other prompts SSIM ≥ 0.9", "≥ 0.95", "mean SSIM", "judge kept", "job s")
+
+
+def mean_spread(values: list[float], share: bool) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    if share:
+        return f"{mean * 16:.1f} ± {spread * 16:.1f}/16"
+    return f"{mean:.2f} ± {spread:.2f}"
+
+
+def summary_row(rows: list[Measured]) -> list[str]:
+    cells = []
+    for column in COLUMNS:
+        values = [getattr(row, column) for row in rows]
+        cells.append(mean_spread(values, share=column in ("same_09", "same_095", "other_09", "other_095")))
+    return cells
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def pareto_plot(results: list[Measured], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for variant in dict.fromkeys(row.variant for row in results):
+        rows = [row for row in results if row.variant == variant]
+        x = [row.same_09 * 16 for row in rows]
+        y = [row.r for row in rows]
+        axis.errorbar(statistics.fmean(x), statistics.fmean(y), xerr=statistics.stdev(x) if len(x) > 1 else 0, yerr=statistics.stdev(y) if len(y) > 1 else 0, fmt="o", capsize=3, label=variant)
+    axis.axhline(metrics.FIXED_AT, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("integrity: same-prompt seeds with SSIM ≥ 0.9 (of 16)")
+    axis.set_ylabel("forgetting: r toward the surrogate")
+    axis.set_title("Forgetting against integrity (mean ± std over cases and training seeds)")
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def cases_picture(pictures: dict[str, dict], path: Path, scale: int = 2) -> None:
+    """One row per case: target | surrogate | after (default settings, training seed 0)."""
+    cells = []
+    for images in pictures.values():
+        cells += [images["target"], images["surrogate"], images["after"]]
+    picture = grid(cells, 3)
+    picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def write_report(results: list[Measured], robust: dict, two: dict | None, args, path: Path, seconds: float) -> None:
+    variants = list(dict.fromkeys(row.variant for row in results))
+    lines = [
+        "# Quality: does the hotfix fix, and what does it cost?",
+        "",
+        f"Written by `python -m benchmarks.quality {' '.join(args.argv)}`".rstrip() + f" in {seconds / 60:.0f} min on this machine ({torch.get_num_threads()} threads). "
+        "Every number is mean ± standard deviation over the runs of a row (cases × training seeds); "
+        "shares are of 16 images. r is how far the painted pixels moved toward the surrogate "
+        f"(1 fixed, 0 unchanged; verdict `fixed` at r ≥ {metrics.FIXED_AT}).",
+        "",
+        "## All variants on the suite",
+        "",
+        table(["variant", "runs", *HEADERS], [[variant, str(sum(r.variant == variant for r in results)), *summary_row([r for r in results if r.variant == variant])] for variant in variants]),
+        "",
+        "![forgetting against integrity](quality/pareto.png)",
+        "",
+        "## Default settings, per case",
+        "",
+        table(["case", "kind", *HEADERS], [[case, next(r.kind for r in results if r.case == case), *summary_row([r for r in results if r.variant == "default" and r.case == case])] for case in dict.fromkeys(r.case for r in results if r.variant == "default")]),
+        "",
+        "![target | surrogate | after, default settings, training seed 0](quality/cases.png)",
+        "",
+    ]
+    if robust:
+        checks = list(next(iter(robust.values())))
+        lines += [
+            "## Does the fix hold? (default, training seed 0; r against the base model's own image for that prompt or noise)",
+            "",
+            table(["case", *checks], [[case, *[f"{values[c]:.2f}" if values[c] is not None else "n/a" for c in checks]] for case, values in robust.items()]),
+            "",
+        ]
+    if two:
+        lines += ["## Two targets in one job (default settings)", "", table(["case", "r", "same ≥ 0.9", "other ≥ 0.9"], [[name, f"{two[name]['r']:.2f}", f"{two[name]['same_09'] * 16:.0f}/16", f"{two[name]['other_09'] * 16:.0f}/16"] for name in two["cases"]]), f"\nJob: {two['seconds']:.0f} s.", ""]
+    lines += ["## Settings of each variant", "", table(["variant", "changes from the default"], [[variant, json.dumps(VARIANTS.get(variant, {}), ensure_ascii=False) or "—"] for variant in variants]), ""]
+    path.write_text("\n".join(lines))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    parser.add_argument("--cases", default=",".join(case.name for case in CASES))
+    parser.add_argument("--ablation-cases", default="chad-40-stripe,japan-61-disc-colour,russia-63-band-order,sweden-67-no-cross", help="cases of the ablations (the default and baselines run on --cases)")
+    parser.add_argument("--train-seeds", default="0,1,2", help="training seeds of the default variant")
+    parser.add_argument("--other-train-seeds", default="0", help="training seeds of every other variant")
+    parser.add_argument("--quick", action="store_true", help="default settings only, training seed 0")
+    parser.add_argument("--define", default="{}", help='more variants as JSON, e.g. \'{"lr 1e-3": {"learning_rate": 0.001}}\'')
+    parser.add_argument("--no-extras", action="store_true", help="skip robustness and the two-target job")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    if args.quick:
+        args.variants, args.train_seeds = "default", "0"
+    VARIANTS.update(json.loads(args.define))
+    return args
+
+
+def main(args) -> list[Measured]:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    out = Path(args.out)
+    cache = GenerationCache(out / "cache")
+    model = load_model(DEMO_MODEL, device="cpu")
+    judge = load_classifier(JUDGE)
+    chosen = [case for case in CASES if case.name in args.cases.split(",")]
+    files = {case.name: prepare_case(model, case, cache, out / "cases" / case.name) for case in chosen}
+    results, robust, pictures = [], {}, {}
+    csv_path = out / "results.csv"
+    for variant in args.variants.split(","):
+        seeds = args.train_seeds if variant == "default" else args.other_train_seeds
+        for case in [c for c in chosen if variant not in ABLATIONS or c.name in args.ablation_cases.split(",")]:
+            for seed in [int(s) for s in seeds.split(",")]:
+                measured, images = run_one(model, case, files[case.name], variant, VARIANTS[variant], seed, cache, judge, out)
+                results.append(measured)
+                if measured.extra:
+                    robust[case.name] = measured.extra
+                if variant == "default" and seed == 0:
+                    pictures[case.name] = images
+                print(f"{variant:>24} {case.name:>26} seed {seed}: r {measured.r:+.2f}  same≥0.9 {measured.same_09 * 16:4.1f}/16  other≥0.9 {measured.other_09 * 16:4.1f}/16  {measured.seconds:.0f} s", flush=True)
+                with open(csv_path, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=[f for f in Measured.__dataclass_fields__ if f != "extra"])
+                    writer.writeheader()
+                    writer.writerows({k: v for k, v in vars(row).items() if k != "extra"} for row in results)
+    two = None
+    if not args.no_extras and "default" in args.variants.split(",") and len(chosen) >= 2:
+        two = two_target_job(model, chosen[:2], files, cache, judge, out)
+    report = Path(args.report)
+    (report.parent / "quality").mkdir(parents=True, exist_ok=True)
+    pareto_plot(results, report.parent / "quality" / "pareto.png")
+    if pictures:
+        cases_picture(pictures, report.parent / "quality" / "cases.png")
+    write_report(results, robust, two, args, report, time.perf_counter() - started)
+    print(f"wrote {report}, {csv_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

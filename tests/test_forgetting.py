@@ -1,0 +1,129 @@
+"""The forgetting measure, the x0-space and trajectory pieces of the method, and the noise fixes."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unlearn_core import metrics, objectives
+from unlearn_core.models import load_model, wrap_pipeline
+
+PROMPT = "flag of japan"
+
+
+def _picture(colour, stripe=None, size=16):
+    pixels = np.zeros((size, size, 3), dtype=np.uint8) + np.array(colour, dtype=np.uint8)
+    if stripe is not None:
+        pixels[:, size // 2 :] = stripe
+    return Image.fromarray(pixels)
+
+
+# -- r, the weight-free forgetting measure ------------------------------------------------------
+TARGET = _picture((0, 0, 200), stripe=(120, 0, 160))  # blue flag, purple right half
+SURROGATE = _picture((0, 0, 200), stripe=(200, 0, 40))  # the half painted red
+
+
+@pytest.mark.parametrize(("stripe", "expected_r", "verdict"), [((200, 0, 40), 1.0, "fixed"), ((120, 0, 160), 0.0, "not fixed"), ((160, 0, 100), 0.5, "partly fixed")])
+def test_r_is_the_share_of_the_painted_change(stripe, expected_r, verdict):
+    moved = metrics.toward_surrogate(_picture((0, 0, 200), stripe=stripe), TARGET, SURROGATE)
+    assert moved.r == pytest.approx(expected_r, abs=0.01)
+    assert moved.residual == pytest.approx(0.0, abs=0.01)
+    assert moved.painted_fraction == pytest.approx(0.5)
+    assert moved.verdict == verdict
+
+
+def test_r_ignores_unpainted_pixels_and_reports_change_off_the_line():
+    elsewhere = np.asarray(TARGET).copy()
+    elsewhere[:, :8] = (255, 255, 255)  # the unpainted half changed completely
+    assert metrics.toward_surrogate(Image.fromarray(elsewhere), TARGET, SURROGATE).r == pytest.approx(0.0, abs=1e-6)
+    green = metrics.toward_surrogate(_picture((0, 0, 200), stripe=(120, 200, 160)), TARGET, SURROGATE)
+    assert abs(green.r) < 0.05 and green.residual > 1.0, "a change orthogonal to the painted one is residual, not forgetting"
+
+
+def test_nothing_painted_gives_no_verdict():
+    moved = metrics.toward_surrogate(TARGET, TARGET, TARGET)
+    assert moved.r is None and moved.verdict == "no painted pixels"
+
+
+# -- x0-space and guidance ----------------------------------------------------------------------
+def _levels(prediction_type, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(3, generator=g) * 0.9 + 0.05).view(-1, 1, 1, 1)
+    a, b = ((1 - s), s) if prediction_type == "flow" else ((1 - s).sqrt(), s.sqrt())
+    x0, x_s, eps, other = (torch.randn((3, 4, 5, 5), generator=g) for _ in range(4))
+    return a, b, a * x0 + b * eps, x_s, other
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
+def test_x0_error_weight_converts_prediction_error_to_clean_image_error(prediction_type):
+    a, b, x_t, x_s, prediction = _levels(prediction_type)
+    target = objectives.surrogate_target(prediction_type, x_t, x_s, a, b)
+    torch.testing.assert_close(objectives.implied_x0(prediction_type, x_t, target, a, b), x_s, rtol=1e-4, atol=1e-4)
+    x0_error = (objectives.implied_x0(prediction_type, x_t, prediction, a, b) - x_s).pow(2).flatten(1).mean(1)
+    weighted = objectives.x0_error_weight(prediction_type, a, b).flatten() * objectives.per_sample_mse(prediction, target)
+    torch.testing.assert_close(weighted, x0_error, rtol=1e-4, atol=1e-5)
+
+
+def test_painted_aim_takes_the_surrogate_only_where_painted():
+    frozen, surrogate = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:] = 1
+    aim = objectives.painted_aim(frozen, surrogate, mask)
+    assert aim[..., 2:].eq(1).all() and aim[..., :2].eq(0).all()
+
+
+def test_guidance_and_late_schedule():
+    u, c = torch.zeros(2), torch.ones(2)
+    torch.testing.assert_close(objectives.guided_prediction(u, c, 5.0), torch.full((2,), 5.0))
+    torch.testing.assert_close(objectives.guided_prediction(u, c, 1.0), c)
+    s = torch.tensor([0.0, 0.25, 1.0])
+    torch.testing.assert_close(objectives.forget_weight(s, "timestep-late", 2.0, 0.5), torch.tensor([0.5, 0.28125, 0.0]))
+
+
+# -- the noise fixes ----------------------------------------------------------------------------
+def test_euler_scheduler_forget_noise_has_unit_variance(tiny_models):
+    """initial_noise is ε itself, not ε·init_noise_sigma (14.6 for Euler), and still the pipeline's draw."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models["sd"]))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    model = wrap_pipeline(pipe, "tiny", "cpu")
+    assert model.pipe.scheduler.init_noise_sigma > 10
+    noise = model.initial_noise(list(range(8)))
+    assert 0.9 < float(noise.std()) < 1.1
+    by_seed = pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    by_noise = pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, latents=model.initial_noise([4]), output_type="np").images[0]
+    np.testing.assert_allclose(by_seed, by_noise, atol=1e-6)
+
+
+def test_sd3_noise_levels_follow_diffusers_training_script(tiny_models):
+    """σ = the shifted schedule's sigma at logit-normal indices (train_dreambooth_lora_sd3.py), and
+    the remember loss is stated in x0-space (weight σ² on the flow error)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    model = load_model(str(tiny_models["sd3"]), "cpu")
+    model.generate(PROMPT, [0], 3, 2.0)  # set_timesteps on the pipeline's scheduler must not leak in
+    timesteps, a, b, s = model.sample_noise_levels(4096, torch.Generator().manual_seed(3))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config)
+    u = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0, generator=torch.Generator().manual_seed(3))
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    torch.testing.assert_close(timesteps, scheduler.timesteps[indices].float())
+    torch.testing.assert_close(b, (scheduler.sigmas[indices]).float().clamp(1e-3, 1.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, 1 - b)
+    assert 0.45 < float(b.median()) < 0.55, "logit-normal(0, 1) centres σ at 0.5"
+    torch.testing.assert_close(model.remember_loss_weight(a, b), b**2)
+
+
+# -- sampling states ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd", "sd3", "ddpm"])
+def test_record_sampling_sees_every_state_the_pipeline_used(kind, tiny_models):
+    model = load_model(str(tiny_models[kind]), "cpu")
+    record = model.record_sampling(PROMPT, [2, 5], 4, 2.0)
+    assert len(record) == 4 * 2 and record.x_t.shape[1:] == model.x0_shape
+    assert (record.out_uncond is not None) == model.conditional
+    plain = [image for image, _ in model.generate(PROMPT, [2, 5], 4, 2.0)]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(record.images, plain)), "recording changes nothing"
+    first = record.x_t[:2] / float(getattr(model.pipe.scheduler, "init_noise_sigma", 1.0))
+    torch.testing.assert_close(first, model.initial_noise([2, 5]), rtol=1e-4, atol=1e-4)
+    assert record.timesteps[0] > record.timesteps[-1], "states run from noise to image"
