@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install install-dev chromium benchmark quality
+.PHONY: run test install install-dev chromium benchmark benchmark-quality quality
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: install-dev chromium
 
 benchmark: install
 	$(PY) -m benchmarks
+
+benchmark-quality: install
+	$(PY) -m benchmarks.quality
 
 quality: install
 	$(PY) -m unlearn_core.demo.quality check --model assets/demo-model --seeds 16 --out docs/demo-quality

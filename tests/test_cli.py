@@ -1,6 +1,7 @@
 """Every CLI verb end to end on a tiny model, then the files it wrote (DESIGN §5)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def test_help_lists_the_verbs():
         assert verb in out
 
 
-def test_generate_surrogate_unlearn_evaluate(tiny_models, tmp_path, monkeypatch):
+def test_generate_surrogate_unlearn_evaluate(tiny_models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOTFIX_CACHE", str(tmp_path / "cache"))
     model = str(tiny_models["sd"])
     grid = tmp_path / "grid"
@@ -42,6 +43,7 @@ def test_generate_surrogate_unlearn_evaluate(tiny_models, tmp_path, monkeypatch)
     assert main(parse_args(args)) == 0
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "metrics.json").is_file()
+    assert re.search(r"verdict: (fixed|partly fixed|not fixed) — the painted pixels moved -?\d+% of the way", capsys.readouterr().out)
 
     ev = tmp_path / "eval"
     args = ["evaluate", "--model", model, "--adapter", str(run), "--prompt", "flag of japan", "--seed", "0", "--out", str(ev), "--eval-seeds", "2", "--steps", "3", "--remember-count", "2"]
@@ -49,6 +51,7 @@ def test_generate_surrogate_unlearn_evaluate(tiny_models, tmp_path, monkeypatch)
     report = json.loads((ev / "metrics.json").read_text())
     assert report["targets"][0]["after_vs_target"]["ssim"]["available"]
     assert (ev / "before_after.png").is_file()
+    assert report["forgetting"]["verdict"] in capsys.readouterr().out
 
 
 def test_bad_input_gives_a_message_not_a_traceback(tiny_models, tmp_path, capsys):

@@ -49,6 +49,9 @@ def test_unlearning_run_writes_folder_and_changes_lora(kind, tiny_models, cache_
     assert card["targets"][0]["seed"] == 7 and card["base_model"] == str(tiny_models[kind])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["targets"][0]["after_vs_target"]["ssim"]["available"] is True
+    forgetting = metrics["forgetting"]
+    assert forgetting["verdict"] in ("fixed", "partly fixed", "not fixed") and isinstance(forgetting["toward_surrogate"], float)
+    assert forgetting["verdict"] == ("fixed" if forgetting["toward_surrogate"] >= 0.7 else "partly fixed" if forgetting["toward_surrogate"] >= 0.3 else "not fixed")
     log_lines = (run_dir / "loss_log.csv").read_text().strip().splitlines()
     assert len(log_lines) == 1 + 3
 

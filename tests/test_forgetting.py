@@ -127,3 +127,15 @@ def test_record_sampling_sees_every_state_the_pipeline_used(kind, tiny_models):
     first = record.x_t[:2] / float(getattr(model.pipe.scheduler, "init_noise_sigma", 1.0))
     torch.testing.assert_close(first, model.initial_noise([2, 5]), rtol=1e-4, atol=1e-4)
     assert record.timesteps[0] > record.timesteps[-1], "states run from noise to image"
+
+
+# -- the benchmark's painted corrections --------------------------------------------------------
+def test_benchmark_paint_recolours_the_region_and_keeps_the_rest():
+    from benchmarks.cases import Recolour, paint
+
+    drawn = _picture((30, 30, 200), stripe=(120, 0, 160))
+    painted = np.asarray(paint(drawn, (Recolour("7800a0", "c8002c"),)), dtype=int)
+    assert np.abs(painted[:, 10:] - (200, 0, 44)).max() <= 2, "the purple half is painted red"
+    assert np.abs(painted[:, :7] - (30, 30, 200)).max() == 0, "the rest is untouched"
+    moved = metrics.toward_surrogate(Image.fromarray(painted.astype(np.uint8)), drawn, Image.fromarray(painted.astype(np.uint8)))
+    assert moved.r == pytest.approx(1.0)

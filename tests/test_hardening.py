@@ -313,7 +313,7 @@ def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     model.add_lora(2, 2.0)
     pictures = [Image.new("RGB", (16, 16), (i * 40, 100, 200 - i * 30)) for i in range(3)]
     sets = encode_sets(model, pictures[:1], pictures[1:2], ["x"], pictures, ["x"] * 3, [0])
-    config = UnlearnConfig(steps=12, batch_size=2, checkpoint_every=2, seed_noise_fraction=0.0)
+    config = UnlearnConfig(steps=12, batch_size=2, checkpoint_every=2, seed_noise_fraction=0.0, forget_states="random", forget_target="surrogate", remember_loss="denoise")
     run = tmp_path / "run"
     run.mkdir()
 

@@ -96,6 +96,8 @@ class UnlearnConfig:
             low, high = spec.metadata.get("min"), spec.metadata.get("max")
             if low is not None and value < low or high is not None and value > high:
                 raise ValueError(f"{spec.name} must be between {low} and {high}; got {value!r}")
+        if self.full_finetune and self.method == "ours" and (self.forget_states == "trajectory" or self.forget_target == "painted" or self.remember_loss == "distill"):
+            raise ValueError("full fine-tuning keeps no frozen copy of the model to aim at or distill from: use forget_states 'random', forget_target 'surrogate' and remember_loss 'denoise'")
         if self.remember_dir and self.remember_loss == "distill" and self.method == "ours":
             raise ValueError("a folder of remember images needs remember_loss 'denoise' (distillation learns from the model's own sampling states)")
         self.remember_prompts = [p for p in self.remember_prompts if p.strip()]
@@ -107,6 +109,7 @@ class UnlearnConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "UnlearnConfig":
         known = {spec.name for spec in fields(cls)}
+        data = {key: value for key, value in data.items() if key not in REMOVED_SETTINGS}  # jobs stored by older versions
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -114,6 +117,7 @@ class UnlearnConfig:
 
 
 MAX_PROMPT_CHARS = 2000
+REMOVED_SETTINGS = {"siss_superfactor"}  # SISS now rescales its deletion gradient (siss_deletion_norm)
 
 
 def check_prompt(prompt) -> str:

@@ -153,14 +153,18 @@ class DiffusionModel:
         """(x_t, timesteps, conditioning) of one call of the denoiser, as the pipeline made it."""
         raise NotImplementedError
 
-    def record_sampling(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "SamplingRecord":
+    def record_sampling(self, prompt: str, seeds: list[int], steps: int, guidance: float, batch_size: int = 8) -> "SamplingRecord":
         """Generate and record every state the denoiser saw: x_t, t, conditioning and its outputs.
 
         A forward hook on the denoiser (not a copied sampling loop) sees exactly what the family's
         pipeline feeds it, so the states are the model's real sampling trajectory for these seeds.
         With classifier-free guidance the pipelines batch [unconditional, conditional]; both
-        halves' predictions are kept.
+        halves' predictions are kept. Seeds are sampled `batch_size` at a time, as `generate` does.
         """
+        chunks = [self._record_batch(prompt, seeds[i : i + batch_size], steps, guidance) for i in range(0, len(seeds), batch_size)]
+        return SamplingRecord.merge(chunks)
+
+    def _record_batch(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "SamplingRecord":
         calls: list[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]] = []
 
         def hook(module, args, kwargs, output):
@@ -267,7 +271,7 @@ class DiffusionModel:
 
 @dataclass
 class SamplingRecord:
-    """The states of one sampling run of B seeds over K steps, flattened step-major (K·B rows).
+    """The states of sampling runs of B seeds over K steps, flattened (step-major within each chunk of seeds).
 
     `cond`/`uncond` hold the conditioning rows the pipeline used (B rows each, reused every step);
     `out_cond`/`out_uncond` the denoiser's predictions there (out_uncond is None without guidance).
@@ -279,7 +283,6 @@ class SamplingRecord:
     out_uncond: torch.Tensor | None
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor] | None
-    seeds_per_step: int
     images: list
     prompt: str = ""
 
@@ -297,9 +300,25 @@ class SamplingRecord:
             out_uncond=torch.cat([half(out, 0) for _, _, _, out in calls]) if guided else None,
             cond={k: half(v, 1) for k, v in calls[0][2].items()},
             uncond={k: half(v, 0) for k, v in calls[0][2].items()} if guided else None,
-            seeds_per_step=batch,
             images=images,
             prompt=prompt,
+        )
+
+    @classmethod
+    def merge(cls, records: list["SamplingRecord"]) -> "SamplingRecord":
+        """Records of the same prompt (sampled in chunks of seeds) as one; conditioning rows are shared."""
+        first = records[0]
+        if len(records) == 1:
+            return first
+        return cls(
+            x_t=torch.cat([r.x_t for r in records]),
+            timesteps=torch.cat([r.timesteps for r in records]),
+            out_cond=torch.cat([r.out_cond for r in records]),
+            out_uncond=torch.cat([r.out_uncond for r in records]) if first.out_uncond is not None else None,
+            cond=first.cond,
+            uncond=first.uncond,
+            images=[image for r in records for image in r.images],
+            prompt=first.prompt,
         )
 
     def __len__(self) -> int:

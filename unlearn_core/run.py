@@ -95,7 +95,8 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
         return sets
     sets.paint_mask = paint_mask(model, targets)
     sets.pictures = [(t.target, t.surrogate) for t in targets]
-    seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    target_seeds = {t.seed for t in targets}  # a target's own trajectory must not be a teacher
+    seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]
     steps, guidance = config.generation_steps, config.guidance_scale
     with model.adapter_disabled():
         if config.remember_loss == "distill":
@@ -137,6 +138,8 @@ def run_unlearning(
         raise ValueError("give at least one target to unlearn")
     phase = on_phase or (lambda name: None)
     cache = cache or GenerationCache()
+    if not config.full_finetune:
+        model.lora_config(config.lora_rank, config.lora_alpha, config.lora_layers)  # refuse a layer set the family lacks before the slow preparation
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", {"config": config.to_dict(), "model": model.source, "targets": [vars(t) for t in targets]})

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -78,6 +77,7 @@ class StatePool:
     reference: torch.Tensor
     label: torch.Tensor
     conds: dict[str, torch.Tensor]
+    guided: bool = False  # target pools: the pipeline combined [unconditional, conditional] here
     frozen: torch.Tensor | None = None  # target pools: the frozen model's guided prediction
     images: list | None = None  # target pools: each target seed's output when recorded
 
@@ -87,9 +87,6 @@ class StatePool:
     def take(self, index: torch.Tensor, device: torch.device):
         cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
         return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)
-
-    def frozen_at(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.frozen[index].to(device)
 
 
 def _pool(parts: list[tuple[SamplingRecord, str, int]]) -> StatePool:
@@ -124,12 +121,14 @@ def target_pool(records: list[SamplingRecord], guided: bool) -> StatePool:
     pool = _pool([(record, "cond", index) for index, record in enumerate(records)])
     if guided:
         pool.reference = torch.cat([record.out_uncond for record in records])
+    pool.guided = guided
     return pool
 
 
 def with_frozen_outputs(model: DiffusionModel, record: SamplingRecord) -> SamplingRecord:
     """The same states with the frozen model's predictions there (every LoRA layer off): the
     teacher at states the adapted model visits."""
+
     def predict(cond):
         rows = {key: value[:1].expand(len(record), *value.shape[1:]).to(model.device) for key, value in cond.items()}
         return model.predict(model.denoiser, record.x_t.to(model.device), record.timesteps.to(model.device), rows).float().cpu()
@@ -230,6 +229,9 @@ class UnlearnTrainer:
             self.params = [p for p in model.denoiser.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call model.add_lora(...) first")
+        missing = self._missing_sets()
+        if missing:
+            raise ValueError(f"these settings need {missing}, which the prepared sets lack: prepare them with run.prepare_sets")
         if config.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
             model.denoiser.enable_gradient_checkpointing()
         model.denoiser.train()
@@ -241,6 +243,18 @@ class UnlearnTrainer:
         self.log: list[dict] = []
         self.toward_surrogate: float | None = None
         self._siss_norm: float | None = None
+
+    def _missing_sets(self) -> str:
+        config, sets = self.config, self.sets
+        if config.method != "ours":
+            return "remember images" if sets.remember_x0 is None else ""
+        needs = {
+            "the target seeds' sampling states": config.forget_states == "trajectory" and sets.target_states is None,
+            "the painted mask": config.forget_target == "painted" and sets.paint_mask is None,
+            "remember sampling states": config.remember_loss == "distill" and sets.remember_states is None,
+            "remember images": config.remember_loss == "denoise" and sets.remember_x0 is None,
+        }
+        return ", ".join(name for name, lacking in needs.items() if lacking)
 
     # -- losses --------------------------------------------------------------------------------
     def _autocast(self):
@@ -329,10 +343,10 @@ class UnlearnTrainer:
         a, b, s = (v.view(-1, 1, 1, 1) for v in self.model.noise_levels_at(t))
         with self._autocast():
             conditional = self.model.predict(self.denoiser, x_t, t, cond).float()
-        guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if self.model.conditional else conditional
+        guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if pool.guided else conditional
         aim = self.sets.surrogate_x0[label]
         if self.config.forget_target == "painted":
-            frozen_x0 = objectives.implied_x0(self.model.prediction_type, x_t, pool.frozen_at(index, x_t.device), a, b)
+            frozen_x0 = objectives.implied_x0(self.model.prediction_type, x_t, pool.frozen[index].to(x_t.device), a, b)
             aim = objectives.painted_aim(frozen_x0, aim, self.sets.paint_mask[label])
         error = self._forget_error(guided, x_t, aim, a, b)
         return (self._lambda(s.flatten()) * error).mean()
@@ -384,12 +398,10 @@ class UnlearnTrainer:
         return ((1 - self._lambda(s.flatten())) * error).mean()
 
     def _remember_loss_denoise(self):
-        """The ordinary diffusion loss on remember images (Eq. 8), weighted 1 − λ(s)."""
+        """The ordinary diffusion loss on remember images (Eq. 8), weighted 1 − λ(s), in the space
+        diffusers trains each family in (ε/v for SD and DDPM, x0 for SD3) whatever `loss_space` says."""
         t, a, b, s = self._levels(self.config.remember_batch_size)
-        x_r, cond_r = self._remember_batch(self.config.remember_batch_size)
-        noise = self._noise_like(x_r)
-        _, prediction = self._forward(x_r, cond_r, t, a, b, noise)
-        error = objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x_r, noise, a, b))
+        error = self._denoise_error(*self._remember_batch(self.config.remember_batch_size), t, a, b)
         return ((1 - self._lambda(s)) * self.model.remember_loss_weight(a, b).flatten() * error).mean()
 
     def _losses_erasediff(self):
@@ -403,23 +415,23 @@ class UnlearnTrainer:
         _, prediction = self._forward(x_f, cond_f, t, a, b, uniform)
         loss_forget = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, uniform, a, b)).mean()
         g_forget = self.config.erasediff_weight * self._gradient(loss_forget)
-        loss_remember = self._denoise_loss(*self._remember_batch(), t, a, b)
+        loss_remember = self._denoise_error(*self._remember_batch(), t, a, b).mean()
         return loss_forget, loss_remember, g_forget, self._gradient(loss_remember)
 
-    def _denoise_loss(self, x0, cond, t, a, b) -> torch.Tensor:
-        """The ordinary diffusion loss (mean squared error) at the given noise levels."""
+    def _denoise_error(self, x0, cond, t, a, b) -> torch.Tensor:
+        """Per-sample ordinary diffusion loss (squared error to T(x0, ε)) at the given noise levels."""
         noise = self._noise_like(x0)
         _, prediction = self._forward(x0, cond, t, a, b, noise)
-        return objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x0, noise, a, b)).mean()
+        return objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x0, noise, a, b))
 
     def _losses_neggrad(self):
         """NegGrad as the paper defines it: gradient ascent on the target's diffusion loss plus
         descent on the remember loss, g = −g_f + g_r."""
         t, a, b, _ = self._levels()
         x_f, _, cond_f = self._forget_batch()
-        loss_forget = self._denoise_loss(x_f, cond_f, t, a, b)
+        loss_forget = self._denoise_error(x_f, cond_f, t, a, b).mean()
         g_ascent = self._gradient(-loss_forget)
-        loss_remember = self._denoise_loss(*self._remember_batch(), t, a, b)
+        loss_remember = self._denoise_error(*self._remember_batch(), t, a, b).mean()
         return loss_forget, loss_remember, g_ascent, self._gradient(loss_remember)
 
     def _losses_siss(self):
@@ -509,14 +521,17 @@ class UnlearnTrainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
+    def _trainable_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.denoiser.named_parameters()}
-        return {names[id(p)]: p.detach().cpu().clone() for p in self.params}
+        return [names[id(p)] for p in self.params]
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in zip(self._trainable_names(), self.params)}
 
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict()}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm}
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
@@ -526,12 +541,15 @@ class UnlearnTrainer:
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         params = dict(self.model.denoiser.named_parameters())
+        if set(state["weights"]) != set(self._trainable_names()):
+            self.checkpoint_path.unlink()  # written by another version's LoRA layout: training starts over
+            return False
         with torch.no_grad():
             for name, value in state["weights"].items():
                 params[name].copy_(value.to(params[name].device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.step, self.log = state["step"], state["log"]
+        self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
         if self.run_dir:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
