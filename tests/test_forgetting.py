@@ -139,3 +139,20 @@ def test_benchmark_paint_recolours_the_region_and_keeps_the_rest():
     assert np.abs(painted[:, :7] - (30, 30, 200)).max() == 0, "the rest is untouched"
     moved = metrics.toward_surrogate(Image.fromarray(painted.astype(np.uint8)), drawn, Image.fromarray(painted.astype(np.uint8)))
     assert moved.r == pytest.approx(1.0)
+
+
+def test_settings_that_need_a_frozen_model_refuse_full_fine_tuning_and_old_jobs_still_load():
+    from unlearn_core.config import UnlearnConfig
+
+    with pytest.raises(ValueError, match="frozen copy"):
+        UnlearnConfig(full_finetune=True)
+    UnlearnConfig(full_finetune=True, forget_states="random", forget_target="surrogate", remember_loss="denoise")
+    assert UnlearnConfig.from_dict({"siss_superfactor": 0.1, "steps": 5}).steps == 5
+
+
+def test_a_fix_that_also_changes_the_rest_is_flagged():
+    wrecked = np.asarray(SURROGATE).copy()
+    wrecked[:, :8] = (255, 255, 255)
+    moved = metrics.toward_surrogate(Image.fromarray(wrecked), TARGET, SURROGATE)
+    assert moved.verdict == "fixed" and moved.unpainted_change > metrics.UNPAINTED_CHANGE_WARNING
+    assert metrics.toward_surrogate(SURROGATE, TARGET, SURROGATE).unpainted_change == 0.0

@@ -149,7 +149,10 @@ def verdict_line(forgetting: dict) -> str:
     r = forgetting["toward_surrogate"]
     if r is None:
         return "verdict: the surrogate equals the target (nothing was painted), so there is nothing to measure"
-    return f"verdict: {forgetting['verdict']} — the painted pixels moved {r:.0%} of the way to the surrogate (fixed at ≥ {forgetting['fixed_at']:.0%})"
+    line = f"verdict: {forgetting['verdict']} — the painted pixels moved {r:.0%} of the way to the surrogate (fixed at ≥ {forgetting['fixed_at']:.0%})"
+    if forgetting.get("rest_changed"):
+        line += f"; but the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): look at before_after.png"
+    return line
 
 
 # -- evaluate ----------------------------------------------------------------------------------

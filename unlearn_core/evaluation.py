@@ -107,6 +107,8 @@ def forgetting_summary(entries: list[dict]) -> dict:
         "residual": moved["residual"],
         "denoise_probe_toward_surrogate": worst["denoise_probe_toward_surrogate"]["r"],
         "verdict": moved["verdict"],
+        "unpainted_change": max(e["toward_surrogate"]["unpainted_change"] for e in entries),
+        "rest_changed": max(e["toward_surrogate"]["unpainted_change"] for e in entries) > metrics.UNPAINTED_CHANGE_WARNING,
         "fixed_at": metrics.FIXED_AT,
         "worst_target_seed": worst["seed"],
     }

@@ -167,6 +167,7 @@ def availability() -> dict[str, dict]:
 PAINT_THRESHOLD = 0.1  # per-pixel RGB distance in [0, 1] units (≈ 15/255 per channel) that counts as painted
 FIXED_AT = 0.7
 PARTLY_FIXED_AT = 0.3
+UNPAINTED_CHANGE_WARNING = 0.1  # mean RGB distance outside M above which the rest of the image changed visibly
 
 
 @dataclass
@@ -175,12 +176,15 @@ class TowardSurrogate:
 
     r = ⟨after − x_f, x_s − x_f⟩_M / ‖x_s − x_f‖²_M (1: the painted pixels look like the surrogate;
     0: unchanged) and residual = ‖(after − x_f) − r·(x_s − x_f)‖_M / ‖x_s − x_f‖_M (change off that line).
+    unpainted_change is the mean RGB distance between after and x_f outside M: r says nothing
+    about pixels the operator did not paint, so a fix that also wrecked the rest shows here.
     """
 
     r: float | None
     residual: float | None
     painted_fraction: float
     verdict: str
+    unpainted_change: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,12 +210,14 @@ def toward_surrogate(after: Image.Image, target: Image.Image, surrogate: Image.I
     """Project the change after − x_f onto the painted change x_s − x_f over M (see `TowardSurrogate`)."""
     size = target.size
     mask = painted_mask(target, surrogate, threshold)
+    change = np.linalg.norm(_pixels(after, size) - _pixels(target, size), axis=-1)
+    unpainted = round(float(change[~mask].mean()), 4) if (~mask).any() else 0.0
     if not mask.any():
-        return TowardSurrogate(None, None, 0.0, verdict_for(None))
+        return TowardSurrogate(None, None, 0.0, verdict_for(None), unpainted)
     x_f = _pixels(target, size)[mask]
     painted = _pixels(surrogate, size)[mask] - x_f
     moved = _pixels(after, size)[mask] - x_f
     norm2 = float((painted**2).sum())
     r = float((moved * painted).sum() / norm2)
     residual = float(np.sqrt(((moved - r * painted) ** 2).sum() / norm2))
-    return TowardSurrogate(round(r, 4), round(residual, 4), round(float(mask.mean()), 4), verdict_for(r))
+    return TowardSurrogate(round(r, 4), round(residual, 4), round(float(mask.mean()), 4), verdict_for(r), unpainted)
