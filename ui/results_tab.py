@@ -62,12 +62,12 @@ def verdict_markdown(report: dict) -> str:
         return "### No verdict\nThe surrogate equals the target, so nothing was painted to measure."
     verdict = forgetting["verdict"]
     lines = [
-        f"## {'✅' if verdict == 'fixed' else '⚠️' if verdict == 'partly fixed' else '❌'} {verdict.capitalize()}",
+        f"## {verdict.capitalize()}",
         f"On the target seed (seed {forgetting.get('worst_target_seed')}), the pixels you painted moved **{r:.0%}** of the way to the surrogate "
         f"(fixed at ≥ {forgetting.get('fixed_at', 0.7):.0%}; 0 % = unchanged). Denoise probe: {forgetting.get('denoise_probe_toward_surrogate') or 0:.0%}.",
     ]
     if forgetting.get("rest_changed"):
-        lines.append(f"⚠️ The pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): check the image below before you use this adapter.")
+        lines.append(f"**Careful:** the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): check the image below before you use this adapter.")
     kept = [f"{scores.get('ssim_at_least_0.9', 0)}/{len(scores.get('seeds', []))} of {prompt!r}" for prompt, scores in report.get("integrity", {}).items()]
     if kept:
         lines.append("Other images kept (SSIM ≥ 0.9 before/after on the same seeds): " + ", ".join(kept) + ".")
