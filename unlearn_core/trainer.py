@@ -338,18 +338,14 @@ class UnlearnTrainer:
         target prompt's conditional branch, which only that prompt's images use.
         """
         pool = self.sets.target_states
-        index = torch.randint(0, len(pool), (self.config.batch_size,), generator=self.generator)
-        x_t, t, cond, unconditional, label = pool.take(index, self.model.device)
-        a, b, s = (v.view(-1, 1, 1, 1) for v in self.model.noise_levels_at(t))
-        with self._autocast():
-            conditional = self.model.predict(self.denoiser, x_t, t, cond).float()
+        index, x_t, a, b, s, unconditional, label, conditional = self._predict_on_pool(pool, self.config.batch_size)
         guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if pool.guided else conditional
         aim = self.sets.surrogate_x0[label]
         if self.config.forget_target == "painted":
             frozen_x0 = objectives.implied_x0(self.model.prediction_type, x_t, pool.frozen[index].to(x_t.device), a, b)
             aim = objectives.painted_aim(frozen_x0, aim, self.sets.paint_mask[label])
         error = self._forget_error(guided, x_t, aim, a, b)
-        return (self._lambda(s.flatten()) * error).mean()
+        return (self._lambda(s) * error).mean()
 
     def _refresh_target_states(self) -> None:
         """Re-record the targets' trajectories with the adapter as trained so far: the states the
@@ -388,14 +384,19 @@ class UnlearnTrainer:
     def _remember_loss_distill(self):
         """Match the frozen model's prediction at its own sampling states of other seeds and prompts
         (conditional and unconditional), in the same space and with weight 1 − λ(s)."""
-        pool = self.sets.remember_states
-        index = torch.randint(0, len(pool), (self.config.remember_batch_size,), generator=self.generator)
-        x_t, t, cond, teacher, _ = pool.take(index, self.model.device)
-        a, b, s = (v.view(-1, 1, 1, 1) for v in self.model.noise_levels_at(t))
+        _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
+        error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
+        return ((1 - self._lambda(s)) * error).mean()
+
+    def _predict_on_pool(self, pool: StatePool, batch: int):
+        """A random batch of a state pool, its noise levels (a, b shaped for broadcasting, s flat)
+        and the model's prediction there: (index, x_t, a, b, s, reference, label, prediction)."""
+        index = torch.randint(0, len(pool), (batch,), generator=self.generator)
+        x_t, t, cond, reference, label = pool.take(index, self.model.device)
+        a, b, s = self.model.noise_levels_at(t)
         with self._autocast():
             prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
-        error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
-        return ((1 - self._lambda(s.flatten())) * error).mean()
+        return index, x_t, a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1), s, reference, label, prediction
 
     def _remember_loss_denoise(self):
         """The ordinary diffusion loss on remember images (Eq. 8), weighted 1 − λ(s), in the space
