@@ -47,8 +47,8 @@ def metrics_frame(report: dict) -> pd.DataFrame:
 
 
 ADVICE = {
-    "partly fixed": "Run it again with more steps or a higher learning rate, or with LoRA layers 'all' (more capacity, more risk to other seeds).",
-    "not fixed": "Check that the surrogate really differs where the error is; then run it again with more steps, a higher learning rate or LoRA layers 'all'.",
+    "partly fixed": "Run it again with more steps or a higher learning rate (Settings); a larger change on the target also risks more change on other seeds, so check the grid.",
+    "not fixed": "Check that the surrogate differs where the error is (r measures only the pixels you painted); then run it again with more steps or a higher learning rate.",
 }
 
 
