@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,7 +357,7 @@ def parse_args(argv=None):
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.variants, args.train_seeds = "default", "0"
     VARIANTS.update(json.loads(args.define))

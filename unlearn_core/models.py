@@ -171,7 +171,8 @@ class DiffusionModel:
             x_t, t, cond = self.denoiser_call(args, kwargs)
             sample = output.sample if hasattr(output, "sample") else output[0]
             t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-            calls.append((x_t.detach().float().cpu(), t.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in cond.items()}, sample.detach().float().cpu()))
+            conditioning = {} if calls else {k: v.detach().float().cpu() for k, v in cond.items()}  # the same every step: kept once
+            calls.append((x_t.detach().float().cpu(), t.detach().float().cpu(), conditioning, sample.detach().float().cpu()))
 
         handle = self.denoiser.register_forward_hook(hook, with_kwargs=True)
         try:
