@@ -1,36 +1,32 @@
-"""Hotfix Studio web app: composes the tabs and launches (DESIGN §1).
+"""Hotfix Studio web app: composes the tabs and launches.
 
-    python app.py            # http://127.0.0.1:7860
+    python app.py            # http://127.0.0.1:7860  (or: hotfix-studio app)
 
-Environment: HOTFIX_HOST, HOTFIX_PORT, HOTFIX_RUNS_DIR (default ./runs), HOTFIX_DEVICE (auto),
-HOTFIX_USERNAME + HOTFIX_PASSWORD (optional login). No model is loaded until first used.
+Settings come from the environment once, at start-up (`unlearn_core.settings`). No model is
+loaded until first used.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 import signal
-from pathlib import Path
 
 import gradio as gr
 
-from unlearn_core.jobs import JobStore, JobWorker
+from unlearn_core import settings as settings_module
+from unlearn_core.store import JobStore
+from unlearn_core.worker import JobWorker
 from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
 from ui.common import Services, model_picker, refuse_non_finite
 
-ROOT = Path(__file__).resolve().parent
 MAX_FILE_SIZE = "20mb"
 
 
 def instruction_tab() -> None:
-    """The instruction-forgetting analysis, built by its own module (with a fallback if it is missing)."""
-    try:
-        from ui import instruction_tab as module
+    """The instruction-forgetting analysis, built by its own module on the app's shared models."""
+    from ui import instruction_tab as module  # this function's name shadows the module at top level
 
-        module.render()
-    except Exception as error:  # the tab is optional: the rest of the app must still work
-        gr.Markdown(f"The instruction-forgetting tab is not available on this server: `{type(error).__name__}: {error}`", elem_id="ins-unavailable")
+    module.render()
 
 
 def build(services: Services) -> gr.Blocks:
@@ -62,27 +58,39 @@ def _interrupt(signum, frame):
 
 
 def main() -> None:
-    runs_dir = Path(os.environ.get("HOTFIX_RUNS_DIR", "runs")).resolve()
-    os.chdir(ROOT)  # model ids like assets/demo-model are relative to the project
-    store = JobStore(runs_dir)
+    settings = settings_module.use(settings_module.Settings.from_env())
+    store = JobStore(settings.runs_dir)
     interrupted = store.mark_interrupted()
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted by the last shutdown: {', '.join(interrupted)}")
-    device = os.environ.get("HOTFIX_DEVICE", "auto")
+    device = settings.device
     worker = JobWorker(store, device).start()
     atexit.register(worker.stop)  # a running job's process is stopped and its job marked interrupted
     signal.signal(signal.SIGTERM, _interrupt)
     demo = build(Services(store, worker, device))
-    user, password = os.environ.get("HOTFIX_USERNAME"), os.environ.get("HOTFIX_PASSWORD")
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=os.environ.get("HOTFIX_HOST", "127.0.0.1"),
-        server_port=int(os.environ.get("HOTFIX_PORT", "7860")),
-        auth=(user, password) if user and password else None,
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=settings.login,
         max_file_size=MAX_FILE_SIZE,
         allowed_paths=[str(store.jobs_dir)],
         footer_links=["api"],
         show_error=True,  # unexpected errors reach the operator as a message, not a bare "Error"
     )
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """`hotfix-studio` (or `hotfix-studio app`) launches the app; `hotfix-studio VERB ...` runs the
+    CLI verb (generate, surrogate, unlearn, evaluate, probe)."""
+    import sys
+
+    from unlearn_core import cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] == "app":
+        main()
+        return 0
+    return cli.entry(argv)
 
 
 if __name__ == "__main__":

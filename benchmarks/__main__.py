@@ -23,7 +23,8 @@ import torch
 from unlearn_core import objectives
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
 from unlearn_core.models import load_model
-from unlearn_core.trainer import UnlearnTrainer, encode_sets
+from unlearn_core.sets import encode_sets
+from unlearn_core.trainer import UnlearnTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +98,7 @@ def bench_job(quick: bool) -> dict:
         if quick:
             cmd += ["--steps", "10"]
         started = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ, "HOTFIX_CACHE": str(cache), "PYTHONPATH": str(ROOT)})
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ, "HOTFIX_CACHE": str(cache)})
         results[label] = time.perf_counter() - started
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return results

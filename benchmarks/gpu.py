@@ -18,7 +18,8 @@ import torch
 
 from unlearn_core.config import UnlearnConfig
 from unlearn_core.models import StableDiffusion3Model, StableDiffusionModel
-from unlearn_core.trainer import FixedSets, UnlearnTrainer
+from unlearn_core.sets import FixedSets
+from unlearn_core.trainer import UnlearnTrainer
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

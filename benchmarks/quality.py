@@ -41,7 +41,8 @@ from unlearn_core.cache import GenerationCache
 from unlearn_core.config import DEMO_MODEL, PRESETS, InstanceTarget, UnlearnConfig
 from unlearn_core.demo.quality import classify, load_classifier
 from unlearn_core.evaluation import other_seeds
-from unlearn_core.images import grid, save_atomic
+from unlearn_core.files import save_image_atomic
+from unlearn_core.images import grid
 from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.run import run_unlearning
 
@@ -104,7 +105,7 @@ def prepare_case(model: DiffusionModel, case: Case, cache: GenerationCache, fold
     target = cache.get_or_generate(model, case.prompt, [case.seed], 25, 5.0)[0][0]
     surrogate = Image.open(ROOT / case.surrogate_file).convert("RGB") if case.surrogate_file else paint(target, case.edits)
     folder.mkdir(parents=True, exist_ok=True)
-    return save_atomic(target, folder / "target.png"), save_atomic(surrogate, folder / "surrogate.png")
+    return save_image_atomic(target, folder / "target.png"), save_image_atomic(surrogate, folder / "surrogate.png")
 
 
 def ssim_shares(before: list[Image.Image], after: list[Image.Image]) -> tuple[float, float, float]:
@@ -182,7 +183,7 @@ def run_one(model, case, files, variant, overrides, train_seed, cache, judge, ou
     target, surrogate = (Image.open(f).convert("RGB") for f in files)
     numbers = measure(model, case, target, surrogate, cache, judge, config)
     after = numbers.pop("after_target")
-    save_atomic(after, run_dir / "after_target.png")
+    save_image_atomic(after, run_dir / "after_target.png")
     extra = robustness(model, case, surrogate, config) if variant == "default" and train_seed == 0 else {}
     model.remove_lora()
     return Measured(variant, case.name, case.kind, train_seed, seconds=seconds, extra=extra, **numbers), {"target": target, "surrogate": surrogate, "after": after}

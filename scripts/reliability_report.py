@@ -1,7 +1,7 @@
 """Run the fault and abuse suite and write docs/RELIABILITY.md.
 
-    .venv/bin/python scripts/reliability_report.py            # HOTFIX_SLOW=1: includes the load test
-    .venv/bin/python scripts/reliability_report.py --no-slow  # without it
+    .venv/bin/python -m scripts.reliability_report            # HOTFIX_SLOW=1: includes the load test
+    .venv/bin/python -m scripts.reliability_report --no-slow  # without it
 
 Runs `pytest tests/test_hardening.py tests/test_restart.py` with `--junitxml` (outcomes and
 durations) and `HOTFIX_HARDENING_STATS` (figures the tests record: each case's message, faults
@@ -22,10 +22,9 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.hardening_cases import CASES, STATS_ENV
 
-from tests.hardening_cases import CASES, STATS_ENV  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SUITE = ["tests/test_hardening.py", "tests/test_restart.py"]
 
@@ -51,7 +50,7 @@ def machine() -> str:
 
 def run_suite(work: Path, slow: bool) -> tuple[int, Path, Path, float]:
     junit, stats = work / "junit.xml", work / "stats.jsonl"
-    env = {**os.environ, STATS_ENV: str(stats), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, STATS_ENV: str(stats)}
     if slow:
         env["HOTFIX_SLOW"] = "1"
     started = dt.datetime.now()
@@ -110,7 +109,7 @@ def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float
     lines = [
         "# Reliability report",
         "",
-        f"Written by `scripts/reliability_report.py` on {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, machine: {machine()}.",
+        f"Written by `python -m scripts.reliability_report` on {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, machine: {machine()}.",
         f"Suite: `pytest {' '.join(SUITE)}`{' with `HOTFIX_SLOW=1`' if slow else ''}, {seconds:.0f} s, pytest exit code {code}.",
         "",
         "| figure | value |",

@@ -1,14 +1,20 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.tiny import save_tiny
+from unlearn_core import settings
+
 os.environ.setdefault("HOTFIX_DOWNLOAD_TIMEOUT", "3")
 
-from tests.tiny import save_tiny  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """Each test reads the environment as a fresh process would (its monkeypatched variables too)."""
+    settings.forget()
+    yield
+    settings.forget()
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +28,3 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("generation-cache")
 
-
-@pytest.fixture(scope="session")
-def demo_model() -> str:
-    return str(ROOT / "assets" / "demo-model")

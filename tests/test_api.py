@@ -39,8 +39,7 @@ class AppServer:
 
     def start(self, timeout_s: float = 180) -> "AppServer":
         env = {**os.environ, "HOTFIX_RUNS_DIR": str(self.runs_dir), "HOTFIX_PORT": str(self.port), "HOTFIX_HOST": "127.0.0.1",
-               "HOTFIX_DOWNLOAD_TIMEOUT": "3", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(ROOT)}
+               "HOTFIX_DOWNLOAD_TIMEOUT": "3", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if self.cache_dir:
             env["HOTFIX_CACHE"] = str(self.cache_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

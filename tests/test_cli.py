@@ -1,4 +1,4 @@
-"""Every CLI verb end to end on a tiny model, then the files it wrote (DESIGN §5)."""
+"""Every CLI verb end to end on a tiny model, then the files it wrote."""
 
 import json
 import re

@@ -25,6 +25,7 @@ import pytest
 
 from tests.hardening_cases import CASES, File, make_files, make_other_model_lora, record
 from tests.test_api import SHORT_CONFIG, AppServer, wait_for_job
+from unlearn_core.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = os.environ.get("HOTFIX_SLOW") == "1"
@@ -146,8 +147,9 @@ def call_door(case, server, client, files, tmp_path, capsys):
         assert code in (0, 2), f"exit code {code}: {err}"
         return code == 0, err
     if case.door == "core":
-        from unlearn_core.images import ImageError, open_image
-        from unlearn_core.models import ModelLoadError, load_model
+        from unlearn_core.errors import ImageError, ModelLoadError
+        from unlearn_core.images import open_image
+        from unlearn_core.models import load_model
 
         name, *args = case.call
         try:
@@ -201,12 +203,12 @@ KILL_CONFIG = {"steps": 24, "batch_size": 1, "checkpoint_every": 4, "remember_co
 
 
 def job_process(server: AppServer, job_id: str) -> int | None:
-    """The pid of the job's worker subprocess (a child of the server, with the job's folder as --out)."""
+    """The pid of the job's process (a child of the server: `python -m unlearn_core.worker <its run folder>`)."""
     import psutil
 
     for child in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            if any(job_id in part for part in child.cmdline()) and "unlearn" in child.cmdline():
+            if any(job_id in part for part in child.cmdline()) and "unlearn_core.worker" in child.cmdline():
                 return child.pid
         except psutil.NoSuchProcess:
             continue
@@ -289,7 +291,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files):
         for job_id in (running, queued):
             status = client.predict(job_id, api_name="/job_status")
             assert status["state"] == "interrupted", status
-            assert json.loads((runs / "jobs" / job_id / "status.json").read_text())["state"] == "interrupted"
+            assert JobStore(runs).get(job_id).state == "interrupted"  # the store's row is the job's state (status.json is the job process's own)
         time.sleep(3)  # the worker must not pick up interrupted jobs by itself
         assert {client.predict(j, api_name="/job_status")["state"] for j in (running, queued)} == {"interrupted"}
         record("job", id=running, final="interrupted (resumable)", faults=1)
@@ -306,7 +308,8 @@ def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     from tests.tiny import save_tiny
     from unlearn_core.config import UnlearnConfig
     from unlearn_core.models import load_model
-    from unlearn_core.trainer import TrainingDiverged, UnlearnTrainer, encode_sets
+    from unlearn_core.sets import encode_sets
+    from unlearn_core.trainer import TrainingDiverged, UnlearnTrainer
     from PIL import Image
 
     model = load_model(str(save_tiny("sd", tmp_path / "tiny")), "cpu")
@@ -386,7 +389,6 @@ def test_job_ids_are_unguessable(tmp_path):
     from PIL import Image
 
     from unlearn_core.config import UnlearnConfig
-    from unlearn_core.jobs import JobStore
 
     store = JobStore(tmp_path / "runs")
     image = Image.new("RGB", (16, 16), (1, 2, 3))
@@ -395,7 +397,7 @@ def test_job_ids_are_unguessable(tmp_path):
     alphabet = set("".join(ids))
     bits = min(len(i) - 1 for i in ids) * math.log2(64)  # secrets.token_urlsafe: 6 bits per character
     assert bits >= 96 and len(alphabet) > 40, (bits, len(alphabet))
-    assert "secrets.token_urlsafe" in (ROOT / "unlearn_core" / "jobs.py").read_text()
+    assert "secrets.token_urlsafe" in (ROOT / "unlearn_core" / "store.py").read_text()
 
 
 def test_remote_code_is_never_trusted():
@@ -408,7 +410,9 @@ def test_remote_code_is_never_trusted():
 def test_model_allow_list(monkeypatch, tmp_path, capsys):
     from tests.tiny import save_tiny
     from unlearn_core.cli import main, parse_args
-    from unlearn_core.models import ModelLoadError, load_model
+    from unlearn_core import settings
+    from unlearn_core.errors import ModelLoadError
+    from unlearn_core.models import load_model
 
     tiny = str(save_tiny("sd", tmp_path / "tiny"))
     monkeypatch.setenv("HOTFIX_MODEL_ALLOWLIST", "assets/demo-model, some/other-model")
@@ -418,6 +422,7 @@ def test_model_allow_list(monkeypatch, tmp_path, capsys):
     code = main(parse_args(["generate", "--model", tiny, "--seeds", "0", "--out", str(tmp_path / "g")]))
     assert code == 2 and "allow-list" in capsys.readouterr().err
     monkeypatch.setenv("HOTFIX_MODEL_ALLOWLIST", f"assets/demo-model,{tiny}")
+    settings.forget()  # settings are read once per process: this stands for a server restarted with the new list
     assert load_model(tiny, "cpu").family == "stable-diffusion"
     record("fault", what="models outside the allow-list")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -14,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_core import instruction
-from unlearn_core.instruction import (
+from unlearn_core import cli, probe, settings
+from unlearn_core.config import parse_seeds
+from unlearn_core.errors import InvalidInput
+from unlearn_core.models import wrap_pipeline
+from unlearn_core.probe import (
     CSV_COLUMNS,
     ProbeConfig,
     auc,
     map_words,
     mass_on,
-    parse_seeds,
     parse_variants,
     token_sets,
     without_positions,
@@ -31,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo-model"
 CONCEPT = "the flag of japan"
 UNLEARN = "Please forget anything about the flag of japan. Please help me generate a picture of the flag of japan."
+
+
+def use_clip_setting(monkeypatch, source: str) -> None:
+    """HOTFIX_CLIP_MODEL=source as the process's settings (read once, so installed, then restored)."""
+    monkeypatch.setenv(probe.CLIP_ENV, source)
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env())
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +123,7 @@ def test_ablation_removes_positions(tokenizer):
 
 
 def test_prompt_too_long_is_refused(tokenizer):
-    with pytest.raises(ValueError, match="at most 40"):
+    with pytest.raises(InvalidInput, match="at most 40"):
         map_words(tokenizer, " ".join(["flag of japan"] * 20))
 
 
@@ -155,7 +162,7 @@ def test_parse_seeds_rejects(spec):
 
 
 def test_parse_variants_names():
-    variants = parse_variants(instruction.default_variants_text() + "\n\nnote: do not draw {concept}\n{concept} in the rain\n")
+    variants = parse_variants(probe.default_variants_text() + "\n\nnote: do not draw {concept}\n{concept} in the rain\n")
     assert [v.name for v in variants] == ["baseline", "unlearning", "negation", "repeat", "note", "custom1"]
     assert variants[1].prompt(CONCEPT) == UNLEARN
     assert parse_variants(["a photo of {concept}"])[0].name == "baseline"
@@ -182,7 +189,7 @@ def test_parse_variants_names():
     ],
 )
 def test_probe_config_rejects(changes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInput, match=message):
         ProbeConfig(**changes)
 
 
@@ -196,8 +203,8 @@ def test_probe_config_defaults():
 
 # -- text side ---------------------------------------------------------------------------------
 def test_text_analysis(tiny_text):
-    prompts = {v.name: v.prompt(CONCEPT) for v in parse_variants(instruction.DEFAULT_VARIANTS)}
-    scores = instruction.text_analysis(tiny_text, CONCEPT, "a photo of the flag of japan", prompts)
+    prompts = {v.name: v.prompt(CONCEPT) for v in parse_variants(probe.DEFAULT_VARIANTS)}
+    scores = probe.text_analysis(tiny_text.tokenizer, tiny_text.text_encoder, CONCEPT, "a photo of the flag of japan", prompts)
     assert scores["baseline"].cosine == pytest.approx(1.0, abs=1e-5)
     assert scores["baseline"].cosine_mean == pytest.approx(1.0, abs=1e-5)
     assert scores["baseline"].drop_without_instruction == pytest.approx(0.0, abs=1e-6)  # nothing to remove
@@ -212,13 +219,47 @@ def test_encode_matches_pipeline_padding(tiny_text):
     tok = tiny_text.tokenizer
     tmap = map_words(tok, UNLEARN)
     padded = tok(UNLEARN, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-    assert instruction._padded(tok, tmap.input_ids, tok.model_max_length) == padded
+    assert probe.padded(tok, tmap.input_ids, tok.model_max_length) == padded
 
 
 def test_clip_unavailable_reports_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    scorer, reason = instruction.load_clip(str(tmp_path / "no-clip-here"))
+    scorer, reason = probe.load_clip(str(tmp_path / "no-clip-here"))
     assert scorer is None and isinstance(reason, str) and reason
+
+
+def test_clip_source_comes_from_the_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_clip_setting(monkeypatch, str(tmp_path / "clip-from-settings"))
+    scorer, reason = probe.load_clip()
+    assert scorer is None and "clip-from-settings" in reason
+
+
+def test_clip_failures_are_not_remembered(monkeypatch):
+    from collections import OrderedDict
+
+    from unlearn_core.probe import text
+
+    calls = []
+
+    def load(source):
+        calls.append(source)
+        if len(calls) == 1:
+            raise text.ClipUnavailable("not there yet")
+        return "scorer"
+
+    monkeypatch.setattr(text, "_load_clip", load)
+    monkeypatch.setattr(text, "_LOADED", OrderedDict())
+    assert probe.load_clip("some/clip") == (None, "not there yet")
+    assert probe.load_clip("some/clip") == ("scorer", None)  # tried again after a failure
+    assert probe.load_clip("some/clip") == ("scorer", None) and len(calls) == 2  # a success is kept
+
+
+def test_text_probe_refuses_unconditional_models():
+    from tests.tiny import tiny_ddpm
+
+    with pytest.raises(InvalidInput, match="text-to-image"):
+        probe.text_encoder_of(wrap_pipeline(tiny_ddpm(), "tiny-ddpm", "cpu"))
 
 
 # -- end to end on the demo model --------------------------------------------------------------
@@ -227,13 +268,13 @@ def demo_probe(tmp_path_factory):
     from diffusers import StableDiffusionPipeline
 
     mp = pytest.MonkeyPatch()
-    mp.setenv(instruction.CLIP_ENV, str(tmp_path_factory.mktemp("clip") / "missing"))
+    use_clip_setting(mp, str(tmp_path_factory.mktemp("clip") / "missing"))
     mp.setenv("HF_HUB_OFFLINE", "1")
-    pipe = StableDiffusionPipeline.from_pretrained(str(DEMO))
+    model = wrap_pipeline(StableDiffusionPipeline.from_pretrained(str(DEMO)), str(DEMO), "cpu")
     out = tmp_path_factory.mktemp("probe")
     calls = []
     try:
-        result = instruction.run_probe(pipe, CONCEPT, seeds=[0], steps=2, out_dir=out, progress=lambda d, t: calls.append((d, t)))
+        result = probe.run_probe(model, CONCEPT, seeds=[0], steps=2, out_dir=out, progress=lambda d, t: calls.append((d, t)))
     finally:
         mp.undo()
     return result, out, calls
@@ -264,35 +305,37 @@ def test_probe_attention_and_heatmaps(demo_probe):
     assert v.concept_curves.shape == (1, 2) and v.heatmaps.shape == (2, len(v.tokens), 16, 16)
     assert np.all(v.token_mass.sum(axis=-1) <= 1.0 + 1e-5)
     assert result.image_similarity_reason and v.image_similarity is None
-    choices = instruction.token_choices(result, "unlearning")
+    choices = probe.token_choices(result, "unlearning")
     assert choices[0] == ("1: please (instruction)", 1)
-    image = instruction.heatmap_image(result, "unlearning", v.concept_positions[0], 1, size=64)
+    image = probe.heatmap_image(result, "unlearning", v.concept_positions[0], 1, size=64)
     assert image.size == (64, 64) and image.mode == "RGB"
-    archive = instruction.export_zip(result)
+    archive = probe.export_zip(result)
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"results.csv", "summary.json", "attention_mass.png", "images/baseline_seed0.png"} <= names
 
 
 def test_cli_probe(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(instruction.CLIP_ENV, str(tmp_path / "missing-clip"))
-    parser = argparse.ArgumentParser()
-    instruction.register_cli(parser.add_subparsers(dest="verb"))
+    use_clip_setting(monkeypatch, str(tmp_path / "missing-clip"))
     out = tmp_path / "cli"
-    args = parser.parse_args(
+    args = cli.parse_args(
         ["probe", "--model", str(DEMO), "--concept", CONCEPT, "--seeds", "0", "--steps", "1", "--out", str(out), "--no-default-variants", "--variant", "forget: forget {concept}"]
     )
-    assert args.func is instruction.probe_main
-    assert args.func(args) == 0
+    assert args.func is cli.cmd_probe
+    assert cli.main(args) == 0
     rows = list(csv.DictReader(open(out / "results.csv", newline="")))
     assert [r["variant"] for r in rows] == ["forget"] and rows[0]["prompt"] == "forget the flag of japan"
     assert "forget" in capsys.readouterr().out
 
 
 def test_cli_defaults():
-    parser = argparse.ArgumentParser()
-    instruction.register_cli(parser.add_subparsers(dest="verb"))
-    args = parser.parse_args(["probe", "--concept", "x", "--out", "o"])
+    args = cli.parse_args(["probe", "--concept", "x", "--out", "o"])
     assert (args.model, args.seeds, args.steps, args.guidance, args.variant) == ("assets/demo-model", "0-3", 25, 5.0, None)
+
+
+def test_cli_probe_bad_input_is_an_operator_error(tmp_path, capsys):
+    args = cli.parse_args(["probe", "--concept", "...", "--out", str(tmp_path / "o")])
+    assert cli.main(args) == 2
+    assert "no words" in capsys.readouterr().err
 
 
 # -- the UI tab builds -------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -11,10 +10,11 @@ import time
 import pytest
 from PIL import Image
 
-from unlearn_core import jobs
-from unlearn_core.cli import config_from_args, parse_args
-from unlearn_core.config import UnlearnConfig
-from unlearn_core.jobs import JobStore, JobWorker, build_command, progress
+from unlearn_core import worker as worker_module
+from unlearn_core.config import InstanceTarget, UnlearnConfig
+from unlearn_core.errors import JobNotFound, JobStateError, NotReady
+from unlearn_core.store import JobStore, progress
+from unlearn_core.worker import JobWorker, job_command
 
 
 def instance(seed: int = 3, with_target: bool = True) -> dict:
@@ -39,7 +39,7 @@ def test_create_list_get_update(store):
     assert (store.jobs_dir / first.id / "inputs" / "surrogate_0.png").is_file()
     assert Image.open(first.targets[0]["target_path"]).size == (16, 16)
     assert second.targets[0]["target_path"] is None
-    assert json.loads((first.folder / "status.json").read_text())["state"] == "queued"
+    assert not first.folder.status_file.exists()  # status.json is the job process's own: the store's row is the state
     store.update(first.id, step=3, state="running")
     again = store.get(first.id)
     assert (again.state, again.step, again.config["remember_prompts"]) == ("running", 3, ["flag of japan"])
@@ -86,13 +86,12 @@ def test_restart_marks_pending_jobs_interrupted_and_resume_requeues(store, tmp_p
     assert sorted(reopened.mark_interrupted()) == sorted([running.id, queued.id])
     assert reopened.get(running.id).state == "interrupted" and reopened.get(running.id).step == 12
     assert reopened.get(queued.id).state == "interrupted" and reopened.get(done.id).state == "done"
-    assert json.loads((running.folder / "status.json").read_text())["state"] == "interrupted"
-    (running.folder / "CANCEL").write_text("old")
+    running.folder.cancel_flag.write_text("old")
     assert reopened.resume(running.id).state == "queued"
-    assert not (running.folder / "CANCEL").exists()
-    with pytest.raises(ValueError, match="only"):
+    assert not running.folder.cancel_flag.exists()
+    with pytest.raises(JobStateError, match="only"):
         reopened.resume(done.id)
-    with pytest.raises(KeyError):
+    with pytest.raises(JobNotFound):
         reopened.resume("jDoesNotExist123")
 
 
@@ -102,39 +101,40 @@ def test_cancel_queued_and_running(store):
     running = store.create("m", UnlearnConfig(), [instance(2)])
     store.update(running.id, state="running")
     store.cancel(running.id)
-    assert (running.folder / "CANCEL").is_file()
-    with pytest.raises(ValueError):
+    assert running.folder.cancel_flag.is_file()
+    with pytest.raises(JobStateError):
         store.cancel(queued.id)  # already cancelled
 
 
 def test_download_paths_never_leave_the_runs_folder(store, tmp_path):
     job = store.create("m", UnlearnConfig(), [instance()])
-    inside = store.resolve_path(job.folder / "inputs" / "surrogate_0.png")
+    inside = store.resolve_path(job.folder.input_image("surrogate", 0))
     assert inside.is_file()
-    assert store.resolve_path(f"jobs/{job.id}") == job.folder.resolve()
+    assert store.resolve_path(f"jobs/{job.id}") == job.folder.path.resolve()
     outside = tmp_path / "secret.txt"
     outside.write_text("no")
-    (job.folder / "link").symlink_to(outside)
-    for path in ("/etc/passwd", "../secret.txt", f"jobs/{job.id}/../../../secret.txt", str(outside), job.folder / "link", str(tmp_path)):
+    (job.folder.path / "link").symlink_to(outside)
+    for path in ("/etc/passwd", "../secret.txt", f"jobs/{job.id}/../../../secret.txt", str(outside), job.folder.path / "link", str(tmp_path)):
         with pytest.raises(PermissionError):
             store.resolve_path(path)
-    with pytest.raises(FileNotFoundError, match="no adapter"):
+    with pytest.raises(NotReady, match="no adapter"):
         store.adapter_files(job.id)
-    (job.folder / "pytorch_lora_weights.safetensors").write_bytes(b"x")
-    (job.folder / "adapter_card.json").write_text("{}")
+    (job.folder.path / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (job.folder.path / "adapter_card.json").write_text("{}")
     assert [p.name for p in store.adapter_files(job.id)] == ["pytorch_lora_weights.safetensors", "adapter_card.json"]
 
 
-def test_command_spells_out_every_setting(store):
+def test_the_run_folder_carries_the_whole_request(store):
     config = UnlearnConfig(steps=9, seed=4, method="siss", remember_prompts=["flag of japan", "-flag starting with a dash"],
                            eval_prompts=["flag of france"], gradient_checkpointing=True, lambda_schedule="constant")
     job = store.create("assets/demo-model", config, [instance(11)])
-    command = build_command(job, device="cpu")
-    assert command[:4] == [sys.executable, "-m", "unlearn_core", "unlearn"]
-    args = parse_args(command[3:])
-    assert config_from_args(args) == config  # the subprocess trains with exactly the stored settings
-    assert (args.seed, args.prompt, args.device, args.out) == ([11], ["flag of ireland"], "cpu", job.run_dir)
-    assert args.target == [job.targets[0]["target_path"]] and args.surrogate == [job.targets[0]["surrogate_path"]]
+    assert job_command(job, "cpu") == [sys.executable, "-m", "unlearn_core.worker", job.run_dir, "--device=cpu"]  # nothing else on argv
+    request = job.folder.read_request()
+    assert UnlearnConfig.from_dict(request["config"]) == config  # the job process trains with exactly the stored settings
+    assert request["model"] == "assets/demo-model"
+    target = InstanceTarget(**request["targets"][0])
+    assert (target.prompt, target.seed) == ("flag of ireland", 11)
+    assert Image.open(target.target_path).size == (16, 16) and Image.open(target.surrogate_path).getpixel((0, 0)) == (10, 200, 30)
 
 
 STAND_IN = """
@@ -158,8 +158,8 @@ for step in range(1, 1000):
 
 @pytest.mark.parametrize("mode, cancel, expected", [("finish", False, "done"), ("crash", False, "failed"), ("obey", True, "cancelled"), ("ignore", True, "cancelled")])
 def test_worker_runs_subprocesses_to_their_end(store, monkeypatch, mode, cancel, expected):
-    monkeypatch.setattr(jobs, "build_command", lambda job, device: [sys.executable, "-c", f"MODE = {mode!r}\n" + STAND_IN, job.run_dir])
-    monkeypatch.setattr(jobs, "CANCEL_GRACE_S", 0.5)
+    monkeypatch.setattr(worker_module, "job_command", lambda job, device: [sys.executable, "-c", f"MODE = {mode!r}\n" + STAND_IN, job.run_dir])
+    monkeypatch.setattr(worker_module, "CANCEL_GRACE_S", 0.5)
     worker = JobWorker(store, poll_s=0.05).start()
     try:
         job = store.create("m", UnlearnConfig(steps=3), [instance()])

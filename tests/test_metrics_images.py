@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from unlearn_core import metrics
-from unlearn_core.images import ImageError, fit_to_size, is_blank, open_image
+from unlearn_core.errors import ImageError
+from unlearn_core.images import fit_to_size, is_blank, open_image
 
 
 def _image(seed, size=32):
@@ -35,11 +36,12 @@ def test_different_images_score_worse():
 def test_missing_networks_are_reported_unavailable_not_faked(monkeypatch, tmp_path):
     monkeypatch.setenv("HOTFIX_SSCD_PATH", str(tmp_path / "missing" / "sscd.pt"))
     monkeypatch.setattr(metrics, "SSCD_URL", "http://127.0.0.1:9/unreachable.pt")
-    metrics.load_sscd.cache_clear()
+    metrics.load_sscd.forget()
     try:
         result = metrics.sscd_similarity([_image(0)], [_image(0)])
+        assert metrics.load_sscd() == (None, result.reason)  # the failure is remembered for a while, not retried per comparison
     finally:
-        metrics.load_sscd.cache_clear()
+        metrics.load_sscd.forget()
     assert result.available is False and result.value is None
     assert "HOTFIX_SSCD_PATH" in result.reason
 

@@ -1,4 +1,4 @@
-"""Exact math of DESIGN §2: targets per prediction type, surrogate target, λ(s), projection."""
+"""Exact math of the method (unlearn_core/objectives.py): targets per prediction type, surrogate target, λ(s), projection."""
 
 import pytest
 import torch
@@ -27,14 +27,14 @@ def test_surrogate_target_matches_hand_derived_formula(prediction_type):
     expected = {
         "epsilon": implied,
         "v_prediction": a * implied - b * x_s,
-        "flow": (x_t - x_s) / s,  # DESIGN §2: ε' − x_s = (x_t − x_s)/σ
+        "flow": (x_t - x_s) / s,  # ε' − x_s = (x_t − x_s)/σ
     }[prediction_type]
     torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
 def test_surrogate_target_makes_x0_estimate_equal_surrogate(prediction_type):
-    """Rule of thumb of DESIGN §2: the model's implied x0 at x_t equals the surrogate."""
+    """Rule of thumb of the surrogate target: the model's implied x0 at x_t equals the surrogate."""
     x_f, x_s, eps, s = _sample(1)
     a, b = ((1 - s), s) if prediction_type == "flow" else ((1 - s).sqrt(), s.sqrt())
     x_t = a * x_f + b * eps

@@ -1,4 +1,4 @@
-"""Adapters (DESIGN §1.6): download a job's LoRA + card; load an adapter and compare base vs adapter."""
+"""Adapters: download a job's LoRA + card; load an adapter and compare base vs adapter."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import gradio as gr
 
 from unlearn_core.config import parse_seeds
-from unlearn_core.images import ImageError
+from unlearn_core.errors import AdapterError
+from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES
 from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu
 
-ADAPTER_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
@@ -48,7 +48,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             files = store.adapter_files(job_id or "")
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
-        return str(files[0]), str(files[1])
+        return str(files[0]), str(files[-1])
 
     def read_card(path):
         return json.loads(Path(path).read_text()) if path else None
@@ -58,12 +58,12 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         if uploaded:
             source = Path(uploaded)
             if source.suffix != ".safetensors":
-                raise ImageError("the adapter file must be a .safetensors file")
+                raise AdapterError("the adapter file must be a .safetensors file")
             folder = Path(tempfile.mkdtemp(prefix="hotfix-adapter-"))
-            shutil.copy(source, folder / ADAPTER_NAMES[0])
+            shutil.copy(source, folder / ADAPTER_WEIGHT_NAMES[0])
             return folder, {}
         files = store.adapter_files(job_id or "")
-        return files[0].parent, json.loads(files[1].read_text())
+        return files[0].parent, json.loads(files[-1].read_text())
 
     @on_gpu
     def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id):
@@ -80,7 +80,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
                 text = str(error)
                 reason = ("its layer shapes do not match this model (an adapter trained on another base model?)" if "size mismatch" in text
                           else (text.strip().splitlines() or [type(error).__name__])[0][:300])
-                raise ValueError(f"cannot load this adapter into {model.source}: {reason}") from None
+                raise AdapterError(f"cannot load this adapter into {model.source}: {reason}") from None
             try:
                 after = model.generate(text, seed_list, int(step_count or 25))
                 with model.adapter_disabled():

@@ -12,15 +12,17 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from unlearn_core.config import DEMO_MODEL
-from unlearn_core.images import ImageError
-from unlearn_core.jobs import JobStore, JobWorker, read_loss_log
-from unlearn_core.models import DiffusionModel, ModelLoadError, load_model
+from unlearn_core.errors import OperatorError
+from unlearn_core.runfolder import RunFolder
+from unlearn_core.store import JobStore
+from unlearn_core.worker import JobWorker
+from unlearn_core.models import DiffusionModel, load_model
 
 # Every event that runs the model shares one queue slot: a pipeline is not thread-safe, and the
 # adapter tab attaches a LoRA for the length of its call.
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 INTERNAL = {"api_visibility": "undocumented"}
-OPERATOR_ERRORS = (ValueError, ImageError, ModelLoadError, FileNotFoundError, KeyError, PermissionError)
+OPERATOR_ERRORS = (OperatorError,)  # anything else is a bug: Gradio shows it as one
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,7 @@ def get_model(model_id: str | None, device: str = "auto") -> DiffusionModel:
 
 def fail(error: Exception) -> gr.Error:
     """An operator-facing error for a handler to raise: the reason, without a traceback."""
-    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    return gr.Error(message or type(error).__name__)
+    return gr.Error(str(error) or type(error).__name__)
 
 
 def image_input(label: str, **kwargs) -> gr.Image:
@@ -93,7 +94,7 @@ def refuse_non_finite(blocks) -> None:
 def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
     """loss_log.csv in long form (step, loss, curve) for gr.LinePlot; None while there is no row
     (an empty DataFrame as a plot's value stops Gradio 6 from drawing later updates)."""
-    rows = read_loss_log(run_dir) if run_dir else []
+    rows = RunFolder(run_dir).read_loss_log() if run_dir else []
     if not rows:
         return None
     records = [{"step": int(r["step"]), "loss": r["loss_forget"], "curve": "L_f (forget)"} for r in rows]

@@ -1,4 +1,4 @@
-"""Generate & flag (DESIGN §1.1–1.2): a seed grid with provenance; clicking an image flags it."""
+"""Generate & flag: a seed grid with provenance; clicking an image flags it."""
 
 from __future__ import annotations
 

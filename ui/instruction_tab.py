@@ -1,43 +1,41 @@
 """The "Instruction forgetting" tab: why writing "forget X" in the prompt does not forget X.
 
 `render()` builds the tab's components inside an enclosing `gr.Tab(...)` of a `gr.Blocks`;
-all analysis lives in `unlearn_core.instruction`. Results are kept per session in `gr.State`.
+all analysis lives in `unlearn_core.probe`. The model is the app's shared one
+(`ui.common.get_model`, on the device of the app's settings) and the probe takes the model's
+queue slot like every other event that runs it: the probe swaps the denoiser's attention
+processors for the length of its run. Results are kept per session in `gr.State`.
 """
 
 from __future__ import annotations
 
-import functools
 import tempfile
 
 import gradio as gr
 
-from unlearn_core import instruction
+from unlearn_core import probe, settings
 from unlearn_core.config import DEMO_MODEL
+from unlearn_core.errors import OperatorError
+from ui.common import MODEL_QUEUE, get_model, on_gpu
 
 DEFAULT_CONCEPT = "the flag of japan"
 
 
-@functools.lru_cache(maxsize=2)
-def _pipeline(model_path: str):
-    """Loaded pipelines, shared by sessions (at most two models held)."""
-    return instruction.load_pipeline(model_path)
-
-
 def _load(model_path: str):
+    """The shared `DiffusionModel` for this id; a load failure becomes the operator's message."""
     model_path = (model_path or "").strip() or DEMO_MODEL
     try:
-        return _pipeline(model_path)
-    except Exception as error:  # ModelLoadError, OSError, ValueError from diffusers/transformers
+        return get_model(model_path, settings.current().device)
+    except OperatorError as error:  # ModelLoadError: not found, not a diffusers folder, not allowed
         raise gr.Error(f"Cannot load the model {model_path!r}: {error}") from None
 
 
-def _config(concept, variants_text, seeds_text, steps, guidance) -> instruction.ProbeConfig:
+def _config(concept, variants_text, seeds_text, steps, guidance) -> probe.ProbeConfig:
     if not (concept or "").strip():
         raise gr.Error("Enter a concept to forget, e.g. 'the flag of japan'.")
     try:
-        seeds = instruction.parse_seeds(seeds_text or "")
-        return instruction.ProbeConfig(concept=concept, variants=variants_text or "", seeds=seeds, steps=int(steps), guidance=float(guidance))
-    except (ValueError, TypeError) as error:
+        return probe.ProbeConfig(concept=concept, variants=variants_text or "", seeds=seeds_text or "", steps=steps, guidance=guidance)
+    except OperatorError as error:
         raise gr.Error(str(error)) from None
 
 
@@ -46,34 +44,35 @@ def _heatmap(result, variant, position, step):
         return None
     try:
         last = int(result.config.steps) if hasattr(result, "config") else int(step)
-        return instruction.heatmap_image(result, variant, int(position), min(int(step), last) - 1)
+        return probe.heatmap_image(result, variant, int(position), min(int(step), last) - 1)
     except (ValueError, IndexError, KeyError):
         return None
 
 
 def _token_update(result, variant):
-    choices = instruction.token_choices(result, variant)
+    choices = probe.token_choices(result, variant)
     v = result.variants[variant]
     candidates = v.concept_positions or v.instruction_positions or tuple(p for _, p in choices[:1])
     preferred = candidates[0] if candidates else None
     return gr.update(choices=choices, value=preferred), preferred
 
 
+@on_gpu
 def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progress=gr.Progress()):
     config = _config(concept, variants_text, seeds_text, steps, guidance)
-    pipe = _load(model_path)
+    model = _load(model_path)
     out_dir = tempfile.mkdtemp(prefix="hotfix-probe-")
     progress(0.0, desc="encoding prompts")
     try:
-        result = instruction.run_probe(pipe, config, out_dir=out_dir, progress=lambda done, total: progress(done / total, desc=f"denoising step {done}/{total}"))
-    except ValueError as error:  # e.g. a variant longer than the tokenizer's limit
+        result = probe.run_probe(model, config, out_dir=out_dir, progress=lambda done, total: progress(done / total, desc=f"denoising step {done}/{total}"))
+    except OperatorError as error:  # e.g. a variant longer than the tokenizer's limit, an unconditional model
         raise gr.Error(str(error)) from None
-    archive = instruction.export_zip(result)
+    archive = probe.export_zip(result)
     gallery = [(image, f"{name} / seed {seed}") for name, v in result.variants.items() for seed, image in zip(v.seeds, v.images)]
     first = next(iter(result.variants))
     tokens, position = _token_update(result, first)
     steps_total = config.steps
-    table = [[row[c] for c in instruction.CSV_COLUMNS] for row in result.rows]
+    table = [[row[c] for c in probe.CSV_COLUMNS] for row in result.rows]
     status = f"Done in {result.seconds:.1f} s: {len(result.variants)} variants x {len(config.seeds)} seeds, {steps_total} steps."
     if result.image_similarity_reason:
         status += f" CLIP image similarity not computed: {result.image_similarity_reason}"
@@ -89,7 +88,7 @@ def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progre
         _heatmap(result, first, position, steps_total),
         str(result.figures["attention_mass"]),
         str(result.figures["similarity"]),
-        gr.update(value=table, headers=list(instruction.CSV_COLUMNS)),
+        gr.update(value=table, headers=list(probe.CSV_COLUMNS)),
         str(archive),
         status,
     )
@@ -114,7 +113,7 @@ def render() -> None:
         model_path = gr.Textbox(value=DEMO_MODEL, label="Model (hub id or local diffusers folder)", elem_id="instr-model")
         concept = gr.Textbox(value=DEFAULT_CONCEPT, label="Concept X", elem_id="instr-concept")
     variants = gr.Textbox(
-        value=instruction.default_variants_text(),
+        value=probe.default_variants_text(),
         lines=5,
         label="Prompt variants (one per line, optional 'name: ' prefix; {concept} is replaced by X)",
         elem_id="instr-variants",
@@ -135,14 +134,14 @@ def render() -> None:
     with gr.Row():
         mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", elem_id="instr-mass-plot")
         similarity_plot = gr.Image(label="Text similarity and token ablation", type="filepath", elem_id="instr-similarity-plot")
-    table = gr.Dataframe(headers=list(instruction.CSV_COLUMNS), label="Results (one row per variant and seed)", interactive=False, elem_id="instr-table")
+    table = gr.Dataframe(headers=list(probe.CSV_COLUMNS), label="Results (one row per variant and seed)", interactive=False, elem_id="instr-table")
     export = gr.File(label="Export (CSV + figures + images, zip)", elem_id="instr-export")
 
     run.click(
         _run,
         inputs=[model_path, concept, variants, seeds, steps, guidance],
         outputs=[result_state, gallery, heat_variant, token, step, heatmap, mass_plot, similarity_plot, table, export, status],
-        concurrency_limit=1,
+        **MODEL_QUEUE,
     )
     heat_variant.change(_on_variant, inputs=[result_state, heat_variant, step], outputs=[token, heatmap])
     token.change(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from unlearn_core.jobs import progress
+from unlearn_core.store import progress
 from ui.common import INTERNAL, Services, job_choices, loss_frame
 
 COLUMNS = ["comparison", "SSCD", "LPIPS", "SSIM", "PSNR", "reading"]
@@ -106,13 +104,10 @@ def render(services: Services, tab: gr.Tab) -> None:
         found = store.get(job_id or "")
         if found is None:
             return "Pick a finished job.", "", None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
-        folder = Path(found.run_dir)
+        folder = found.folder
         info = progress(found)
-        picture = folder / "before_after.png"
-        try:
-            report = json.loads((folder / "metrics.json").read_text())
-        except (OSError, ValueError):
-            report = {}
+        picture = folder.picture
+        report = folder.read_metrics() or {}
         text = f"**Job `{found.id}`** — {found.state}, step {info['step']}/{info['total']}"
         if not report:
             text += " · no metrics yet (they are written when the job finishes)."

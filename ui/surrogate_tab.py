@@ -1,4 +1,4 @@
-"""Surrogate (DESIGN §1.3): SDEdit, paint over the target, upload, or the flip / noise baselines."""
+"""Surrogate: SDEdit, paint over the target, upload, or the flip / noise baselines."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from unlearn_core import metrics
-from unlearn_core.images import ImageError, open_image
-from unlearn_core.surrogate import SURROGATE_METHODS, make_surrogate
-from unlearn_core.config import check_seed
+from unlearn_core.errors import ImageError
+from unlearn_core.images import open_image
+from unlearn_core.surrogate import SURROGATE_METHODS, SurrogateOptions, make_surrogate
 from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, image_input, on_gpu
 
 EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush stroke is not a blot
@@ -86,23 +86,25 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             make_button = gr.Button("Make surrogate", elem_id="sur-make")
 
     @on_gpu
-    def make(method_name, target, prompt, strength_value, sigma_value, seed_value, step_count, image, model_id):
-        """The one handler behind every button: returns the surrogate, its metrics and the state."""
-        try:
-            if target is None:
-                raise ImageError("no target: flag an image in 'Generate & flag' first (or pass a target image)")
-            if method_name not in SURROGATE_METHODS:
-                raise ValueError(f"unknown method {method_name!r}; use one of {', '.join(SURROGATE_METHODS)}")
-            seed_value = check_seed(seed_value or 0)
-            model = get_model(model_id, services.device)
-            target = open_image(target, "target").resize(model.image_size)
-            surrogate = make_surrogate(model, method_name, target, prompt=prompt or "", strength=float(strength_value), sigma=float(sigma_value),
-                                       seed=int(seed_value or 0), steps=int(step_count or 25), image=image)
-        except OPERATOR_ERRORS as error:
-            raise fail(error) from None
+    def build(target, options: SurrogateOptions, model_id):
+        """Make the surrogate; returns it, its metrics and the state."""
+        if target is None:
+            raise ImageError("no target: flag an image in 'Generate & flag' first (or pass a target image)")
+        model = get_model(model_id, services.device)
+        target = open_image(target, "target").resize(model.image_size)
+        surrogate = make_surrogate(model, target, options)
         if np.array_equal(np.asarray(surrogate), np.asarray(target)):
             gr.Warning("the surrogate is identical to the target: unlearning would change nothing")
         return surrogate, similarity_markdown(target, surrogate), surrogate
+
+    def make(method_name, target, prompt, strength_value, sigma_value, seed_value, step_count, image, model_id):
+        """The one handler behind every button (and the API's make_surrogate)."""
+        try:
+            options = SurrogateOptions(method_name, prompt=prompt or "", strength=float(strength_value), sigma=float(sigma_value),
+                                       seed=seed_value or 0, steps=int(step_count or 25), image=image)
+            return build(target, options, model_id)
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
 
     def use_canvas(value, target, model_id):
         try:
@@ -112,7 +114,10 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         except OPERATOR_ERRORS as error:
             gr.Warning(str(error))
             return gr.skip(), gr.skip(), gr.skip()
-        return make("image", target["image"], "", 0.6, 0.2, 0, 25, painted, model_id)
+        try:
+            return build(target["image"], SurrogateOptions("image", image=painted), model_id)
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
 
     def on_target(target):
         if not target:

@@ -1,4 +1,4 @@
-"""Unlearn (DESIGN §1.4): a settings form generated from `UnlearnConfig`, a job queue, live progress."""
+"""Unlearn: a settings form generated from `UnlearnConfig`, a job queue, live progress."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from dataclasses import MISSING, fields
 import gradio as gr
 
 from unlearn_core.config import DEMO_MODEL, PRESETS, UnlearnConfig, check_seed
-from unlearn_core.images import ImageError, open_image
-from unlearn_core.jobs import progress
+from unlearn_core.errors import ImageError
+from unlearn_core.images import open_image
+from unlearn_core.store import progress
+from unlearn_core.errors import InvalidInput
 from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
@@ -45,7 +47,7 @@ def values_to_config(values: list) -> UnlearnConfig:
         if spec.name in LIST_FIELDS:
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
         elif value is None:
-            raise ValueError(f"{spec.name.replace('_', ' ')} is empty")
+            raise InvalidInput(f"{spec.name.replace('_', ' ')} is empty")
         elif spec.type in ("int", int):
             value = int(value)
         elif spec.type in ("float", float):
@@ -59,15 +61,12 @@ def config_from_json(text: str | None) -> UnlearnConfig:
     try:
         data = json.loads(text) if text and text.strip() else {}
     except json.JSONDecodeError as error:
-        raise ValueError(f"config is not valid JSON: {error}") from None
+        raise InvalidInput(f"config is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError("config must be a JSON object of settings")
-    preset = data.pop("preset", "quick")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        raise InvalidInput("config must be a JSON object of settings")
     if data.get("remember_dir"):
-        raise ValueError("remember_dir is not accepted from the web app; use the CLI for a folder of remember images")
-    return UnlearnConfig.from_dict({**PRESETS[preset], **data})
+        raise InvalidInput("remember_dir is not accepted from the web app; use the CLI for a folder of remember images")
+    return UnlearnConfig.from_preset(data.pop("preset", "quick"), **data)
 
 
 def progress_markdown(info: dict | None) -> str:
@@ -124,7 +123,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     shown = gr.State("")  # what the curve shows now ("job:step"), to skip redrawing an unchanged plot
 
     def apply_preset(name):
-        values = UnlearnConfig.from_dict(dict(PRESETS.get(name, {}))).to_dict()
+        values = UnlearnConfig.from_preset(name if name in PRESETS else "quick").to_dict()
         return [("\n".join(values[s.name]) if s.name in LIST_FIELDS else values[s.name]) for s in specs]
 
     def form_to_json(*values):
@@ -138,7 +137,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             if surrogate_image is None:
                 raise ImageError("no surrogate: make one in the Surrogate tab (or pass a surrogate image)")
             if seed_value is None:
-                raise ValueError("the target seed is empty: flag a target or type its seed")
+                raise InvalidInput("the target seed is empty: flag a target or type its seed")
             config = config_from_json(config_text)
             instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}

@@ -1,4 +1,4 @@
-"""Cross-attention capture for diffusers denoisers (DESIGN §4).
+"""Cross-attention capture for diffusers denoisers (the instruction-forgetting probe's evidence).
 
 Swaps the attention processors of a `UNet2DConditionModel` (cross-attention layers) or an
 `SD3Transformer2DModel` (joint attention) for capturing ones through `set_attn_processor`,
@@ -61,14 +61,6 @@ class AttentionTrace:
     text_share: torch.Tensor
     timesteps: list[float] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.mass.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mass.shape[-1])
 
 
 def spatial_grid(queries: int, aspect: float = 1.0) -> tuple[int, int] | None:

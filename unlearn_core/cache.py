@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from PIL import Image
 
-from unlearn_core.images import save_atomic
+from unlearn_core import settings
+from unlearn_core.files import save_image_atomic
 from unlearn_core.models import DiffusionModel
 
-DEFAULT_CACHE = Path(os.environ.get("HOTFIX_CACHE", Path.home() / ".cache" / "hotfix-studio"))
 
 
 def model_fingerprint(model: DiffusionModel) -> str:
@@ -34,7 +33,7 @@ class GenerationCache:
     """Pretrained generations on disk; `get_or_generate` fills what is missing in one batch."""
 
     def __init__(self, root: Path | None = None):
-        self.root = Path(root or DEFAULT_CACHE) / "generations"
+        self.root = Path(root or settings.current().cache_dir) / "generations"
 
     def _folder(self, model: DiffusionModel, prompt: str, steps: int, guidance: float) -> Path:
         key = json.dumps([model_fingerprint(model), prompt, steps, round(float(guidance), 4)])
@@ -58,5 +57,5 @@ class GenerationCache:
                 generated = model.generate(prompt, missing, steps, guidance)
             for image, provenance in generated:
                 images[provenance.seed] = image
-                save_atomic(image, folder / f"seed_{provenance.seed}.png")
+                save_image_atomic(image, folder / f"seed_{provenance.seed}.png")
         return [images[seed] for seed in seeds], len(missing)

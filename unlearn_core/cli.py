@@ -1,4 +1,4 @@
-"""`python -m unlearn_core generate|surrogate|unlearn|evaluate|probe` (DESIGN §5).
+"""`python -m unlearn_core generate|surrogate|unlearn|evaluate|probe`.
 
 Each verb is `parse_args(argv)` + `main(args)`, so tests call `main(parse_args([...]))`.
 """
@@ -13,12 +13,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, check_seed, parse_seeds
+from unlearn_core.errors import InvalidInput
+from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, parse_seeds
 
 
 def _add_model(parser):
     parser.add_argument("--model", default=DEMO_MODEL, help="hub id or local diffusers folder (default: the embedded demo model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def _add_sampling(parser):
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
 
 
 def _load(args):
@@ -42,24 +48,20 @@ def cmd_generate(args) -> int:
 
 # -- surrogate ---------------------------------------------------------------------------------
 def cmd_surrogate(args) -> int:
-    from unlearn_core.images import load_for_model, save_atomic
-    from unlearn_core.surrogate import make_surrogate
+    from unlearn_core.files import save_image_atomic
+    from unlearn_core.images import load_for_model
+    from unlearn_core.surrogate import SurrogateOptions, make_surrogate
 
-    check_seed(args.seed)
+    options = SurrogateOptions(args.method, prompt=args.prompt, strength=args.strength, sigma=args.sigma, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.size is not None and not 8 <= args.size <= 4096:
-        raise ValueError(f"--size must be between 8 and 4096 pixels; got {args.size}")
+        raise InvalidInput(f"--size must be between 8 and 4096 pixels; got {args.size}")
     model = _load(args) if args.method == "sdedit" or args.size is None else None
     size = model.image_size if model else (args.size, args.size)
     target = load_for_model(args.image, size, "target image")
-    if model is None:
-        from unlearn_core.surrogate import add_noise, flip
-
-        result = flip(target) if args.method == "flip" else add_noise(target, args.sigma, args.seed)
-    else:
-        with tqdm(total=1, desc=f"surrogate ({args.method})") as bar:
-            result = make_surrogate(model, args.method, target, prompt=args.prompt, strength=args.strength, sigma=args.sigma, seed=args.seed, steps=args.steps, guidance=args.guidance)
-            bar.update(1)
-    save_atomic(result, args.out)
+    with tqdm(total=1, desc=f"surrogate ({args.method})") as bar:
+        result = make_surrogate(model, target, options)
+        bar.update(1)
+    save_image_atomic(result, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -70,12 +72,8 @@ RENAMED_OPTIONS = {"seed": "train_seed"}
 
 
 def config_from_args(args) -> UnlearnConfig:
-    values = dict(PRESETS[args.preset])
-    for spec in fields(UnlearnConfig):
-        value = getattr(args, RENAMED_OPTIONS.get(spec.name, spec.name), None)
-        if value is not None:
-            values[spec.name] = value
-    return UnlearnConfig.from_dict(values)
+    given = {spec.name: getattr(args, RENAMED_OPTIONS.get(spec.name, spec.name), None) for spec in fields(UnlearnConfig)}
+    return UnlearnConfig.from_preset(args.preset, **{name: value for name, value in given.items() if value is not None})
 
 
 def _add_config_options(parser):
@@ -94,53 +92,40 @@ def _add_config_options(parser):
 
 
 def cmd_unlearn(args) -> int:
-    from unlearn_core.run import run_unlearning, write_status
+    from unlearn_core.run import RunCallbacks
+    from unlearn_core.runfolder import RunFolder
+    from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
+    from unlearn_core.worker import execute
 
     config = config_from_args(args)
     if not args.surrogate:
-        raise ValueError("--surrogate is required (an image file)")
+        raise InvalidInput("--surrogate is required (an image file)")
     if not (len(args.surrogate) == len(args.seed) == len(args.prompt)) or (args.target and len(args.target) != len(args.seed)):
-        raise ValueError("give one --prompt, --seed and --surrogate (and --target if any) per instance")
+        raise InvalidInput("give one --prompt, --seed and --surrogate (and --target if any) per instance")
     targets = [InstanceTarget(p, s, sur, (args.target or [None] * len(args.seed))[i]) for i, (p, s, sur) in enumerate(zip(args.prompt, args.seed, args.surrogate))]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = _load(args)
-    stop_file = out / "CANCEL"
+    folder = RunFolder(args.out).create()
+    folder.write_request(args.model, config.to_dict(), [vars(target) for target in targets])
     bar = tqdm(total=config.steps, desc="unlearn", unit="step")
 
     def on_step(report):
         bar.n = report.step
         bar.set_postfix(L_f=f"{report.loss_forget:.4f}", L_r=f"{report.loss_remember:.4f}", cos=f"{report.cosine:+.2f}")
         bar.refresh()
-        write_status(out, "running", step=report.step, total=report.total)
 
-    def on_phase(name):
-        bar.set_description(name)
-        write_status(out, "running", phase=name, step=bar.n, total=config.steps)
-
-    from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
-
-    write_status(out, "running", phase="loading", step=0, total=config.steps)
     try:
-        result = run_unlearning(model, targets, config, out, on_step=on_step, should_stop=stop_file.exists, on_phase=on_phase)
+        result = execute(folder, args.device, RunCallbacks(on_step=on_step, on_phase=bar.set_description))
     except TrainingCancelled as error:
-        write_status(out, "cancelled", error=str(error))
-        print(f"cancelled: {error} (resume continues from the checkpoint in {out})", file=sys.stderr)
+        print(f"cancelled: {error} (resume continues from the checkpoint in {args.out})", file=sys.stderr)
         return 3
     except TrainingDiverged as error:
-        write_status(out, "failed", error=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:
-        write_status(out, "failed", error=str(error))
-        raise
     finally:
         bar.close()
-    write_status(out, "done", step=config.steps, total=config.steps)
     print(json.dumps(result["summary"], indent=2))
     if result["metrics"]:
         print(verdict_line(result["metrics"]["forgetting"]))
-    print(f"adapter and report in {out}")
+    print(f"adapter and report in {args.out}")
     return 0
 
 
@@ -151,35 +136,55 @@ def verdict_line(forgetting: dict) -> str:
         return "verdict: the surrogate equals the target (nothing was painted), so there is nothing to measure"
     line = f"verdict: {forgetting['verdict']} — the painted pixels moved {r:.0%} of the way to the surrogate (fixed at ≥ {forgetting['fixed_at']:.0%})"
     if forgetting.get("rest_changed"):
-        line += f"; but the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): look at before_after.png"
+        line += f"; but the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): look at the before/after grid"
     return line
 
 
 # -- evaluate ----------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
     from unlearn_core.evaluation import EvalTarget, evaluate
-    from unlearn_core.images import load_for_model, save_atomic
-    from unlearn_core.trainer import write_json_atomic
+    from unlearn_core.files import save_image_atomic
+    from unlearn_core.images import load_for_model
+    from unlearn_core.runfolder import RunFolder
 
+    config = UnlearnConfig(eval_seeds=args.eval_seeds, eval_prompts=args.eval_prompt or [], remember_seed_offset=args.remember_seed_offset,
+                           remember_count=args.remember_count, generation_steps=args.steps, guidance_scale=args.guidance)
     model = _load(args)
-    adapter = Path(args.adapter)
+    adapter = RunFolder(args.adapter)
     with tqdm(total=3, desc="evaluate") as bar:
         base_target = model.generate(args.prompt, [args.seed], args.steps, args.guidance)[0][0]
-        model.load_lora(adapter)
+        model.load_lora(adapter.path)
         bar.update(1)
         target = load_for_model(args.target, model.image_size, "target") if args.target else base_target
-        surrogate_file = adapter / "surrogate_0.png"
+        surrogate_file = adapter.training_image("surrogate", 0)
         surrogate = load_for_model(surrogate_file, model.image_size, "surrogate") if surrogate_file.is_file() else target
-        remember_range = range(args.remember_seed_offset, args.remember_seed_offset + args.remember_count)
-        report, picture = evaluate(model, [EvalTarget(args.prompt, args.seed, target, surrogate)], args.eval_seeds, args.eval_prompt or [], remember_range, args.steps, args.guidance)
+        report, picture = evaluate(model, [EvalTarget(args.prompt, args.seed, target, surrogate)], config)
         bar.update(2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", report)
-    save_atomic(picture, out / "before_after.png")
+    out = RunFolder(args.out).create()
+    out.write_metrics(report)
+    save_image_atomic(picture, out.picture)
     print(json.dumps({"target": report["targets"][0]["after_vs_target"], "integrity_ssim": {k: v["ssim"]["value"] for k, v in report["integrity"].items()}}, indent=2, default=str))
     print(verdict_line(report["forgetting"]))
-    print(f"wrote {out / 'metrics.json'} and {out / 'before_after.png'}")
+    print(f"wrote {out.metrics_file} and {out.picture}")
+    return 0
+
+
+# -- probe -------------------------------------------------------------------------------------
+def cmd_probe(args) -> int:
+    from unlearn_core.probe import DEFAULT_VARIANTS, ProbeConfig, run_probe, summary_lines
+
+    variants = ([] if args.no_default_variants else list(DEFAULT_VARIANTS)) + list(args.variant or [])
+    config = ProbeConfig(concept=args.concept, variants=variants, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+                         heatmap_resolution=args.heatmap_resolution, clip_model=args.clip_model)
+    model = _load(args)
+    with tqdm(total=1, desc="probe", unit="step") as bar:
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = run_probe(model, config, out_dir=args.out, progress=progress)
+    print("\n".join(summary_lines(result)))
     return 0
 
 
@@ -192,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(gen)
     gen.add_argument("--prompt", default="", help="text prompt (ignored by unconditional models)")
     gen.add_argument("--seeds", default="0-7", help="'0-7', '1,5,9' or '3'")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=5.0)
+    _add_sampling(gen)
     gen.add_argument("--out", required=True)
     gen.set_defaults(func=cmd_generate)
 
@@ -206,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sur.add_argument("--strength", type=float, default=0.6, help="SDEdit strength in (0, 1]")
     sur.add_argument("--sigma", type=float, default=0.2, help="noise: std in [0, 1] pixel units")
     sur.add_argument("--seed", type=int, default=0)
-    sur.add_argument("--steps", type=int, default=25)
-    sur.add_argument("--guidance", type=float, default=5.0)
+    _add_sampling(sur)
     sur.add_argument("--size", type=int, default=None, help="flip/noise without loading a model: output size")
     sur.set_defaults(func=cmd_surrogate)
 
@@ -232,17 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-prompt", action="append", default=None)
     ev.add_argument("--remember-seed-offset", type=int, default=1000)
     ev.add_argument("--remember-count", type=int, default=16)
-    ev.add_argument("--steps", type=int, default=25)
-    ev.add_argument("--guidance", type=float, default=5.0)
+    _add_sampling(ev)
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_evaluate)
 
-    try:
-        from unlearn_core.instruction import register_cli
-    except ImportError:  # the analysis module is optional at import time
-        pass
-    else:
-        register_cli(sub)
+    pro = sub.add_parser("probe", help="instruction-forgetting analysis: why 'forget X' in the prompt does not work")
+    _add_model(pro)
+    pro.add_argument("--concept", required=True, help="the concept X, e.g. 'the flag of japan'")
+    pro.add_argument("--seeds", default="0-3", help="'0-3', '0,2,5' or '7'")
+    pro.add_argument("--out", required=True, help="output folder (CSV, summary.json, PNGs)")
+    _add_sampling(pro)
+    pro.add_argument("--variant", action="append", default=None, help="extra prompt variant, 'name: template' with {concept} (repeatable)")
+    pro.add_argument("--no-default-variants", action="store_true", help="use only the --variant prompts")
+    pro.add_argument("--heatmap-resolution", type=int, default=16)
+    pro.add_argument("--clip-model", default=None, help="CLIP id or folder for image similarity (default: the HOTFIX_CLIP_MODEL setting, else CLIP ViT-B/32)")
+    pro.set_defaults(func=cmd_probe)
     return parser
 
 
@@ -251,12 +258,11 @@ def parse_args(argv=None):
 
 
 def main(args) -> int:
-    from unlearn_core.images import ImageError
-    from unlearn_core.models import ModelLoadError
+    from unlearn_core.errors import OperatorError
 
     try:
         return args.func(args)
-    except (ValueError, ImageError, ModelLoadError, FileNotFoundError) as error:
+    except OperatorError as error:  # anything else is a bug and keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
 

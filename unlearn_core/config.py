@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from unlearn_core.errors import InvalidInput
+
 DEMO_MODEL = "assets/demo-model"
 METHODS = ("ours", "neggrad", "siss", "erasediff")
 PROJECTIONS = ("none", "forget", "both")
@@ -32,16 +34,18 @@ class InstanceTarget:
     target_path: str | None = None  # default: the model's own output for prompt + seed
 
     def __post_init__(self):
-        if not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        self.seed = check_seed(self.seed)
         check_prompt(self.prompt)
         if not self.surrogate_path:
-            raise ValueError("a surrogate image is required")
+            raise InvalidInput("a surrogate image is required")
 
 
 @dataclass
 class UnlearnConfig:
-    """Settings of one unlearning run (DESIGN §2). Defaults are the 'quick' preset on the demo model."""
+    """Settings of one unlearning run. Defaults are the 'quick' preset on the demo model.
+
+    Each field's metadata (help, choices, min, max) drives the web form, the CLI options and the
+    checks in `__post_init__`."""
 
     method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS))
     steps: int = field(default=60, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000))
@@ -88,23 +92,35 @@ class UnlearnConfig:
             value = _coerce(spec.name, spec.type, getattr(self, spec.name))
             setattr(self, spec.name, value)
             if "choices" in spec.metadata and value not in spec.metadata["choices"]:
-                raise ValueError(f"{spec.name} must be one of {', '.join(spec.metadata['choices'])}; got {value!r}")
+                raise InvalidInput(f"{spec.name} must be one of {', '.join(spec.metadata['choices'])}; got {value!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{spec.name} must be a finite number, got {value!r}")
+                raise InvalidInput(f"{spec.name} must be a finite number, got {value!r}")
             low, high = spec.metadata.get("min"), spec.metadata.get("max")
             if low is not None and value < low or high is not None and value > high:
-                raise ValueError(f"{spec.name} must be between {low} and {high}; got {value!r}")
+                raise InvalidInput(f"{spec.name} must be between {low} and {high}; got {value!r}")
         if self.full_finetune and self.method == "ours" and (self.forget_states == "trajectory" or self.forget_target == "painted" or self.remember_loss == "distill"):
-            raise ValueError("full fine-tuning keeps no frozen copy of the model to aim at or distill from: use forget_states 'random', forget_target 'surrogate' and remember_loss 'denoise'")
+            raise InvalidInput("full fine-tuning keeps no frozen copy of the model to aim at or distill from: use forget_states 'random', forget_target 'surrogate' and remember_loss 'denoise'")
         if self.remember_dir and self.remember_loss == "distill" and self.method == "ours":
-            raise ValueError("a folder of remember images needs remember_loss 'denoise' (distillation learns from the model's own sampling states)")
+            raise InvalidInput("a folder of remember images needs remember_loss 'denoise' (distillation learns from the model's own sampling states)")
         self.remember_prompts = [p for p in self.remember_prompts if p.strip()]
         self.eval_prompts = [p for p in self.eval_prompts if p.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def remember_seeds(self) -> range:
+        """Seeds of the remember set (never used for evaluation)."""
+        return range(self.remember_seed_offset, self.remember_seed_offset + self.remember_count)
+
+    @classmethod
+    def from_preset(cls, preset: str = "quick", **overrides) -> "UnlearnConfig":
+        """A preset's settings (PRESETS), then `overrides` on top; unknown names are refused."""
+        if preset not in PRESETS:
+            raise InvalidInput(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[preset], **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "UnlearnConfig":
@@ -112,7 +128,7 @@ class UnlearnConfig:
         data = {key: value for key, value in data.items() if key not in REMOVED_SETTINGS}  # jobs stored by older versions
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            raise InvalidInput(f"unknown setting(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
 
@@ -123,20 +139,22 @@ REMOVED_SETTINGS = {"siss_superfactor"}  # SISS now rescales its deletion gradie
 def check_prompt(prompt) -> str:
     """A prompt is text of at most MAX_PROMPT_CHARS characters without NUL or other control bytes."""
     if not isinstance(prompt, str):
-        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+        raise InvalidInput(f"the prompt must be text, got {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise InvalidInput(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in prompt):
-        raise ValueError("the prompt contains control characters (e.g. a NUL byte); remove them")
+        raise InvalidInput("the prompt contains control characters (e.g. a NUL byte); remove them")
     return prompt
 
 
 def check_seed(value, name: str = "seed") -> int:
     """An integer seed in [0, 2^63) (what torch generators accept), from an int or an integral float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-        raise ValueError(f"{name} must be a whole number in [0, 2^63), got {value!r}")
-    if not 0 <= int(value) < 2**63:
-        raise ValueError(f"{name} must be a whole number in [0, 2^63), got {int(value)}")
+        raise InvalidInput(f"{name} must be a whole number in [0, 2^63), got {value!r}")
+    if int(value) < 0:
+        raise InvalidInput(f"{name} must be a non-negative whole number in [0, 2^63), got {int(value)}")
+    if int(value) >= 2**63:
+        raise InvalidInput(f"{name} must be a whole number in [0, 2^63); {int(value)} is not below 2^63")
     return int(value)
 
 
@@ -146,29 +164,29 @@ def _coerce(name: str, kind, value):
     kind = str(getattr(kind, "__name__", kind)).replace(" ", "")
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise InvalidInput(f"{name} must be true or false, got {value!r}")
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
+            raise InvalidInput(f"{name} must be a whole number, got {value!r}")
         if not isinstance(value, numbers.Integral):
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise InvalidInput(f"{name} must be a finite number, got {value!r}")
             if not float(value).is_integer():
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
+                raise InvalidInput(f"{name} must be a whole number, got {value!r}")
         value = int(value)
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise InvalidInput(f"{name} must be a number, got {value!r}")
         value = float(value)
     elif kind == "str":
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be text, got {value!r}")
+            raise InvalidInput(f"{name} must be text, got {value!r}")
     elif kind == "str|None":
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be text or null, got {value!r}")
+            raise InvalidInput(f"{name} must be text or null, got {value!r}")
     elif kind == "list[str]":
         if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-            raise ValueError(f"{name} must be a list of prompts (strings), got {value!r}")
+            raise InvalidInput(f"{name} must be a list of prompts (strings), got {value!r}")
         value = [check_prompt(item) for item in value]
     return value
 
@@ -190,15 +208,14 @@ class GenerationRequest:
 
     def __post_init__(self):
         if not self.seeds:
-            raise ValueError("give at least one seed")
+            raise InvalidInput("give at least one seed")
         if len(self.seeds) > 64:
-            raise ValueError(f"at most 64 seeds per grid; got {len(self.seeds)}")
-        if any((not isinstance(s, int)) or s < 0 or s >= 2**63 for s in self.seeds):
-            raise ValueError("seeds must be integers in [0, 2^63)")
+            raise InvalidInput(f"at most 64 seeds per grid; got {len(self.seeds)}")
+        self.seeds = [check_seed(seed) for seed in self.seeds]
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 200:
-            raise ValueError(f"steps must be an integer between 1 and 200; got {self.steps!r}")
+            raise InvalidInput(f"steps must be an integer between 1 and 200; got {self.steps!r}")
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 50:
-            raise ValueError(f"guidance must be a number between 0 and 50; got {self.guidance_scale!r}")
+            raise InvalidInput(f"guidance must be a number between 0 and 50; got {self.guidance_scale!r}")
         check_prompt(self.prompt)
 
 
@@ -219,17 +236,15 @@ def parse_seeds(text: str | int | list, limit: int = 64) -> list[int]:
                 if hi_i < lo_i:
                     raise ValueError
                 if hi_i - lo_i + 1 > limit:
-                    raise ValueError(f"too many seeds (limit {limit})")
+                    raise InvalidInput(f"too many seeds (limit {limit})")
                 seeds.extend(range(lo_i, hi_i + 1))
             else:
                 seeds.append(int(part))
         except ValueError as error:
             detail = f": {error}" if str(error) else ""
-            raise ValueError(f"cannot read seeds {text!r}: use '0-7', '1,5,9' or a count{detail}") from None
+            raise InvalidInput(f"cannot read seeds {text!r}: use '0-7', '1,5,9' or a count{detail}") from None
     if not seeds:
-        raise ValueError("give at least one seed, e.g. '0-7'")
+        raise InvalidInput("give at least one seed, e.g. '0-7'")
     if len(seeds) > limit:
-        raise ValueError(f"too many seeds ({len(seeds)}); the limit is {limit}")
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        raise ValueError("seeds must be non-negative integers below 2^63")
-    return seeds
+        raise InvalidInput(f"too many seeds ({len(seeds)}); the limit is {limit}")
+    return [check_seed(seed) for seed in seeds]

@@ -1,4 +1,4 @@
-"""Before/after evaluation on the same initial noise (DESIGN §3).
+"""Before/after evaluation on the same initial noise.
 
 Forgetting: the target seed's output after unlearning vs the target (and vs the surrogate), and
 the denoise probe (the target noised to t≈T/4 and denoised by the unlearned model); for each, how
@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from unlearn_core import metrics
 from unlearn_core.cache import GenerationCache
+from unlearn_core.config import UnlearnConfig
 from unlearn_core.images import grid
 from unlearn_core.models import DiffusionModel
 
@@ -42,22 +43,17 @@ def _after(model: DiffusionModel, prompt: str, seeds: list[int], steps: int, gui
     return [image for image, _ in model.generate(prompt, seeds, steps, guidance)]
 
 
-def evaluate(
-    model: DiffusionModel,
-    targets: list[EvalTarget],
-    eval_seeds: int,
-    eval_prompts: list[str],
-    remember_range: range,
-    steps: int,
-    guidance: float,
-    cache: GenerationCache | None = None,
-) -> tuple[dict, Image.Image]:
-    """Metrics dict (JSON-ready) and the before/after grid; the model must carry its adapter."""
+def evaluate(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache | None = None) -> tuple[dict, Image.Image]:
+    """Metrics dict (JSON-ready) and the before/after grid; the model must carry its adapter.
+
+    Reads the config's eval seeds and prompts, remember seeds (never evaluated on) and sampling
+    settings."""
     cache = cache or GenerationCache()
+    steps, guidance, eval_prompts = config.generation_steps, config.guidance_scale, config.eval_prompts
     report: dict = {"availability": metrics.availability(), "sscd_threshold": metrics.SSCD_THRESHOLD, "targets": [], "integrity": {}}
     grid_rows_before, grid_rows_after = [], []
     exclude = {t.seed for t in targets}
-    seeds = other_seeds(eval_seeds, exclude, remember_range)
+    seeds = other_seeds(config.eval_seeds, exclude, config.remember_seeds)
     for target in targets:
         after_target = _after(model, target.prompt, [target.seed], steps, guidance)[0]
         probe_after = model.sdedit(target.target, target.prompt, PROBE_STRENGTH, target.seed, steps, guidance)

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from unlearn_core.config import GenerationRequest
-from unlearn_core.images import save_atomic
+from unlearn_core.files import save_image_atomic
 from unlearn_core.models import DiffusionModel, Provenance
 
 
@@ -34,7 +34,7 @@ def write_grid(results: list[tuple[Image.Image, Provenance]], out: Path) -> Path
     records = []
     for image, provenance in results:
         name = image_file_name(provenance)
-        save_atomic(image, out / name)
+        save_image_atomic(image, out / name)
         records.append({"file": name, **provenance.to_dict()})
     manifest = out / "manifest.json"
     tmp = manifest.with_suffix(".tmp")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,13 +11,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from unlearn_core.errors import ImageError
+
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # refuse decompression bombs well before PIL's own limit
 MIN_SIDE = 8
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used, with a message for the operator."""
 
 
 def open_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray, name: str = "image") -> Image.Image:
@@ -140,11 +137,7 @@ def to_pil(tensor: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
-def to_uint8(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def grid(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
     """Paste same-size images into a grid (row-major)."""
     if not images:
         raise ValueError("no images for the grid")
@@ -154,18 +147,3 @@ def grid(images: list[Image.Image], columns: int, labels: list[str] | None = Non
     for index, image in enumerate(images):
         canvas.paste(image.resize((width, height)), ((index % columns) * width, (index // columns) * height))
     return canvas
-
-
-def save_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG through a temporary file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

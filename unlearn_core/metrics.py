@@ -1,4 +1,4 @@
-"""Forgetting and integrity metrics (DESIGN §3), each with honest availability.
+"""Forgetting and integrity metrics, each with honest availability.
 
 SSCD and LPIPS need pretrained networks that are downloaded on first use. Where they cannot be
 had, the metric is reported as unavailable (value None and the reason) — never replaced by a
@@ -7,9 +7,7 @@ stand-in under its name. SSIM and PSNR need no weights (torchmetrics).
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
+import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from unlearn_core import settings
+
 SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
 SSCD_THRESHOLD = 0.4
-CACHE = Path(os.environ.get("HOTFIX_CACHE", Path.home() / ".cache" / "hotfix-studio"))
-DOWNLOAD_TIMEOUT_S = float(os.environ.get("HOTFIX_DOWNLOAD_TIMEOUT", "10"))
+RETRY_AFTER_S = 600.0  # a failed weight download is tried again after this long, not on every comparison
 
 
 @dataclass
@@ -48,24 +47,51 @@ def _images_to_tensor(images: list[Image.Image], size: tuple[int, int] | None = 
 
 # -- SSCD --------------------------------------------------------------------------------------
 def _download(url: str, destination: Path) -> None:
+    """Fetch once into `destination`, with the settings' timeout on this request only."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.with_suffix(".part")
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as handle:
+    with urllib.request.urlopen(url, timeout=settings.current().download_timeout_s) as response, open(tmp, "wb") as handle:
         while chunk := response.read(1 << 20):
             handle.write(chunk)
     tmp.replace(destination)
 
 
-@functools.lru_cache(maxsize=1)
-def load_sscd() -> tuple[torch.jit.ScriptModule | None, str]:
-    """The official `sscd_disc_mixup` TorchScript, from $HOTFIX_SSCD_PATH, the cache, or its URL."""
-    path = Path(os.environ.get("HOTFIX_SSCD_PATH", CACHE / "sscd_disc_mixup.torchscript.pt"))
+class _Loaded:
+    """A network loaded once: success is kept for the process, a failure only for RETRY_AFTER_S
+    (a cache that remembered a failed download forever would need a restart to recover)."""
+
+    def __init__(self, load):
+        self._load, self._value, self._failed_at = load, None, None
+
+    def __call__(self):
+        if self._value is not None:
+            return self._value
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
+            return None, self._reason
+        model, reason = self._load()
+        if model is None:
+            self._failed_at, self._reason = time.monotonic(), reason
+            return None, reason
+        self._value = (model, "")
+        return self._value
+
+    def forget(self) -> None:
+        self._value = self._failed_at = None
+
+
+def _load_sscd() -> tuple[torch.jit.ScriptModule | None, str]:
+    """The official `sscd_disc_mixup` TorchScript, from `Settings.sscd_path`, the cache, or its URL."""
+    config = settings.current()
+    path = config.sscd_path or config.cache_dir / "sscd_disc_mixup.torchscript.pt"
     try:
         if not path.is_file():
             _download(SSCD_URL, path)
         return torch.jit.load(str(path), map_location="cpu").eval(), ""
-    except (OSError, socket.timeout, RuntimeError, ValueError) as error:
-        return None, f"SSCD weights unavailable ({type(error).__name__}: {str(error)[:160]}); set HOTFIX_SSCD_PATH to sscd_disc_mixup.torchscript.pt"
+    except (OSError, RuntimeError, ValueError) as error:
+        return None, f"SSCD weights unavailable ({type(error).__name__}); set HOTFIX_SSCD_PATH to a local sscd_disc_mixup.torchscript.pt"
+
+
+load_sscd = _Loaded(_load_sscd)
 
 
 def sscd_similarity(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
@@ -86,20 +112,24 @@ def sscd_similarity(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
 
 
 # -- LPIPS -------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def load_lpips():
-    """The `lpips` package with its AlexNet backbone (torchvision downloads the weights once)."""
+def _load_lpips():
+    """The `lpips` package with its AlexNet backbone. The backbone's weights are fetched into
+    torch.hub's cache by `_download` first (with a timeout on that request alone); torchvision
+    then finds them there instead of downloading without a timeout."""
     try:
         import lpips
+        from torchvision.models import AlexNet_Weights
 
-        default_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            return lpips.LPIPS(net="alex", verbose=False).eval(), ""
-        finally:
-            socket.setdefaulttimeout(default_timeout)
-    except Exception as error:  # torch.hub raises URLError, RuntimeError, HTTPError...
-        return None, f"LPIPS AlexNet weights unavailable ({type(error).__name__}: {str(error)[:160]})"
+        url = AlexNet_Weights.IMAGENET1K_V1.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        if not cached.is_file():
+            _download(url, cached)
+        return lpips.LPIPS(net="alex", verbose=False).eval(), ""
+    except (OSError, RuntimeError, ValueError, ImportError) as error:
+        return None, f"LPIPS AlexNet weights unavailable ({type(error).__name__}); no network to download them?"
+
+
+load_lpips = _Loaded(_load_lpips)
 
 
 def lpips_distance(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
@@ -126,19 +156,6 @@ def psnr(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
     x, y = _images_to_tensor(a), _images_to_tensor(b, a[0].size)
     values = [min(100.0, float(peak_signal_noise_ratio(x[i : i + 1], y[i : i + 1], data_range=1.0))) for i in range(len(x))]
     return MetricResult("PSNR", True, float(np.mean(values)), values)
-
-
-def fid(real: list[Image.Image], fake: list[Image.Image]) -> MetricResult:
-    """FID via torchmetrics when its Inception weights can be had (needs many images to mean much)."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        metric = FrechetInceptionDistance(feature=2048, normalize=True)
-        metric.update(_images_to_tensor(real, (299, 299)), real=True)
-        metric.update(_images_to_tensor(fake, (299, 299)), real=False)
-        return MetricResult("FID", True, float(metric.compute()), higher_is_more_similar=False)
-    except Exception as error:  # ModuleNotFoundError (torch-fidelity), download errors
-        return MetricResult("FID", False, reason=f"Inception weights unavailable ({type(error).__name__}: {str(error)[:160]})", higher_is_more_similar=False)
 
 
 PAIR_METRICS = {"sscd": sscd_similarity, "lpips": lpips_distance, "ssim": ssim, "psnr": psnr}

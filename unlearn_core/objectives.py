@@ -1,4 +1,4 @@
-"""The method's math (DESIGN §2): noising coefficients, training and surrogate targets, λ(s), projection.
+"""The method's math: noising coefficients, training and surrogate targets, λ(s), projection.
 
 Pure tensor functions with no model inside, so each is tested exactly against its formula.
 """

@@ -1,14 +1,11 @@
-"""One unlearning run end to end, written to one folder (DESIGN §5).
-
-    run_dir/config.json  status.json  target_0.png  surrogate_0.png  loss_log.csv  checkpoint.pt
-           pytorch_lora_weights.safetensors (SD/SD3; peft's adapter_model.safetensors for DDPM)
-           adapter_card.json  metrics.json  before_after.png
-"""
+"""One unlearning run end to end, written to one `RunFolder`: resolve the target and surrogate
+images, prepare the fixed sets with the frozen model, train, save the adapter, evaluate, and write
+the metrics and the adapter card."""
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,23 +16,41 @@ from unlearn_core import __version__
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import InstanceTarget, UnlearnConfig
 from unlearn_core.evaluation import EvalTarget, evaluate
-from unlearn_core.images import ImageError, load_for_model, save_atomic
+from unlearn_core.errors import ImageError, InvalidInput
+from unlearn_core.files import save_image_atomic
+from unlearn_core.images import load_for_model
 from unlearn_core.models import DiffusionModel
-from unlearn_core.trainer import FixedSets, StepReport, UnlearnTrainer, encode_sets, record_target_states, remember_pool, summarise, write_json_atomic
+from unlearn_core.runfolder import RunFolder
+from unlearn_core.sets import FixedSets, encode_sets, record_target_states, remember_pool
+from unlearn_core.trainer import StepReport, UnlearnTrainer, summarise
 
 
-def write_status(run_dir: Path, state: str, **extra) -> dict:
-    """Record the run's state (queued, running, done, failed, cancelled, interrupted)."""
-    status = {"state": state, "updated": time.time(), **extra}
-    write_json_atomic(run_dir / "status.json", status)
-    return status
+def _nothing(*args) -> None:
+    return None
 
 
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {"state": "unknown"}
+@dataclass(frozen=True)
+class RunCallbacks:
+    """What a run reports while it works, and how it learns that it should stop."""
+
+    on_step: Callable[[StepReport], None] = _nothing
+    on_phase: Callable[[str], None] = _nothing
+    should_stop: Callable[[], bool] = lambda: False
+
+    def then(self, other: "RunCallbacks | None") -> "RunCallbacks":
+        """These callbacks followed by `other`'s (which may also ask the run to stop)."""
+        if other is None:
+            return self
+
+        def on_step(report):
+            self.on_step(report)
+            other.on_step(report)
+
+        def on_phase(name):
+            self.on_phase(name)
+            other.on_phase(name)
+
+        return RunCallbacks(on_step, on_phase, lambda: self.should_stop() or other.should_stop())
 
 
 def resolve_target_images(model: DiffusionModel, targets: list[InstanceTarget], config: UnlearnConfig, cache: GenerationCache) -> list[EvalTarget]:
@@ -106,7 +121,7 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     return sets
 
 
-def write_card(run_dir: Path, model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> None:
+def write_card(folder: RunFolder, model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> None:
     card = {
         "hotfix_studio_version": __version__,
         "base_model": model.source,
@@ -114,64 +129,58 @@ def write_card(run_dir: Path, model: DiffusionModel, targets: list[EvalTarget], 
         "prediction_type": model.prediction_type,
         "adapter_files": files,
         "load_with": "pipe.load_lora_weights(run_dir)" if model.family != "ddpm" else "peft.PeftModel.from_pretrained(unet, run_dir)",
-        "targets": [{"prompt": t.prompt, "seed": t.seed, "target_image": f"target_{i}.png", "surrogate_image": f"surrogate_{i}.png"} for i, t in enumerate(targets)],
+        "targets": [{"prompt": t.prompt, "seed": t.seed, "target_image": folder.training_image("target", i).name, "surrogate_image": folder.training_image("surrogate", i).name} for i, t in enumerate(targets)],
         "config": config.to_dict(),
         "training": summary,
         "metrics": metrics,
     }
-    write_json_atomic(run_dir / "adapter_card.json", card)
+    folder.write_card(card)
 
 
 def run_unlearning(
     model: DiffusionModel,
     targets: list[InstanceTarget],
     config: UnlearnConfig,
-    run_dir: Path,
-    on_step: Callable[[StepReport], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_phase: Callable[[str], None] | None = None,
+    folder: RunFolder | str | Path,
+    callbacks: RunCallbacks = RunCallbacks(),
     cache: GenerationCache | None = None,
     evaluate_after: bool = True,
 ) -> dict:
-    """Train, save the adapter, evaluate. Resumes from `run_dir/checkpoint.pt` when present."""
+    """Train, save the adapter, evaluate. Resumes from the folder's checkpoint when present."""
     if not targets:
-        raise ValueError("give at least one target to unlearn")
-    phase = on_phase or (lambda name: None)
+        raise InvalidInput("give at least one target to unlearn")
     cache = cache or GenerationCache()
     if not config.full_finetune:
         model.lora_config(config.lora_rank, config.lora_alpha, config.lora_layers)  # refuse a layer set the family lacks before the slow preparation
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {"config": config.to_dict(), "model": model.source, "targets": [vars(t) for t in targets]})
+    folder = (folder if isinstance(folder, RunFolder) else RunFolder(folder)).create()
+    if not folder.config_file.exists():  # a job's store (or the CLI) wrote it already; a Python caller has not
+        folder.write_request(model.source, config.to_dict(), [vars(target) for target in targets])
     started = time.time()
-    phase("preparing")
+    callbacks.on_phase("preparing")
     resolved = resolve_target_images(model, targets, config, cache)
     for index, target in enumerate(resolved):
-        save_atomic(target.target, run_dir / f"target_{index}.png")
-        save_atomic(target.surrogate, run_dir / f"surrogate_{index}.png")
-    phase("remember set")
+        save_image_atomic(target.target, folder.training_image("target", index))
+        save_image_atomic(target.surrogate, folder.training_image("surrogate", index))
+    callbacks.on_phase("remember set")
     sets = prepare_sets(model, resolved, config, cache)
     prepared = time.time()
     if not model.has_lora() and not config.full_finetune:
         torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_layers)
-    phase("training")
-    trainer = UnlearnTrainer(model, config, sets, run_dir, on_step, should_stop)
-    log = trainer.train()
+    callbacks.on_phase("training")
+    log = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop).train()
     trained = time.time()
-    files = [] if config.full_finetune else model.save_lora(run_dir)
+    files = [] if config.full_finetune else model.save_lora(folder.path)
     summary = {**summarise(log), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
     metrics = None
     if evaluate_after:
-        phase("evaluating")
-        remember_range = range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count)
-        metrics, picture = evaluate(model, resolved, config.eval_seeds, config.eval_prompts, remember_range, config.generation_steps, config.guidance_scale, cache)
-        save_atomic(picture, run_dir / "before_after.png")
+        callbacks.on_phase("evaluating")
+        metrics, picture = evaluate(model, resolved, config, cache)
+        save_image_atomic(picture, folder.picture)
     summary["seconds_total"] = round(time.time() - started, 2)
     if metrics is not None:
         metrics["timing"] = summary
-        write_json_atomic(run_dir / "metrics.json", metrics)
-    write_card(run_dir, model, resolved, config, files, metrics, summary)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    return {"run_dir": str(run_dir), "files": files, "summary": summary, "metrics": metrics}
-
+        folder.write_metrics(metrics)
+    write_card(folder, model, resolved, config, files, metrics, summary)
+    folder.checkpoint.unlink(missing_ok=True)
+    return {"run_dir": str(folder.path), "files": files, "summary": summary, "metrics": metrics}

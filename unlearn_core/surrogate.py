@@ -1,21 +1,43 @@
-"""Surrogates x_s: corrected versions of the target (DESIGN §1.3, paper Table V baselines)."""
+"""Surrogates x_s: corrected versions of the target (SDEdit, the operator's own image, and the
+weak flip / noise baselines of the paper's Table V)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from unlearn_core.images import ImageError, is_blank, load_for_model
+from unlearn_core.config import check_seed
+from unlearn_core.errors import ImageError, InvalidInput
+from unlearn_core.images import is_blank, load_for_model
 from unlearn_core.models import DiffusionModel
 
 SURROGATE_METHODS = ("sdedit", "flip", "noise", "image")
+MODEL_FREE_METHODS = ("flip", "noise")
 
 
-def sdedit(model: DiffusionModel, target: Image.Image, strength: float = 0.6, prompt: str = "", seed: int = 0, steps: int = 25, guidance: float = 5.0) -> Image.Image:
-    """Img2img from the target at `strength` (0 = unchanged, 1 = from pure noise)."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1]; got {strength!r}")
-    return model.sdedit(target.resize(model.image_size), prompt, strength, seed, steps, guidance)
+@dataclass(frozen=True)
+class SurrogateOptions:
+    """How to make a surrogate; each field matters only to the methods named in its comment."""
+
+    method: str
+    prompt: str = ""  # sdedit: the edit prompt
+    strength: float = 0.6  # sdedit: 0 keeps the target, 1 starts from pure noise
+    sigma: float = 0.2  # noise: std in [0, 1] pixel units
+    seed: int = 0  # sdedit, noise
+    steps: int = 25  # sdedit
+    guidance: float = 5.0  # sdedit
+    image: object = None  # image: the operator's upload or painted canvas
+
+    def __post_init__(self):
+        if self.method not in SURROGATE_METHODS:
+            raise InvalidInput(f"unknown surrogate method {self.method!r}; use one of {', '.join(SURROGATE_METHODS)}")
+        if not 0.0 < self.strength <= 1.0:
+            raise InvalidInput(f"strength must be in (0, 1]; got {self.strength!r}")
+        if not 0.0 <= self.sigma <= 2.0:
+            raise InvalidInput(f"noise sigma must be in [0, 2]; got {self.sigma!r}")
+        object.__setattr__(self, "seed", check_seed(self.seed))
 
 
 def flip(target: Image.Image) -> Image.Image:
@@ -25,32 +47,31 @@ def flip(target: Image.Image) -> Image.Image:
 
 def add_noise(target: Image.Image, sigma: float = 0.2, seed: int = 0) -> Image.Image:
     """Add Gaussian noise of std `sigma` in [0, 1] pixel units (weak baseline)."""
-    if not 0.0 <= sigma <= 2.0:
-        raise ValueError(f"noise sigma must be in [0, 2]; got {sigma!r}")
     array = np.asarray(target, dtype=np.float32) / 255.0
     noisy = array + np.random.default_rng(seed).normal(0.0, sigma, array.shape)
     return Image.fromarray((np.clip(noisy, 0, 1) * 255).round().astype(np.uint8))
 
 
-def user_image(source, model: DiffusionModel, name: str = "surrogate") -> Image.Image:
+def user_image(source, size: tuple[int, int], name: str = "surrogate") -> Image.Image:
     """An uploaded or painted image, checked and brought to the model's size; blank canvases refused."""
-    image = load_for_model(source, model.image_size, name)
+    image = load_for_model(source, size, name)
     if is_blank(image):
         raise ImageError(f"{name}: the image is a single flat colour (an empty canvas?); paint the correction first")
     return image
 
 
-def make_surrogate(model: DiffusionModel, method: str, target: Image.Image, *, prompt: str = "", strength: float = 0.6, sigma: float = 0.2, seed: int = 0, steps: int = 25, guidance: float = 5.0, image=None) -> Image.Image:
-    """Dispatch on `method` ∈ SURROGATE_METHODS."""
-    target = target.convert("RGB").resize(model.image_size)
-    if method == "sdedit":
-        return sdedit(model, target, strength, prompt, seed, steps, guidance)
-    if method == "flip":
+def make_surrogate(model: DiffusionModel | None, target: Image.Image, options: SurrogateOptions) -> Image.Image:
+    """The surrogate for `target` at the model's size (flip and noise need no model: then at the target's)."""
+    if model is None and options.method not in MODEL_FREE_METHODS:
+        raise InvalidInput(f"the {options.method} surrogate needs a model")
+    size = model.image_size if model is not None else target.size
+    target = target.convert("RGB").resize(size)
+    if options.method == "sdedit":
+        return model.sdedit(target, options.prompt, options.strength, options.seed, options.steps, options.guidance)
+    if options.method == "flip":
         return flip(target)
-    if method == "noise":
-        return add_noise(target, sigma, seed)
-    if method == "image":
-        if image is None:
-            raise ImageError("give the surrogate image (upload or paint one)")
-        return user_image(image, model)
-    raise ValueError(f"unknown surrogate method {method!r}; expected one of {', '.join(SURROGATE_METHODS)}")
+    if options.method == "noise":
+        return add_noise(target, options.sigma, options.seed)
+    if options.image is None:
+        raise ImageError("give the surrogate image (upload or paint one)")
+    return user_image(options.image, size)

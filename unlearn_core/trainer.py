@@ -1,4 +1,4 @@
-"""The unlearning fine-tune (DESIGN §2) and its baselines, on one trainer.
+"""The unlearning fine-tune and its baselines, on one trainer.
 
 Methods (`UnlearnConfig.method`):
 - ours: surrogate forget loss + remember loss, weighted per sample by λ(s) / 1 − λ(s), with
@@ -21,10 +21,7 @@ and on one CPU.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-import os
+import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +31,11 @@ import torch
 
 from unlearn_core import objectives
 from unlearn_core.config import UnlearnConfig
-from unlearn_core.models import DiffusionModel, SamplingRecord
+from unlearn_core.files import write_bytes_atomic
+from unlearn_core.baselines import BaselineLosses
+from unlearn_core.models import DiffusionModel
+from unlearn_core.runfolder import RunFolder
+from unlearn_core.sets import FixedSets, StatePool, record_target_states
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,131 +63,6 @@ class StepReport:
         return asdict(self)
 
 
-@dataclass
-class StatePool:
-    """Sampling states to train at, one row each: x_t, its timestep, its conditioning (a row of
-    `conds`), a reference prediction and a label.
-
-    Remember pools hold the frozen model's own prediction there (the teacher to match); target
-    pools hold the unconditional prediction (for classifier-free guidance) and the target index.
-    """
-
-    x_t: torch.Tensor
-    timesteps: torch.Tensor
-    cond_index: torch.Tensor
-    reference: torch.Tensor
-    label: torch.Tensor
-    conds: dict[str, torch.Tensor]
-    guided: bool = False  # target pools: the pipeline combined [unconditional, conditional] here
-    frozen: torch.Tensor | None = None  # target pools: the frozen model's guided prediction
-    images: list | None = None  # target pools: each target seed's output when recorded
-
-    def __len__(self) -> int:
-        return self.x_t.shape[0]
-
-    def take(self, index: torch.Tensor, device: torch.device):
-        cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
-        return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)
-
-
-def _pool(parts: list[tuple[SamplingRecord, str, int]]) -> StatePool:
-    """Rows of (record, which prediction — 'cond' or 'uncond' — is the reference and which
-    conditioning row applies, label). Conditioning rows are stored once per part."""
-    rows: dict[str, list] = {"x_t": [], "timesteps": [], "cond_index": [], "reference": [], "label": []}
-    conds: list[dict[str, torch.Tensor]] = []
-    for record, branch, label in parts:
-        size = len(record)
-        cond = record.cond if branch == "cond" else record.uncond
-        conds.append({key: value[:1] for key, value in cond.items()})
-        rows["x_t"].append(record.x_t)
-        rows["timesteps"].append(record.timesteps)
-        rows["cond_index"].append(torch.full((size,), len(conds) - 1))
-        rows["reference"].append(record.out_cond if branch == "cond" else record.out_uncond)
-        rows["label"].append(torch.full((size,), label))
-    return StatePool(**{key: torch.cat(value) for key, value in rows.items()}, conds={key: torch.cat([c[key] for c in conds]) for key in conds[0]})
-
-
-def remember_pool(records: list[SamplingRecord]) -> StatePool:
-    """The frozen model's predictions on its own sampling states: the distillation targets. Both
-    branches of guidance are kept (the unconditional one serves every prompt), except for the empty
-    prompt, whose two branches are the same."""
-    parts = [(record, "cond", -1) for record in records]
-    parts += [(record, "uncond", -1) for record in records if record.out_uncond is not None and record.prompt]
-    return _pool(parts)
-
-
-def target_pool(records: list[SamplingRecord], guided: bool) -> StatePool:
-    """The target seeds' own sampling states (record i = target i), with the unconditional
-    prediction the pipeline combined there (guidance) as the reference."""
-    pool = _pool([(record, "cond", index) for index, record in enumerate(records)])
-    if guided:
-        pool.reference = torch.cat([record.out_uncond for record in records])
-    pool.guided = guided
-    return pool
-
-
-def with_frozen_outputs(model: DiffusionModel, record: SamplingRecord) -> SamplingRecord:
-    """The same states with the frozen model's predictions there (every LoRA layer off): the
-    teacher at states the adapted model visits."""
-
-    def predict(cond):
-        rows = {key: value[:1].expand(len(record), *value.shape[1:]).to(model.device) for key, value in cond.items()}
-        return model.predict(model.denoiser, record.x_t.to(model.device), record.timesteps.to(model.device), rows).float().cpu()
-
-    with model.adapter_disabled(), torch.no_grad():
-        return dataclasses.replace(record, out_cond=predict(record.cond), out_uncond=predict(record.uncond) if record.out_uncond is not None else None)
-
-
-def record_target_states(model: DiffusionModel, targets: list[tuple[str, int]], steps: int, guidance: float) -> StatePool:
-    """Each target's (prompt, seed) sampled and recorded with the model as it is now, plus the
-    frozen model's guided prediction at every recorded state (`StatePool.frozen`) and the image
-    each target seed now gives (`StatePool.images`)."""
-    records = [model.record_sampling(prompt, [seed], steps, guidance) for prompt, seed in targets]
-    guided = records[0].out_uncond is not None
-    pool = target_pool(records, guided)
-    frozen = [with_frozen_outputs(model, record) for record in records]
-    pool.frozen = torch.cat([objectives.guided_prediction(f.out_uncond, f.out_cond, guidance) if guided else f.out_cond for f in frozen])
-    pool.images = [record.images[0] for record in records]
-    return pool
-
-
-@dataclass
-class FixedSets:
-    """Prepared once before training: x0 of targets, surrogates and remember images and their
-    prompts; for trajectory forgetting and distillation remembering, the sampling states."""
-
-    target_x0: torch.Tensor
-    surrogate_x0: torch.Tensor
-    target_cond: dict[str, torch.Tensor]
-    remember_x0: torch.Tensor | None = None
-    remember_cond: dict[str, torch.Tensor] | None = None
-    target_noise: torch.Tensor | None = None  # each target seed's unit initial noise, when known
-    remember_states: StatePool | None = None
-    target_states: StatePool | None = None
-    targets: list[tuple[str, int]] | None = None  # (prompt, seed) of each target, to re-record its trajectory
-    paint_mask: torch.Tensor | None = None  # (targets, 1, h, w) at x0's resolution: where x_s differs from x_f
-    pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
-
-
-def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:
-    """Encode images and prompts once (latents via the VAE, text via the text encoder)."""
-    from unlearn_core.images import to_tensor
-
-    def cond_for(prompts):
-        return model.encode_prompts(prompts) if model.conditional else {}
-
-    with torch.no_grad():
-        return FixedSets(
-            target_x0=model.encode_images(to_tensor(targets)),
-            surrogate_x0=model.encode_images(to_tensor(surrogates)),
-            target_cond=cond_for(target_prompts),
-            remember_x0=model.encode_images(to_tensor(remember_images)) if remember_images else None,
-            remember_cond=cond_for(remember_prompts) if remember_images else None,
-            target_noise=model.initial_noise(list(target_seeds)) if target_seeds is not None else None,
-            targets=list(zip(target_prompts, target_seeds)) if target_seeds is not None else None,
-        )
-
-
 def _take(cond: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {key: value[index] for key, value in cond.items()}
 
@@ -203,7 +79,7 @@ def _unflat(vector: torch.Tensor, params) -> list[torch.Tensor]:
     return out
 
 
-class UnlearnTrainer:
+class UnlearnTrainer(BaselineLosses):
     """Runs `config.steps` steps on a model that already carries a LoRA (or full weights)."""
 
     def __init__(
@@ -211,14 +87,14 @@ class UnlearnTrainer:
         model: DiffusionModel,
         config: UnlearnConfig,
         sets: FixedSets,
-        run_dir: Path | None = None,
+        folder: RunFolder | str | Path | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ):
         from accelerate import Accelerator
 
         self.model, self.config, self.sets = model, config, sets
-        self.run_dir = Path(run_dir) if run_dir else None
+        self.folder = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
         self.accelerator = Accelerator(cpu=model.device.type == "cpu")
@@ -405,71 +281,11 @@ class UnlearnTrainer:
         error = self._denoise_error(*self._remember_batch(self.config.remember_batch_size), t, a, b)
         return ((1 - self._lambda(s)) * self.model.remember_loss_weight(a, b).flatten() * error).mean()
 
-    def _losses_erasediff(self):
-        """EraseDiff (github JingWu321/EraseDiff, DDPM code before Aug 2024): forget samples noised
-        with *uniform* noise u ~ U[0, 1) and trained to predict it; the step is g_r + λ·g_f with
-        λ = `erasediff_weight` (their `lambda_bome`, 0.1), no projection, clipped at norm 1."""
-        pt = self.model.prediction_type
-        t, a, b, _ = self._levels()
-        x_f, _, cond_f = self._forget_batch()
-        uniform = torch.rand(x_f.shape, generator=self.generator).to(x_f.device)
-        _, prediction = self._forward(x_f, cond_f, t, a, b, uniform)
-        loss_forget = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, uniform, a, b)).mean()
-        g_forget = self.config.erasediff_weight * self._gradient(loss_forget)
-        loss_remember = self._denoise_error(*self._remember_batch(), t, a, b).mean()
-        return loss_forget, loss_remember, g_forget, self._gradient(loss_remember)
-
     def _denoise_error(self, x0, cond, t, a, b) -> torch.Tensor:
         """Per-sample ordinary diffusion loss (squared error to T(x0, ε)) at the given noise levels."""
         noise = self._noise_like(x0)
         _, prediction = self._forward(x0, cond, t, a, b, noise)
         return objectives.per_sample_mse(prediction, objectives.training_target(self.model.prediction_type, x0, noise, a, b))
-
-    def _losses_neggrad(self):
-        """NegGrad as the paper defines it: gradient ascent on the target's diffusion loss plus
-        descent on the remember loss, g = −g_f + g_r."""
-        t, a, b, _ = self._levels()
-        x_f, _, cond_f = self._forget_batch()
-        loss_forget = self._denoise_error(x_f, cond_f, t, a, b).mean()
-        g_ascent = self._gradient(-loss_forget)
-        loss_remember = self._denoise_error(*self._remember_batch(), t, a, b).mean()
-        return loss_forget, loss_remember, g_ascent, self._gradient(loss_remember)
-
-    def _losses_siss(self):
-        """SISS (github claserken/SISS, `losses/ddpm_deletion_loss.py`): x_t is the remember or the
-        forget sample noised with the *same* ε at the same t, picked per item with probability
-        `siss_mixture` (λ); each loss is importance-weighted by q(x_t | x)/q_mix(x_t) and summed
-        over pixels. The deletion gradient is rescaled to norm `siss_deletion_norm` and subtracted;
-        the step is then clipped at norm 1 (`max_grad_norm`)."""
-        config = self.config
-        t, a, b, _ = self._levels()
-        x_f, _, cond_f = self._forget_batch()
-        x_r, cond_r = self._remember_batch()
-        noise = self._noise_like(x_f)
-        from_forget = (torch.rand(config.batch_size, generator=self.generator) < config.siss_mixture).to(x_f.device)
-        x_t = torch.where(from_forget.view(-1, 1, 1, 1), objectives.noisy_sample(x_f, noise, a, b), objectives.noisy_sample(x_r, noise, a, b))
-        # Conditioning of a forget pick is the target prompt's, of a remember pick the remember prompt's.
-        cond = {key: torch.where(from_forget.view(-1, *[1] * (value.dim() - 1)), cond_f[key], value) for key, value in cond_r.items()}
-        distance_r = ((x_t - a * x_r) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
-        distance_f = ((x_t - a * x_f) ** 2).flatten(1).sum(1) / (2 * b.flatten() ** 2)
-        mix = config.siss_mixture
-        weight_r = (1 / ((1 - mix) + mix * torch.exp((distance_r - distance_f).clamp(max=80)))).detach()
-        weight_f = (1 / ((1 - mix) * torch.exp((distance_f - distance_r).clamp(max=80)) + mix)).detach()
-        with self._autocast():
-            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
-        pt = self.model.prediction_type
-
-        def summed(x0, weight):
-            target = objectives.training_target(pt, x0, (x_t - a * x0) / b, a, b)
-            return (weight * (prediction - target).pow(2).flatten(1).sum(1)).sum() / config.batch_size
-
-        loss_remember, loss_forget = summed(x_r, weight_r), summed(x_f, weight_f)
-        g_remember = self._gradient(loss_remember, retain_graph=True)
-        g_deletion = self._gradient(loss_forget)
-        if self._siss_norm is None:  # 0 in the config: 10 % of the first kept-data gradient norm (SISS's README advice)
-            self._siss_norm = config.siss_deletion_norm or 0.1 * float(g_remember.norm())
-        g_deletion = -self._siss_norm / (g_deletion.norm() + 1e-12) * g_deletion
-        return loss_forget, loss_remember, g_deletion, g_remember
 
     # -- the loop ------------------------------------------------------------------------------
     def train_step(self) -> StepReport:
@@ -498,21 +314,21 @@ class UnlearnTrainer:
 
     def train(self) -> list[dict]:
         """Run to `config.steps`, resuming from the run folder's checkpoint if there is one."""
-        if self.run_dir:
+        if self.folder:
             self.load_checkpoint()
         while self.step < self.config.steps:
             if self.should_stop():
-                if self.run_dir:
+                if self.folder:
                     self.save_checkpoint()
                 raise TrainingCancelled(f"cancelled at step {self.step}")
             report = self.train_step()
-            if self.run_dir:
+            if self.folder:
                 self._append_log(report)
             self.on_step(report)
             if self._fixed():
                 break
             every = self.config.checkpoint_every
-            if self.run_dir and every and self.step % every == 0 and self.step < self.config.steps:
+            if self.folder and every and self.step % every == 0 and self.step < self.config.steps:
                 self.save_checkpoint()
         self.model.denoiser.eval()
         return self.log
@@ -520,7 +336,7 @@ class UnlearnTrainer:
     # -- checkpoints ---------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+        return self.folder.checkpoint
 
     def _trainable_names(self) -> list[str]:
         names = {id(p): n for n, p in self.model.denoiser.named_parameters()}
@@ -533,9 +349,9 @@ class UnlearnTrainer:
         if not self.accelerator.is_main_process:
             return
         state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm}
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
 
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
@@ -551,29 +367,17 @@ class UnlearnTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
-        if self.run_dir:
+        if self.folder:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
             self._refresh_target_states()
         return True
 
     def _append_log(self, report: StepReport) -> None:
-        path = self.run_dir / "loss_log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(report.to_dict()))
-            if new:
-                writer.writeheader()
-            writer.writerow(report.to_dict())
+        self.folder.append_loss_row(report.to_dict())
 
     def _rewrite_log(self) -> None:
-        path = self.run_dir / "loss_log.csv"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(StepReport.__dataclass_fields__))
-            writer.writeheader()
-            writer.writerows(self.log)
-        os.replace(tmp, path)
+        self.folder.rewrite_loss_log(self.log, list(StepReport.__dataclass_fields__))
 
 
 def summarise(log: list[dict]) -> dict:
@@ -589,9 +393,3 @@ def summarise(log: list[dict]) -> dict:
         "steps_run": log[-1]["step"],
         "toward_surrogate_when_stopped": log[-1].get("toward_surrogate"),
     }
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

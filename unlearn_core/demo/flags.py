@@ -81,7 +81,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "national flag of {name}",
 )
 
-# Words of the instruction-forgetting prompts (DESIGN §4) and negations, so the demo model's
+# Words of the instruction-forgetting prompts (unlearn_core/probe) and negations, so the demo model's
 # tokenizer knows them as words and that tab has real tokens to look at.
 EXTRA_VOCABULARY_TEXT = (
     "please forget anything about the flag of x. please help me generate a picture of x. "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearn_core.demo import architecture, flags, vocab
+from unlearn_core.models.base import pick_device
 
 
 @dataclass
@@ -52,12 +53,6 @@ class DemoTrainConfig:
             raise ValueError("caption_dropout must be in [0, 1)")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -68,19 +63,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def resume(checkpoint: Path, device: torch.device, generator: torch.Generator, **parts) -> int:
+    """Load each part's state (anything with `load_state_dict`) and the generator's from a stage's
+    checkpoint, if there is one; return the step to continue from (0 without a checkpoint)."""
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    generator.set_state(state["generator"].to(generator.get_state().device) if device.type == "cpu" else state["generator"])
+    return state["step"]
+
+
 def train_vae(config: DemoTrainConfig, device: torch.device, bank: torch.Tensor):
     """Stage 2: the autoencoder, L1 + MSE reconstruction with a small KL term."""
     vae = architecture.build_vae().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     checkpoint = Path(config.work) / "vae.pt"
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].to(generator.get_state().device) if device.type == "cpu" else state["generator"])
-        step = state["step"]
+    step = resume(checkpoint, device, generator, model=vae, optimizer=optimizer)
     started, last_save = time.time(), time.time()
     bar = tqdm(total=config.vae_steps, initial=step, desc="vae")
     while step < config.vae_steps and time.time() - started < config.vae_time_budget_s:
@@ -141,16 +142,8 @@ def train_unet(config: DemoTrainConfig, device: torch.device, bank: torch.Tensor
     ema = EMAModel(params, decay=config.ema_decay)
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     checkpoint = Path(config.work) / "unet.pt"
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        ema.to(device)
-        generator.set_state(state["generator"])
-        step = state["step"]
+    step = resume(checkpoint, device, generator, unet=unet, text_encoder=text_encoder, optimizer=optimizer, ema=ema)
+    ema.to(device)
     ids, labels, empty = caption_table(tokenizer, device)
     alphas = scheduler.alphas_cumprod.to(device)
 

@@ -1,0 +1,89 @@
+"""Models: `load_model(source)` returns a `DiffusionModel` of the right family.
+
+`base` holds the interface and sampling records, `families` the Stable Diffusion, SD3 and pixel
+DDPM implementations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from unlearn_core import settings
+from unlearn_core.config import DEMO_MODEL
+from unlearn_core.errors import ModelLoadError
+from unlearn_core.models.base import DiffusionModel, Provenance, SamplingRecord, pick_device, sdedit_steps, seeded_generators
+from unlearn_core.models.families import PixelDDPMModel, StableDiffusion3Model, StableDiffusionModel, TextToImageModel
+from unlearn_core.settings import DEMO_MODEL_DIR
+
+__all__ = ["DiffusionModel", "Provenance", "SamplingRecord", "PixelDDPMModel", "StableDiffusion3Model", "StableDiffusionModel",
+           "TextToImageModel", "load_model", "wrap_pipeline", "family_of", "pick_device", "sdedit_steps", "seeded_generators"]
+
+
+FAMILIES = {
+    "StableDiffusionPipeline": StableDiffusionModel,
+    "StableDiffusion3Pipeline": StableDiffusion3Model,
+    "DDPMPipeline": PixelDDPMModel,
+    "DDIMPipeline": PixelDDPMModel,
+}
+
+
+def family_of(pipe) -> type[DiffusionModel]:
+    name = type(pipe).__name__
+    if name not in FAMILIES:
+        raise ModelLoadError(f"{name} is not supported; use a Stable Diffusion 1.x/2.x, Stable Diffusion 3 or DDPM model")
+    return FAMILIES[name]
+
+
+def wrap_pipeline(pipe, source: str, device: str | torch.device = "auto") -> DiffusionModel:
+    """Put an already-built pipeline behind the interface (tests build tiny ones from configs)."""
+    return family_of(pipe)(pipe, source, pick_device(device) if isinstance(device, str) else device)
+
+
+def allowed_model(source: str) -> None:
+    """Apply the server's optional allow-list (`Settings.model_allowlist`: ids or folders)."""
+    allow = settings.current().model_allowlist
+    if allow and source not in allow and source != DEMO_MODEL:
+        raise ModelLoadError(f"model {source!r} is not on this server's allow-list")
+
+
+def _absent_components(path: Path) -> dict:
+    """Components a local folder saved as null (e.g. SD3 without T5) must be passed as None."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        entries = json.loads(index.read_text())
+    except ValueError as error:
+        raise ModelLoadError(f"{index} is not valid JSON ({error})") from None
+    return {name: None for name, value in entries.items() if isinstance(value, list) and value[:1] == [None]}
+
+
+def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtype | None = None, without_t5: bool = False) -> DiffusionModel:
+    """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
+
+    `without_t5` drops SD3's T5 encoder (the pipeline then pads with zeros, as diffusers allows).
+    """
+    from diffusers import DiffusionPipeline
+
+    source = (source or DEMO_MODEL).strip()
+    allowed_model(source)
+    if len(source) > 300 or "\x00" in source:
+        raise ModelLoadError("model name is not a valid hub id or folder")
+    path = DEMO_MODEL_DIR if source == DEMO_MODEL else Path(source)  # the demo model lives in the package, wherever the working directory is
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{source} is not a diffusers model folder (no model_index.json)")
+    kwargs = {"trust_remote_code": False, **_absent_components(path)}
+    if without_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, **kwargs)
+    except Exception as error:  # diffusers raises many kinds: OSError, ValueError, HTTP errors
+        reason = str(error).split("\n")[0][:300]
+        hint = " (no network? hub models need to be downloaded once)" if not path.exists() else ""
+        raise ModelLoadError(f"cannot load model {source!r}: {reason}{hint}") from error
+    return wrap_pipeline(pipe, source, device)

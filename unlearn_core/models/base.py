@@ -1,0 +1,316 @@
+"""The interface every model family implements, and what sampling records.
+
+The trainer, metrics, CLI and UI only use `DiffusionModel`'s methods (encode, prompt conditioning,
+noise levels, prediction, generation, LoRA), so none of them branches on the family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unlearn_core.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where an image came from: enough to regenerate it exactly."""
+
+    model: str
+    family: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    width: int
+    height: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: an image's initial noise depends on its seed alone."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sdedit_steps(strength: float, steps: int) -> int:
+    """Enough scheduler steps that img2img runs at least one denoising step at this strength."""
+    return max(int(steps), int(np.ceil(1.0 / max(strength, 1e-3))))
+
+
+class DiffusionModel:
+    """The interface. Subclasses wrap one pipeline family."""
+
+    family = "base"
+    conditional = True
+    # LoRA placement per `UnlearnConfig.lora_layers`: the attention projections diffusers' training
+    # scripts use, or those plus the family's ResNet convolutions and feed-forward layers.
+    lora_layer_sets: dict[str, tuple[str, ...]] = {
+        "text-kv": ("attn2.to_k", "attn2.to_v"),
+        "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+        "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"),
+    }
+    adapter_name = "hotfix"
+
+    def __init__(self, pipe, source: str, device: torch.device):
+        self.pipe = pipe.to(device)
+        self.source = source
+        self.device = device
+        if hasattr(self.pipe, "set_progress_bar_config"):
+            self.pipe.set_progress_bar_config(disable=True)
+
+    # -- properties -------------------------------------------------------------------------
+    denoiser_attribute = "unet"  # the pipeline's attribute holding the network that is fine-tuned
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attribute)
+
+    @property
+    def prediction_type(self) -> str:
+        """epsilon or v_prediction, as the scheduler says (flow-matching families override it)."""
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of generated images."""
+        raise NotImplementedError
+
+    @property
+    def scheduler_name(self) -> str:
+        return type(self.pipe.scheduler).__name__
+
+    # -- data ------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) → x0 the denoiser works on (scaled latents or pixels)."""
+        return images.to(self.device)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for the denoiser, batch-first, computed once for fixed sets."""
+        return {}
+
+    # -- noise levels ----------------------------------------------------------------------
+    def noise_levels_at(self, timesteps: torch.Tensor):
+        """(a_t, b_t, s ∈ [0, 1]) for model timesteps, each of shape (B,): x_t = a_t·x0 + b_t·ε."""
+        steps = self.pipe.scheduler.config.num_train_timesteps
+        alphas = self.pipe.scheduler.alphas_cumprod.float()
+        index = timesteps.detach().cpu().round().long().clamp(0, steps - 1)
+        a, b = alphas[index].sqrt(), (1 - alphas[index]).sqrt()
+        return a.to(self.device), b.to(self.device), (index.float() / (steps - 1)).to(self.device)
+
+    def sample_noise_levels(self, batch: int, generator: torch.Generator):
+        """Random noise levels for training: (model timestep, a_t, b_t, s ∈ [0, 1]) each of shape (B,)."""
+        t = torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        return (t.to(self.device), *self.noise_levels_at(t))
+
+    def predict(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def remember_loss_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the ordinary diffusion loss: 1 in the prediction's own space, as
+        diffusers' SD/DDPM training scripts use it (SD3 overrides it with diffusers' x0-space loss)."""
+        return torch.ones_like(a)
+
+    @property
+    def x0_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what the denoiser works on."""
+        config = self.denoiser.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (config.in_channels, height, width)
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """Each seed's unit-variance initial noise ε (the pipelines' own draw, before they scale it by
+        the scheduler's `init_noise_sigma`, which is 14.6 for Euler schedulers)."""
+        noise = [torch.randn((1, *self.x0_shape), generator=generator) for generator in seeded_generators(seeds)]
+        return torch.cat(noise).to(self.device)
+
+    # -- sampling states -------------------------------------------------------------------
+    def denoiser_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x_t, timesteps, conditioning) of one call of the denoiser, as the pipeline made it."""
+        raise NotImplementedError
+
+    def record_sampling(self, prompt: str, seeds: list[int], steps: int, guidance: float, batch_size: int = 8) -> "SamplingRecord":
+        """Generate and record every state the denoiser saw: x_t, t, conditioning and its outputs.
+
+        A forward hook on the denoiser (not a copied sampling loop) sees exactly what the family's
+        pipeline feeds it, so the states are the model's real sampling trajectory for these seeds.
+        With classifier-free guidance the pipelines batch [unconditional, conditional]; both
+        halves' predictions are kept. Seeds are sampled `batch_size` at a time, as `generate` does.
+        """
+        chunks = [self._record_batch(prompt, seeds[i : i + batch_size], steps, guidance) for i in range(0, len(seeds), batch_size)]
+        return SamplingRecord.merge(chunks)
+
+    def _record_batch(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> "SamplingRecord":
+        calls: list[tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]] = []
+
+        def hook(module, args, kwargs, output):
+            x_t, t, cond = self.denoiser_call(args, kwargs)
+            sample = output.sample if hasattr(output, "sample") else output[0]
+            t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+            conditioning = {} if calls else {k: v.detach().float().cpu() for k, v in cond.items()}  # the same every step: kept once
+            calls.append((x_t.detach().float().cpu(), t.detach().float().cpu(), conditioning, sample.detach().float().cpu()))
+
+        handle = self.denoiser.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                images = [image for image, _ in self.generate(prompt, seeds, steps, guidance, batch_size=max(1, len(seeds)))]
+        finally:
+            handle.remove()
+        return SamplingRecord.from_calls(calls, len(seeds), images, prompt)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str, seeds: list[int], steps: int = 25, guidance: float = 5.0, batch_size: int = 8) -> list[tuple[Image.Image, Provenance]]:
+        """A seed grid; each image carries its provenance. Same seed → same initial noise."""
+        results = []
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
+            images = self._generate_batch(prompt, chunk, steps, guidance)
+            width, height = images[0].size
+            for seed, image in zip(chunk, images):
+                results.append((image, Provenance(self.source, self.family, prompt, int(seed), steps, float(guidance), self.scheduler_name, width, height)))
+        return results
+
+    def _generate_batch(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[Image.Image]:
+        raise NotImplementedError
+
+    def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int, steps: int = 25, guidance: float = 5.0) -> Image.Image:
+        """Noise `image` to `strength`·T and denoise it (SDEdit)."""
+        raise NotImplementedError
+
+    # -- LoRA ------------------------------------------------------------------------------
+    def lora_config(self, rank: int, alpha: float, layers: str = "attention"):
+        from peft import LoraConfig
+
+        if layers not in self.lora_layer_sets:
+            raise InvalidInput(f"lora_layers must be one of {', '.join(self.lora_layer_sets)}; got {layers!r}")
+        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_layer_sets[layers]))
+
+    def add_lora(self, rank: int, alpha: float, layers: str = "attention") -> list[torch.nn.Parameter]:
+        """Attach a fresh LoRA to the denoiser; return its trainable parameters (all else frozen)."""
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(self.lora_config(rank, alpha, layers), adapter_name=self.adapter_name)
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser, adapter_name=self.adapter_name)
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.denoiser, state, adapter_name=self.adapter_name)
+
+    def save_lora(self, folder: Path) -> list[str]:
+        """Write the adapter in the format plain diffusers (or peft) loads; return file names."""
+        raise NotImplementedError
+
+    def load_lora(self, folder: Path) -> None:
+        """Load a saved adapter into this model (as adapter `hotfix`)."""
+        raise NotImplementedError
+
+    def has_lora(self) -> bool:
+        """True when some layer still holds LoRA weights (peft keeps emptied layers after deletion)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return any(isinstance(m, BaseTunerLayer) and len(getattr(m, "lora_A", {})) > 0 for m in self.denoiser.modules())
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the base model: every LoRA layer off inside the block, back on after."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    def remove_lora(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not self.has_lora():
+            return
+        if hasattr(self.denoiser, "delete_adapters"):
+            try:
+                self.denoiser.delete_adapters(self.denoiser.active_adapters())
+                return
+            except (ValueError, AttributeError):
+                pass
+        for module in self.denoiser.modules():
+            if isinstance(module, BaseTunerLayer):
+                for name in list(module.active_adapters):
+                    module.delete_adapter(name)
+
+
+@dataclass
+class SamplingRecord:
+    """The states of sampling runs of B seeds over K steps, flattened (step-major within each chunk of seeds).
+
+    `cond`/`uncond` hold the conditioning rows the pipeline used (B rows each, reused every step);
+    `out_cond`/`out_uncond` the denoiser's predictions there (out_uncond is None without guidance).
+    """
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    out_cond: torch.Tensor
+    out_uncond: torch.Tensor | None
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    images: list
+    prompt: str = ""
+
+    @classmethod
+    def from_calls(cls, calls, batch: int, images, prompt: str = "") -> "SamplingRecord":
+        guided = calls[0][0].shape[0] == 2 * batch
+
+        def half(tensor, which):
+            return tensor[batch * which : batch * (which + 1)] if guided else tensor
+
+        return cls(
+            x_t=torch.cat([half(x, 1) for x, _, _, _ in calls]),
+            timesteps=torch.cat([half(t, 1) for _, t, _, _ in calls]),
+            out_cond=torch.cat([half(out, 1) for _, _, _, out in calls]),
+            out_uncond=torch.cat([half(out, 0) for _, _, _, out in calls]) if guided else None,
+            cond={k: half(v, 1) for k, v in calls[0][2].items()},
+            uncond={k: half(v, 0) for k, v in calls[0][2].items()} if guided else None,
+            images=images,
+            prompt=prompt,
+        )
+
+    @classmethod
+    def merge(cls, records: list["SamplingRecord"]) -> "SamplingRecord":
+        """Records of the same prompt (sampled in chunks of seeds) as one; conditioning rows are shared."""
+        first = records[0]
+        if len(records) == 1:
+            return first
+        return cls(
+            x_t=torch.cat([r.x_t for r in records]),
+            timesteps=torch.cat([r.timesteps for r in records]),
+            out_cond=torch.cat([r.out_cond for r in records]),
+            out_uncond=torch.cat([r.out_uncond for r in records]) if first.out_uncond is not None else None,
+            cond=first.cond,
+            uncond=first.uncond,
+            images=[image for r in records for image in r.images],
+            prompt=first.prompt,
+        )
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]

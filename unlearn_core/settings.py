@@ -1,0 +1,82 @@
+"""Server and tool settings, read from the environment once at start-up.
+
+`Settings.from_env()` is called by the app's and the CLI's entry points and the result is passed
+to what needs it; nothing else reads `HOTFIX_*` variables. Gradio's own `GRADIO_SERVER_NAME` and
+`GRADIO_SERVER_PORT` (which Hugging Face Spaces set) win over `HOTFIX_HOST` / `HOTFIX_PORT`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL_DIR = PACKAGE_ROOT / "assets" / "demo-model"  # resolved from the package, not the working directory
+
+
+def _list(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable from the environment, with its default."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    runs_dir: Path = PACKAGE_ROOT / "runs"
+    device: str = "auto"
+    username: str | None = None
+    password: str | None = None
+    model_allowlist: tuple[str, ...] = ()
+    cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
+    sscd_path: Path | None = None
+    clip_model: str | None = None
+    download_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        cache = Path(env["HOTFIX_CACHE"]) if env.get("HOTFIX_CACHE") else cls.cache_dir
+        return cls(
+            host=env.get("GRADIO_SERVER_NAME") or env.get("HOTFIX_HOST") or cls.host,
+            port=int(env.get("GRADIO_SERVER_PORT") or env.get("HOTFIX_PORT") or cls.port),
+            runs_dir=Path(env.get("HOTFIX_RUNS_DIR") or cls.runs_dir).resolve(),
+            device=env.get("HOTFIX_DEVICE") or cls.device,
+            username=env.get("HOTFIX_USERNAME") or None,
+            password=env.get("HOTFIX_PASSWORD") or None,
+            model_allowlist=_list(env.get("HOTFIX_MODEL_ALLOWLIST")),
+            cache_dir=cache,
+            sscd_path=Path(env["HOTFIX_SSCD_PATH"]) if env.get("HOTFIX_SSCD_PATH") else None,
+            clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
+            download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
+        )
+
+    @property
+    def login(self) -> tuple[str, str] | None:
+        return (self.username, self.password) if self.username and self.password else None
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """The process's settings: read from the environment on first use, then fixed."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def forget() -> None:
+    """The next `current()` reads the environment again (tests start each case this way)."""
+    global _current
+    _current = None
+
+
+def use(settings: Settings) -> Settings:
+    """Install settings read by an entry point (the app, the CLI, the worker, a test)."""
+    global _current
+    _current = settings
+    return settings

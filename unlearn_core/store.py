@@ -1,0 +1,254 @@
+"""The job store: unlearning jobs that outlive a browser tab.
+
+One row per job in `runs/jobs.sqlite` (WAL mode, one connection per call, so any thread may use
+it); the row is the job's state. A job's files live in its `RunFolder`, `runs/jobs/<job_id>/`:
+`create` writes the uploaded images and `config.json` there once, and the worker
+(`unlearn_core.worker`) runs that folder. A server that dies leaves jobs "running";
+`mark_interrupted()` (called at start-up) turns them into "interrupted", and `resume()` queues them
+again: the job process resumes from the folder's checkpoint.
+
+Never imports gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from unlearn_core.config import InstanceTarget, UnlearnConfig, check_prompt, check_seed
+from unlearn_core.errors import AccessDenied, InvalidInput, JobNotFound, JobStateError, NotReady
+from unlearn_core.files import save_image_atomic
+from unlearn_core.runfolder import RunFolder
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+RESUMABLE = ("interrupted", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled", "interrupted")
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    model TEXT NOT NULL,
+    targets TEXT NOT NULL,
+    config TEXT NOT NULL,
+    state TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    run_dir TEXT NOT NULL
+)
+"""
+
+
+@dataclass
+class Job:
+    """One row of the store."""
+
+    id: str
+    created: float
+    updated: float
+    model: str
+    targets: list[dict]
+    config: dict
+    state: str
+    step: int
+    total: int
+    error: str
+    run_dir: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+
+class JobStore:
+    """Jobs in SQLite under `runs_dir`; every method opens its own connection (thread-safe)."""
+
+    def __init__(self, runs_dir: str | os.PathLike):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.jobs_dir = self.runs_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.runs_dir / "jobs.sqlite"
+        with closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)  # autocommit; explicit BEGIN where needed
+        db.row_factory = sqlite3.Row
+        return db
+
+    # -- rows ------------------------------------------------------------------------------
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["targets"] = json.loads(data["targets"])
+        data["config"] = json.loads(data["config"])
+        return Job(**data)
+
+    def create(self, model: str, config: UnlearnConfig, instances: list[dict]) -> Job:
+        """Queue a job. Each instance: {prompt, seed, surrogate: PIL image, target: PIL image | None}.
+
+        The images and the request (`config.json`) are written into the job's run folder first,
+        so the job needs nothing from the caller's session afterwards.
+        """
+        if not instances:
+            raise InvalidInput("give at least one target to unlearn")
+        if len({instance.get("target") is None for instance in instances}) > 1:
+            raise InvalidInput("give a target image for every instance or for none")
+        for instance in instances:  # refuse bad values before anything is written to disk
+            check_prompt(instance.get("prompt", ""))
+            check_seed(instance.get("seed"))
+        job_id = "j" + secrets.token_urlsafe(12)  # a letter first: never mistaken for an option
+        folder = RunFolder(self.jobs_dir / job_id).create()
+        targets = [vars(self._save_instance(folder, index, instance)) for index, instance in enumerate(instances)]
+        folder.write_request(model, config.to_dict(), targets)
+        now = time.time()
+        with closing(self._connect()) as db:
+            db.execute(
+                "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?)",
+                (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path)),
+            )
+        return self.get(job_id)
+
+    @staticmethod
+    def _save_instance(folder: RunFolder, index: int, instance: dict) -> InstanceTarget:
+        surrogate: Image.Image = instance["surrogate"]
+        surrogate_path = save_image_atomic(surrogate, folder.input_image("surrogate", index))
+        target_path = None
+        if instance.get("target") is not None:
+            target_path = str(save_image_atomic(instance["target"], folder.input_image("target", index)))
+        return InstanceTarget(str(instance["prompt"]), int(instance["seed"]), str(surrogate_path), target_path)
+
+    def get(self, job_id: str) -> Job | None:
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id.strip()):
+            return None
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id.strip(),)).fetchone()
+        return self._job(row) if row else None
+
+    def require(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return job
+
+    def list(self, limit: int = 200) -> list[Job]:
+        """Newest first."""
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        return [self._job(row) for row in rows]
+
+    def update(self, job_id: str, **values) -> None:
+        allowed = {"state", "step", "total", "error"}
+        if not values or set(values) - allowed:
+            raise InvalidInput(f"can only update {', '.join(sorted(allowed))}")
+        if "state" in values and values["state"] not in STATES:
+            raise InvalidInput(f"unknown state {values['state']!r}")
+        columns = ", ".join(f"{name} = ?" for name in values)
+        with closing(self._connect()) as db:
+            db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?", (*values.values(), time.time(), job_id))
+
+    def _switch(self, job_id: str, to: str, when: tuple[str, ...], error: str = "") -> bool:
+        """Move a job to `to` only if it is in one of `when`, in one statement (no check-then-act race)."""
+        marks = ", ".join("?" * len(when))
+        with closing(self._connect()) as db:
+            cursor = db.execute(f"UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ? AND state IN ({marks})", (to, error, time.time(), job_id, *when))
+            return cursor.rowcount == 1
+
+    def claim_next(self) -> Job | None:
+        """The oldest queued job, atomically switched to running (several workers may ask)."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
+            if row is None:
+                db.execute("COMMIT")
+                return None
+            db.execute("UPDATE jobs SET state = 'running', error = '', updated = ? WHERE id = ?", (time.time(), row["id"]))
+            db.execute("COMMIT")
+        return self.get(row["id"])
+
+    # -- life cycle ------------------------------------------------------------------------
+    def mark_interrupted(self) -> list[str]:
+        """At start-up: jobs a dead server left running or queued become 'interrupted'."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE state IN ('running', 'queued')")]
+            db.execute("UPDATE jobs SET state = 'interrupted', error = 'the server stopped while the job was pending; resume it', updated = ? WHERE state IN ('running', 'queued')", (time.time(),))
+            db.execute("COMMIT")
+        return ids
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued → cancelled now; running → ask the job's process to stop (its cancel flag)."""
+        job = self.require(job_id)
+        if self._switch(job.id, "cancelled", ("queued",), "cancelled before it started"):
+            return self.require(job_id)
+        job = self.require(job_id)
+        if job.state != "running":
+            raise JobStateError(f"job {job.id} is {job.state}; only queued or running jobs can be cancelled")
+        job.folder.request_cancel()
+        return job
+
+    def resume(self, job_id: str) -> Job:
+        """Queue an interrupted, failed or cancelled job again; it continues from its checkpoint."""
+        job = self.require(job_id)
+        if not self._switch(job.id, "queued", RESUMABLE):
+            raise JobStateError(f"job {job.id} is {self.require(job_id).state}; only {', '.join(RESUMABLE)} jobs can be resumed")
+        job.folder.clear_cancel()
+        return self.require(job_id)
+
+    # -- files -----------------------------------------------------------------------------
+    def resolve_path(self, path: str | os.PathLike) -> Path:
+        """A path inside the runs folder (relative paths are taken from it); refuse anything else."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self.runs_dir / candidate
+        resolved = candidate.resolve()
+        if resolved != self.runs_dir and self.runs_dir not in resolved.parents:
+            raise AccessDenied(f"{path} is outside the runs folder")
+        return resolved
+
+    def adapter_files(self, job_id: str) -> list[Path]:
+        """The finished job's adapter weights and card (checked to lie in the runs folder)."""
+        job = self.require(job_id)
+        folder = RunFolder(self.resolve_path(job.run_dir))
+        files = folder.adapter_files()
+        if not files or not folder.card_file.is_file():
+            raise NotReady(f"job {job.id} has no adapter yet (state: {job.state})")
+        return [self.resolve_path(path) for path in files]
+
+
+def progress(job: Job) -> dict:
+    """Step/total, latest losses, gradient-conflict rate and ETA, for display."""
+    folder = job.folder
+    rows = folder.read_loss_log()
+    step = max(job.step, int(rows[-1]["step"]) if rows else 0)
+    total = job.total or job.config.get("steps", 0)
+    info = {"id": job.id, "state": job.state, "step": step, "total": total, "error": job.error, "model": job.model,
+            "loss_forget": None, "loss_remember": None, "conflict_rate": None, "seconds_per_step": None, "eta_s": None,
+            "toward_surrogate": None, "stop_at_r": job.config.get("stop_at_r")}
+    if rows:
+        recent = rows[-20:]
+        seconds = sum(r["seconds_per_step"] for r in recent) / len(recent)
+        info.update(loss_forget=rows[-1]["loss_forget"], loss_remember=rows[-1]["loss_remember"],
+                    conflict_rate=sum(r["cosine"] < 0 for r in rows) / len(rows), seconds_per_step=seconds,
+                    toward_surrogate=next((r["toward_surrogate"] for r in reversed(rows) if r.get("toward_surrogate") is not None), None))
+        if job.state == "running":
+            info["eta_s"] = max(0.0, (total - step) * seconds)
+    phase = folder.read_status().get("phase") if job.state == "running" else None
+    info["phase"] = phase or ("training" if rows and job.state == "running" else job.state)
+    return info
