@@ -13,13 +13,16 @@ import signal
 
 import gradio as gr
 
+from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
+from ui.common import Services, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
 from unlearn_core.store import JobStore
 from unlearn_core.worker import JobWorker
-from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
-from ui.common import Services, model_picker, refuse_non_finite
 
 MAX_FILE_SIZE = "20mb"
+ZERO_GPU_NOTE = ("**On ZeroGPU** generation, surrogates, the adapter preview and the instruction probe run on the GPU (inside "
+                 "`spaces.GPU` calls), but unlearning jobs run in their own process, which ZeroGPU gives no GPU: they train on the CPU, "
+                 "slowly. For GPU training, run this Space on dedicated GPU hardware.")
 
 
 def instruction_tab() -> None:
@@ -33,6 +36,8 @@ def build(services: Services) -> gr.Blocks:
     with gr.Blocks(title="Hotfix Studio") as demo:
         gr.Markdown("# Hotfix Studio\nRemove one specific bad output of a diffusion model with a small LoRA: "
                     "generate → flag → surrogate → unlearn → inspect → export.")
+        if settings_module.current().zero_gpu:
+            gr.Markdown(ZERO_GPU_NOTE, elem_id="zero-gpu-note")
         model_state = model_picker(services.device)
         target_state = gr.State(None)
         surrogate_state = gr.State(None)
@@ -59,6 +64,8 @@ def _interrupt(signum, frame):
 
 def main() -> None:
     settings = settings_module.use(settings_module.Settings.from_env())
+    if settings.zero_gpu:
+        print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
     store = JobStore(settings.runs_dir)
     interrupted = store.mark_interrupted()
     if interrupted:

@@ -21,7 +21,7 @@ def fresh_settings():
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folders of tiny saved pipelines, one per family (built once per test session)."""
     root = tmp_path_factory.mktemp("tiny-models")
-    return {kind: save_tiny(kind, root / kind) for kind in ("sd", "sd-v", "sd3", "ddpm")}
+    return {kind: save_tiny(kind, root / kind) for kind in ("sd", "sd-v", "sd3", "sdxl", "ddpm")}
 
 
 @pytest.fixture(scope="session")

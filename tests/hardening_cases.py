@@ -191,8 +191,8 @@ def make_files(folder: Path) -> dict[str, Path]:
     save("flat_red", Image.new("RGB", (64, 64), (200, 30, 30)))
     save("float_tiff", Image.fromarray(rng.random((64, 64)).astype(np.float32)), suffix=".tiff")
 
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     (folder / "random").mkdir(exist_ok=True)
     files["random_safetensors"] = folder / "random" / "random.safetensors"

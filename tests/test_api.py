@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,9 @@ def test_generate_surrogate_unlearn_download(client, server, tmp_path):
     done = wait_for_job(client, job_id, server=server)
     assert done["step"] == 4
 
-    weights, card = client.predict(job_id, api_name="/download_adapter")
+    weights, card, bundle = client.predict(job_id, api_name="/download_adapter")
+    with zipfile.ZipFile(bundle) as archive:  # the whole adapter folder, without the flagged images
+        assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md", "adapter_card.json"} == set(archive.namelist())
     state = load_file(weights)
     assert state and any("lora" in key for key in state)
     card_data = json.loads(Path(card).read_text())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from unlearn_core.cache import GenerationCache
@@ -15,7 +16,7 @@ from unlearn_core.models import load_model
 from unlearn_core.run import run_unlearning
 
 PROMPT = "flag of japan"
-FAMILIES = ["sd", "sd-v", "sd3", "ddpm"]
+FAMILIES = ["sd", "sd-v", "sd3", "sdxl", "ddpm"]
 
 
 def _config(**overrides) -> UnlearnConfig:
@@ -45,6 +46,9 @@ def test_unlearning_run_writes_folder_and_changes_lora(kind, tiny_models, cache_
     weights = load_file(str(weights_file))
     lora_b = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
+    if kind != "ddpm":  # diffusers' save_lora_weights stores the LoraConfig in the safetensors header
+        with safe_open(str(weights_file), "pt") as handle:
+            assert "lora_adapter_metadata" in (handle.metadata() or {})
     card = json.loads((run_dir / "adapter_card.json").read_text())
     assert card["targets"][0]["seed"] == 7 and card["base_model"] == str(tiny_models[kind])
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -56,7 +60,7 @@ def test_unlearning_run_writes_folder_and_changes_lora(kind, tiny_models, cache_
     assert len(log_lines) == 1 + 3
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl"])
 def test_adapter_loads_in_plain_diffusers_and_changes_target_seed(kind, tiny_models, cache_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -74,7 +78,7 @@ def test_adapter_loads_in_plain_diffusers_and_changes_target_seed(kind, tiny_mod
     assert np.abs(after - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl"])
 def test_plain_diffusers_reproduces_the_trained_adapter_exactly(kind, tiny_models, cache_dir, tmp_path):
     """Convolution LoRA layers and lora_alpha ≠ rank survive save → load_lora_weights unchanged."""
     from diffusers import DiffusionPipeline
@@ -103,7 +107,7 @@ def test_ddpm_adapter_loads_with_plain_peft(tiny_models, cache_dir, tmp_path):
     assert (after - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["sd", "ddpm"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "ddpm"])
 def test_adapter_loads_back_into_our_model(kind, tiny_models, cache_dir, tmp_path):
     _, _, run_dir, _ = _run(kind, tiny_models, cache_dir, tmp_path)
     model = load_model(str(tiny_models[kind]), "cpu")
@@ -144,7 +148,7 @@ def test_several_targets_in_one_run(tiny_models, cache_dir, tmp_path):
     assert (tmp_path / "run" / "target_1.png").is_file()
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl"])
 def test_initial_noise_is_the_pipelines_own_draw(kind, tiny_models):
     """Seed-anchored forget noise relies on this: latents=initial_noise(seed) ≡ generator=seed."""
     model = load_model(str(tiny_models[kind]), "cpu")

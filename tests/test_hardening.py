@@ -194,7 +194,7 @@ def test_bad_input(case, server, client, files, finished_job, tmp_path, capsys, 
 def test_server_still_generates_after_the_abuse(server, client, finished_job):
     gallery, provenance = client.predict("flag of japan", "0-1", 4, 5.0, api_name="/generate")
     assert len(gallery) == 2 and provenance[1]["seed"] == 1
-    weights, card = client.predict(finished_job, api_name="/download_adapter")
+    weights, card, _ = client.predict(finished_job, api_name="/download_adapter")
     assert Path(weights).stat().st_size > 0 and json.loads(Path(card).read_text())["config"]["steps"] == SHORT_CONFIG["steps"]
 
 
@@ -304,13 +304,13 @@ def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     """No real config makes the demo model's loss NaN (lr 1.0, alpha/rank 1024, no clipping, bf16 all
     stay finite), so the fault is injected in the data: the surrogate latents turn NaN after step 5."""
     import torch
+    from PIL import Image
 
     from tests.tiny import save_tiny
     from unlearn_core.config import UnlearnConfig
     from unlearn_core.models import load_model
     from unlearn_core.sets import encode_sets
     from unlearn_core.trainer import TrainingDiverged, UnlearnTrainer
-    from PIL import Image
 
     model = load_model(str(save_tiny("sd", tmp_path / "tiny")), "cpu")
     model.add_lora(2, 2.0)
@@ -409,8 +409,8 @@ def test_remote_code_is_never_trusted():
 
 def test_model_allow_list(monkeypatch, tmp_path, capsys):
     from tests.tiny import save_tiny
-    from unlearn_core.cli import main, parse_args
     from unlearn_core import settings
+    from unlearn_core.cli import main, parse_args
     from unlearn_core.errors import ModelLoadError
     from unlearn_core.models import load_model
 

@@ -65,6 +65,36 @@ def tiny_sd3():
     )
 
 
+def tiny_sdxl():
+    """As diffusers' SDXL pipeline tests build it: pooled text (projection_dim 32) + 6 size ids × 8 = 80."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    projection_dim, time_embed_dim = 32, 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
+        cross_attention_dim=64, norm_num_groups=1,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2, sample_size=16, scaling_factor=0.13025,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1, hidden_size=32,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=projection_dim,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer, text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler,
+    )
+
+
 def tiny_ddpm():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
@@ -76,7 +106,7 @@ def tiny_ddpm():
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
 
 
-BUILDERS = {"sd": tiny_sd, "sd-v": lambda: tiny_sd("v_prediction"), "sd3": tiny_sd3, "ddpm": tiny_ddpm}
+BUILDERS = {"sd": tiny_sd, "sd-v": lambda: tiny_sd("v_prediction"), "sd3": tiny_sd3, "sdxl": tiny_sdxl, "ddpm": tiny_ddpm}
 
 
 def save_tiny(kind: str, folder: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Adapters: download a job's LoRA + card; load an adapter and compare base vs adapter."""
+"""Adapters: download a job's LoRA, its cards or the whole adapter folder as a zip; push it to the
+Hub; load an adapter and compare base vs adapter."""
 
 from __future__ import annotations
 
@@ -9,23 +10,33 @@ from pathlib import Path
 
 import gradio as gr
 
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu
 from unlearn_core.config import parse_seeds
 from unlearn_core.errors import AdapterError
-from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu
-
+from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
+from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES, RunFolder
 
 
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     store = services.store
-    gr.Markdown("### Download\nThe LoRA in diffusers format plus its card (base model, target provenance, config, metrics).")
+    gr.Markdown("### Download\nThe LoRA in diffusers format, its card (base model, target provenance, config, metrics), or the whole "
+                "adapter folder as one zip: diffusers file, kohya file for ComfyUI / AUTOMATIC1111, model card `README.md` and `adapter_card.json` "
+                "(never the flagged target or its surrogate).")
     with gr.Row():
         job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="ada-job", scale=4)
         prepare = gr.Button("Get adapter files", variant="primary", elem_id="ada-prepare", scale=1)
     with gr.Row():
         weights = gr.File(label="Adapter weights (.safetensors)", interactive=False, elem_id="ada-download")
         card_file = gr.File(label="Adapter card (JSON)", interactive=False, elem_id="ada-card")
+        bundle = gr.File(label="Whole adapter folder (.zip)", interactive=False, elem_id="ada-zip")
     card = gr.JSON(label="Card", elem_id="ada-card-json")
+    with gr.Accordion("Push to the Hugging Face Hub", open=False):
+        with gr.Row():
+            repo = gr.Textbox("", label="Model repository", placeholder=REPO_ID_HELP, elem_id="ada-repo", scale=3)
+            token = gr.Textbox("", label="Token with write access (empty: the server's HF_TOKEN)", type="password", elem_id="ada-token", scale=3)
+        with_images = gr.Checkbox(False, label="Also upload the target and surrogate images (they show what is being removed)", elem_id="ada-push-images")
+        push = gr.Button("Push (private repository)", elem_id="ada-push")
+        pushed = gr.Markdown("", elem_id="ada-pushed")
 
     gr.Markdown("### Try an adapter\nBase model and adapter on the same seeds (same initial noise), side by side.")
     with gr.Row():
@@ -46,9 +57,19 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     def download(job_id):
         try:
             files = store.adapter_files(job_id or "")
+            folder = RunFolder(files[0].parent)
+            archive = adapter_zip(folder, folder.adapter_zip)
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
-        return str(files[0]), str(files[-1])
+        return str(files[0]), str(files[-1]), str(archive)
+
+    def push_job(job_id, repo_id, token_text, images):
+        try:
+            files = store.adapter_files(job_id or "")
+            url = push_to_hub(RunFolder(files[0].parent), (repo_id or "").strip(), token=(token_text or "").strip() or None, include_images=bool(images))
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        return f"Pushed to [{url}]({url})" + (" with the target and surrogate images." if images else " (adapter and cards only).")
 
     def read_card(path):
         return json.loads(Path(path).read_text()) if path else None
@@ -73,14 +94,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             model = get_model(model_id, services.device)
             target = (card_data.get("targets") or [{}])[0]
             text = prompt_text or target.get("prompt", "")
-            try:
-                model.load_lora(folder)
-            except Exception as error:  # diffusers / peft raise many kinds for a file of the wrong shape
-                model.remove_lora()  # never leave half an adapter on the shared model
-                text = str(error)
-                reason = ("its layer shapes do not match this model (an adapter trained on another base model?)" if "size mismatch" in text
-                          else (text.strip().splitlines() or [type(error).__name__])[0][:300])
-                raise AdapterError(f"cannot load this adapter into {model.source}: {reason}") from None
+            model.load_lora(folder)  # an AdapterError when it does not fit, with nothing left loaded
             try:
                 after = model.generate(text, seed_list, int(step_count or 25))
                 with model.adapter_disabled():
@@ -98,6 +112,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             note = f"⚠ this adapter was trained on `{card_data['base_model']}`, the loaded model is `{model.source}`. "
         return items, note + f"Prompt `{text}`, seeds {seed_list}: left base, right adapter."
 
-    prepare.click(download, [job], [weights, card_file], api_name="download_adapter").success(read_card, [card_file], [card], **INTERNAL)
+    push.click(push_job, [job, repo, token, with_images], [pushed], **INTERNAL)
+    prepare.click(download, [job], [weights, card_file, bundle], api_name="download_adapter").success(read_card, [card_file], [card], **INTERNAL)
     tab.select(choices, [job], [job], **INTERNAL)
     compare.click(try_adapter, [job, upload, prompt, seeds, steps, model_state], [gallery, verdict], api_name="try_adapter", **MODEL_QUEUE)

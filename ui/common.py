@@ -13,10 +13,10 @@ from PIL import Image, UnidentifiedImageError
 
 from unlearn_core.config import DEMO_MODEL
 from unlearn_core.errors import OperatorError
+from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.store import JobStore
 from unlearn_core.worker import JobWorker
-from unlearn_core.models import DiffusionModel, load_model
 
 # Every event that runs the model shares one queue slot: a pipeline is not thread-safe, and the
 # adapter tab attaches a LoRA for the length of its call.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, on_gpu
 from unlearn_core.config import GenerationRequest, parse_seeds
 from unlearn_core.generate import generate_grid
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, on_gpu
 
 
 def caption(provenance: dict) -> str:

@@ -13,10 +13,10 @@ import tempfile
 
 import gradio as gr
 
+from ui.common import MODEL_QUEUE, get_model, on_gpu
 from unlearn_core import probe, settings
 from unlearn_core.config import DEMO_MODEL
 from unlearn_core.errors import OperatorError
-from ui.common import MODEL_QUEUE, get_model, on_gpu
 
 DEFAULT_CONCEPT = "the flag of japan"
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import gradio as gr
 import pandas as pd
 
-from unlearn_core.store import progress
 from ui.common import INTERNAL, Services, job_choices, loss_frame
+from unlearn_core.store import progress
 
 COLUMNS = ["comparison", "SSCD", "LPIPS", "SSIM", "PSNR", "reading"]
 

@@ -8,11 +8,11 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, image_input, on_gpu
 from unlearn_core import metrics
-from unlearn_core.errors import ImageError
+from unlearn_core.errors import ImageError, NotReady
 from unlearn_core.images import open_image
 from unlearn_core.surrogate import SURROGATE_METHODS, SurrogateOptions, make_surrogate
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, image_input, on_gpu
 
 EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush stroke is not a blot
 BRUSH_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#ffffff", "#000000", "#ffdd00"]
@@ -89,7 +89,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     def build(target, options: SurrogateOptions, model_id):
         """Make the surrogate; returns it, its metrics and the state."""
         if target is None:
-            raise ImageError("no target: flag an image in 'Generate & flag' first (or pass a target image)")
+            raise NotReady("no target: flag an image in 'Generate & flag' first (or pass a target image)")
         model = get_model(model_id, services.device)
         target = open_image(target, "target").resize(model.image_size)
         surrogate = make_surrogate(model, target, options)
@@ -109,7 +109,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     def use_canvas(value, target, model_id):
         try:
             if not target:
-                raise ImageError("no target: flag an image in 'Generate & flag' first")
+                raise NotReady("no target: flag an image in 'Generate & flag' first")
             painted = canvas_image(value)
         except OPERATOR_ERRORS as error:
             gr.Warning(str(error))

@@ -7,12 +7,11 @@ from dataclasses import MISSING, fields
 
 import gradio as gr
 
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
 from unlearn_core.config import DEMO_MODEL, PRESETS, UnlearnConfig, check_seed
-from unlearn_core.errors import ImageError
+from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
 from unlearn_core.store import progress
-from unlearn_core.errors import InvalidInput
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
 WEB_EXCLUDED = ("remember_dir",)  # a server folder is not something a browser user may name
@@ -135,7 +134,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     def start_job(prompt_text, seed_value, surrogate_image, target_image, config_text, model_id):
         try:
             if surrogate_image is None:
-                raise ImageError("no surrogate: make one in the Surrogate tab (or pass a surrogate image)")
+                raise NotReady("no surrogate: make one in the Surrogate tab (or pass a surrogate image)")
             if seed_value is None:
                 raise InvalidInput("the target seed is empty: flag a target or type its seed")
             config = config_from_json(config_text)

@@ -17,7 +17,6 @@ from unlearn_core.files import save_image_atomic
 from unlearn_core.models import DiffusionModel
 
 
-
 def model_fingerprint(model: DiffusionModel) -> str:
     """The source plus, for a local folder, the sizes and times of its weight files."""
     path = Path(model.source)

@@ -6,6 +6,7 @@ Each verb is `parse_args(argv)` + `main(args)`, so tests call `main(parse_args([
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import fields
@@ -13,13 +14,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from unlearn_core.errors import InvalidInput
+from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, parse_seeds
+from unlearn_core.errors import InvalidInput
+from unlearn_core.settings import DTYPES
 
 
 def _add_model(parser):
     parser.add_argument("--model", default=DEMO_MODEL, help="hub id or local diffusers folder (default: the embedded demo model)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' precision (default auto: half precision on a GPU, fp32 elsewhere)")
+    parser.add_argument("--no-t5", action="store_true", default=None, help="SD3: load without the T5 text encoder")
 
 
 def _add_sampling(parser):
@@ -126,6 +131,10 @@ def cmd_unlearn(args) -> int:
     if result["metrics"]:
         print(verdict_line(result["metrics"]["forgetting"]))
     print(f"adapter and report in {args.out}")
+    if args.push_to_hub:
+        from unlearn_core.export import push_to_hub
+
+        print(f"pushed to {push_to_hub(folder, args.push_to_hub, include_images=args.push_images)}")
     return 0
 
 
@@ -222,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     unl.add_argument("--target", action="append", default=None, help="target image (default: the model's output for prompt + seed)")
     unl.add_argument("--out", required=True, help="run folder")
     unl.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    unl.add_argument("--push-to-hub", metavar="REPO", default=None, help="then upload the adapter and its cards to this Hub model repo (private; token from HF_TOKEN or `hf auth login`)")
+    unl.add_argument("--push-images", action="store_true", help="with --push-to-hub: also upload the target and surrogate images (left out by default)")
     _add_config_options(unl)
     unl.set_defaults(func=cmd_unlearn)
 
@@ -260,6 +271,8 @@ def parse_args(argv=None):
 def main(args) -> int:
     from unlearn_core.errors import OperatorError
 
+    loading = {name: value for name, value in (("dtype", getattr(args, "dtype", None)), ("without_t5", getattr(args, "no_t5", None))) if value is not None}
+    settings.use(dataclasses.replace(settings.current(), **loading))  # the job process of `unlearn` loads with them too
     try:
         return args.func(args)
     except OperatorError as error:  # anything else is a bug and keeps its traceback

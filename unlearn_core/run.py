@@ -12,11 +12,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from unlearn_core import __version__
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import InstanceTarget, UnlearnConfig
-from unlearn_core.evaluation import EvalTarget, evaluate
 from unlearn_core.errors import ImageError, InvalidInput
+from unlearn_core.evaluation import EvalTarget, evaluate
+from unlearn_core.export import adapter_card, save_kohya, write_cards
 from unlearn_core.files import save_image_atomic
 from unlearn_core.images import load_for_model
 from unlearn_core.models import DiffusionModel
@@ -121,22 +121,6 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     return sets
 
 
-def write_card(folder: RunFolder, model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> None:
-    card = {
-        "hotfix_studio_version": __version__,
-        "base_model": model.source,
-        "family": model.family,
-        "prediction_type": model.prediction_type,
-        "adapter_files": files,
-        "load_with": "pipe.load_lora_weights(run_dir)" if model.family != "ddpm" else "peft.PeftModel.from_pretrained(unet, run_dir)",
-        "targets": [{"prompt": t.prompt, "seed": t.seed, "target_image": folder.training_image("target", i).name, "surrogate_image": folder.training_image("surrogate", i).name} for i, t in enumerate(targets)],
-        "config": config.to_dict(),
-        "training": summary,
-        "metrics": metrics,
-    }
-    folder.write_card(card)
-
-
 def run_unlearning(
     model: DiffusionModel,
     targets: list[InstanceTarget],
@@ -170,7 +154,7 @@ def run_unlearning(
     callbacks.on_phase("training")
     log = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop).train()
     trained = time.time()
-    files = [] if config.full_finetune else model.save_lora(folder.path)
+    files = [] if config.full_finetune else model.save_lora(folder.path) + save_kohya(model, folder)
     summary = {**summarise(log), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
     metrics = None
     if evaluate_after:
@@ -181,6 +165,6 @@ def run_unlearning(
     if metrics is not None:
         metrics["timing"] = summary
         folder.write_metrics(metrics)
-    write_card(folder, model, resolved, config, files, metrics, summary)
+    write_cards(folder, adapter_card(folder, model, resolved, config, files, metrics, summary), kohya=folder.kohya_weights.name in files)
     folder.checkpoint.unlink(missing_ok=True)
     return {"run_dir": str(folder.path), "files": files, "summary": summary, "metrics": metrics}

@@ -12,7 +12,9 @@ CLI's `unlearn` verb:
     target_0.png  surrogate_0.png  ...   the images the run trained on
     pytorch_lora_weights.safetensors     the adapter (diffusers' name; peft's
                                          adapter_model.safetensors + adapter_config.json for DDPM)
-    adapter_card.json  metrics.json  before_after.png
+    lora_kohya.safetensors               the same LoRA in kohya's format (UNet families)
+    adapter_card.json  README.md         the adapter's card, as JSON and as a Hub model card
+    metrics.json  before_after.png
     worker.log         the job process's output (the one file appended, not replaced)
 
 Every write goes through a temporary file in the same folder and a rename, so a reader (the
@@ -31,8 +33,8 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
 
-from unlearn_core.files import read_json, write_bytes_atomic, write_json_atomic
 from unlearn_core.errors import NotReady
+from unlearn_core.files import read_json, write_bytes_atomic, write_json_atomic
 
 ADAPTER_WEIGHT_NAMES = (LORA_WEIGHT_NAME_SAFE, PEFT_WEIGHTS_NAME)  # owned by diffusers and peft
 
@@ -166,6 +168,19 @@ class RunFolder:
     @property
     def card_file(self) -> Path:
         return self.path / "adapter_card.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.path / "README.md"
+
+    @property
+    def adapter_zip(self) -> Path:
+        """The publishable files as one download."""
+        return self.path / "adapter.zip"
+
+    @property
+    def kohya_weights(self) -> Path:
+        return self.path / "lora_kohya.safetensors"
 
     def write_card(self, card: dict) -> None:
         write_json_atomic(self.card_file, card)

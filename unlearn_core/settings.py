@@ -1,8 +1,9 @@
 """Server and tool settings, read from the environment once at start-up.
 
 `Settings.from_env()` is called by the app's and the CLI's entry points and the result is passed
-to what needs it; nothing else reads `HOTFIX_*` variables. Gradio's own `GRADIO_SERVER_NAME` and
-`GRADIO_SERVER_PORT` (which Hugging Face Spaces set) win over `HOTFIX_HOST` / `HOTFIX_PORT`.
+to what needs it; nothing else reads `HOTFIX_*` variables. The server binds to `HOTFIX_HOST` /
+`HOTFIX_PORT` when they are set, else to Gradio's own `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`
+(which Hugging Face Spaces set to 0.0.0.0:7860), else to 127.0.0.1:7860.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = PACKAGE_ROOT / "assets" / "demo-model"  # resolved from the package, not the working directory
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def _list(text: str | None) -> tuple[str, ...]:
@@ -27,6 +29,8 @@ class Settings:
     port: int = 7860
     runs_dir: Path = PACKAGE_ROOT / "runs"
     device: str = "auto"
+    dtype: str = "auto"  # auto: half precision on a GPU (bf16 where supported, else fp16), fp32 elsewhere
+    without_t5: bool = False  # SD3: leave out the T5 text encoder (about 10 GB in fp16)
     username: str | None = None
     password: str | None = None
     model_allowlist: tuple[str, ...] = ()
@@ -34,16 +38,19 @@ class Settings:
     sscd_path: Path | None = None
     clip_model: str | None = None
     download_timeout_s: float = 10.0
+    zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":
         env = os.environ if environ is None else environ
         cache = Path(env["HOTFIX_CACHE"]) if env.get("HOTFIX_CACHE") else cls.cache_dir
         return cls(
-            host=env.get("GRADIO_SERVER_NAME") or env.get("HOTFIX_HOST") or cls.host,
-            port=int(env.get("GRADIO_SERVER_PORT") or env.get("HOTFIX_PORT") or cls.port),
+            host=env.get("HOTFIX_HOST") or env.get("GRADIO_SERVER_NAME") or cls.host,
+            port=int(env.get("HOTFIX_PORT") or env.get("GRADIO_SERVER_PORT") or cls.port),
             runs_dir=Path(env.get("HOTFIX_RUNS_DIR") or cls.runs_dir).resolve(),
             device=env.get("HOTFIX_DEVICE") or cls.device,
+            dtype=env.get("HOTFIX_DTYPE") or cls.dtype,
+            without_t5=(env.get("HOTFIX_NO_T5") or "").lower() in ("1", "true", "yes"),
             username=env.get("HOTFIX_USERNAME") or None,
             password=env.get("HOTFIX_PASSWORD") or None,
             model_allowlist=_list(env.get("HOTFIX_MODEL_ALLOWLIST")),
@@ -51,7 +58,12 @@ class Settings:
             sscd_path=Path(env["HOTFIX_SSCD_PATH"]) if env.get("HOTFIX_SSCD_PATH") else None,
             clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
             download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
+            zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
         )
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"HOTFIX_DTYPE must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
 
     @property
     def login(self) -> tuple[str, str] | None:

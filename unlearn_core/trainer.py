@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from unlearn_core import objectives
+from unlearn_core.baselines import BaselineLosses
 from unlearn_core.config import UnlearnConfig
 from unlearn_core.files import write_bytes_atomic
-from unlearn_core.baselines import BaselineLosses
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, StatePool, record_target_states

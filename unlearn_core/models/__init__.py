@@ -1,7 +1,7 @@
 """Models: `load_model(source)` returns a `DiffusionModel` of the right family.
 
-`base` holds the interface and sampling records, `families` the Stable Diffusion, SD3 and pixel
-DDPM implementations.
+`base` holds the interface and sampling records, `families` the Stable Diffusion, SD3, SDXL and
+pixel DDPM implementations.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ import torch
 from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
 from unlearn_core.errors import ModelLoadError
-from unlearn_core.models.base import DiffusionModel, Provenance, SamplingRecord, pick_device, sdedit_steps, seeded_generators
-from unlearn_core.models.families import PixelDDPMModel, StableDiffusion3Model, StableDiffusionModel, TextToImageModel
+from unlearn_core.models.base import DiffusionModel, Provenance, SamplingRecord, pick_device, resolve_dtype, sdedit_steps, seeded_generators
+from unlearn_core.models.families import PixelDDPMModel, StableDiffusion3Model, StableDiffusionModel, StableDiffusionXLModel, TextToImageModel
 from unlearn_core.settings import DEMO_MODEL_DIR
 
 __all__ = ["DiffusionModel", "Provenance", "SamplingRecord", "PixelDDPMModel", "StableDiffusion3Model", "StableDiffusionModel",
-           "TextToImageModel", "load_model", "wrap_pipeline", "family_of", "pick_device", "sdedit_steps", "seeded_generators"]
+           "StableDiffusionXLModel", "TextToImageModel", "load_model", "wrap_pipeline", "family_of", "pick_device", "sdedit_steps", "seeded_generators"]
 
 
 FAMILIES = {
     "StableDiffusionPipeline": StableDiffusionModel,
     "StableDiffusion3Pipeline": StableDiffusion3Model,
+    "StableDiffusionXLPipeline": StableDiffusionXLModel,
     "DDPMPipeline": PixelDDPMModel,
     "DDIMPipeline": PixelDDPMModel,
 }
@@ -33,7 +34,7 @@ FAMILIES = {
 def family_of(pipe) -> type[DiffusionModel]:
     name = type(pipe).__name__
     if name not in FAMILIES:
-        raise ModelLoadError(f"{name} is not supported; use a Stable Diffusion 1.x/2.x, Stable Diffusion 3 or DDPM model")
+        raise ModelLoadError(f"{name} is not supported; use a Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 or DDPM model")
     return FAMILIES[name]
 
 
@@ -61,10 +62,35 @@ def _absent_components(path: Path) -> dict:
     return {name: None for name, value in entries.items() if isinstance(value, list) and value[:1] == [None]}
 
 
-def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtype | None = None, without_t5: bool = False) -> DiffusionModel:
+def _hub_reason(error: Exception, source: str) -> str | None:
+    """What to do about a Hub refusal anywhere in the error's chain (gated, missing, offline), or None."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    gated = f"{source} is gated: accept its licence on https://huggingface.co/{source} while logged in, then set HF_TOKEN (or run `hf auth login`) on this server"
+    missing = f"there is no model {source!r} on the Hub (or it is private: set HF_TOKEN to a token that can read it)"
+    offline = f"{source} is not downloaded yet and the Hub cannot be reached from this server (no network?)"
+    seen = error
+    while seen is not None:
+        if isinstance(seen, GatedRepoError):
+            return gated
+        if isinstance(seen, RepositoryNotFoundError):
+            return missing
+        if isinstance(seen, LocalEntryNotFoundError):
+            return offline
+        seen = seen.__cause__ or seen.__context__
+    text = str(error).lower()  # diffusers re-raises some of these as plain OSErrors with the reason in words
+    if "gated" in text:
+        return gated
+    if "not fully cached locally" in text or "couldn't connect" in text or "offline" in text:
+        return offline
+    return None
+
+
+def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torch.dtype | None = None, without_t5: bool | None = None) -> DiffusionModel:
     """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
 
-    `without_t5` drops SD3's T5 encoder (the pipeline then pads with zeros, as diffusers allows).
+    `dtype` (auto | fp32 | fp16 | bf16 or a torch dtype) and `without_t5` (drop SD3's T5 encoder;
+    the pipeline then pads with zeros, as diffusers allows) default to the settings.
     """
     from diffusers import DiffusionPipeline
 
@@ -75,15 +101,17 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: torch.dtyp
     path = DEMO_MODEL_DIR if source == DEMO_MODEL else Path(source)  # the demo model lives in the package, wherever the working directory is
     if path.exists() and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{source} is not a diffusers model folder (no model_index.json)")
+    config = settings.current()
+    target = pick_device(device)
     kwargs = {"trust_remote_code": False, **_absent_components(path)}
-    if without_t5:
+    if config.without_t5 if without_t5 is None else without_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    chosen = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or config.dtype, target)
+    if chosen != torch.float32:
+        kwargs["torch_dtype"] = chosen
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, **kwargs)
     except Exception as error:  # diffusers raises many kinds: OSError, ValueError, HTTP errors
-        reason = str(error).split("\n")[0][:300]
-        hint = " (no network? hub models need to be downloaded once)" if not path.exists() else ""
-        raise ModelLoadError(f"cannot load model {source!r}: {reason}{hint}") from error
-    return wrap_pipeline(pipe, source, device)
+        reason = _hub_reason(error, source) if not path.exists() else None
+        raise ModelLoadError(reason or f"cannot load model {source!r}: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from error
+    return wrap_pipeline(pipe, source, target)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unlearn_core.errors import InvalidInput
+from unlearn_core.errors import AdapterError, InvalidInput
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,22 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto: a CUDA GPU, else Apple's mps, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' precision: `auto` is half precision on a CUDA GPU (bf16 where the card has it,
+    else fp16; the LoRA weights stay fp32, as peft keeps them) and fp32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def sdedit_steps(strength: float, steps: int) -> int:
@@ -220,7 +233,18 @@ class DiffusionModel:
         raise NotImplementedError
 
     def load_lora(self, folder: Path) -> None:
-        """Load a saved adapter into this model (as adapter `hotfix`)."""
+        """Load a saved adapter into this model (as adapter `hotfix`). An adapter that does not fit
+        is refused with an `AdapterError` and leaves no half-loaded layers behind."""
+        try:
+            self._load_lora(folder)
+        except Exception as error:  # diffusers and peft raise many kinds for a file of the wrong shape or format
+            self.remove_lora()
+            text = str(error)
+            reason = ("its layer shapes do not match this model (an adapter trained on another base model?)" if "size mismatch" in text
+                      else (text.strip().splitlines() or [type(error).__name__])[0][:300])
+            raise AdapterError(f"cannot load this adapter into {self.source}: {reason}") from None
+
+    def _load_lora(self, folder: Path) -> None:
         raise NotImplementedError
 
     def has_lora(self) -> bool:

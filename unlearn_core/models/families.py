@@ -2,6 +2,7 @@
 
 - `StableDiffusionModel`: `StableDiffusionPipeline` (SD1.x/2.x, epsilon or v-prediction; the demo model)
 - `StableDiffusion3Model`: `StableDiffusion3Pipeline` (rectified flow, MMDiT; T5 optional)
+- `StableDiffusionXLModel`: `StableDiffusionXLPipeline` (two text encoders, pooled text and size conditioning)
 - `PixelDDPMModel`: `DDPMPipeline` / `UNet2DModel` (pixel space, unconditional)
 """
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from unlearn_core import objectives
 from unlearn_core.files import write_json_atomic
-from unlearn_core.models.base import DiffusionModel, seeded_generators, sdedit_steps
+from unlearn_core.models.base import DiffusionModel, sdedit_steps, seeded_generators
 from unlearn_core.runfolder import LORA_WEIGHT_NAME_SAFE, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
 
@@ -66,7 +67,7 @@ class TextToImageModel(DiffusionModel):
         width, height = self.image_size
         return self.pipe(prompt, latents=noise.to(self.device), num_inference_steps=steps, guidance_scale=guidance, width=width, height=height).images[0]
 
-    def load_lora(self, folder):
+    def _load_lora(self, folder):
         self.remove_lora()
         self.pipe.load_lora_weights(str(folder), adapter_name=self.adapter_name)
 
@@ -139,6 +140,49 @@ class StableDiffusion3Model(TextToImageModel):
 
     def predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
+
+
+class StableDiffusionXLModel(TextToImageModel):
+    """SDXL: two text encoders (hidden states concatenated, pooled embedding from the second) and
+    the micro-conditioning `time_ids`, all kept batch-first in the conditioning dict."""
+
+    family = "stable-diffusion-xl"
+    img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
+    lora_layers_argument = "unet_lora_layers"
+
+    def encode_prompts(self, prompts):
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds.float(), "text_embeds": pooled.float(), "time_ids": self.time_ids(len(prompts), int(pooled.shape[-1]))}
+
+    def time_ids(self, batch: int, projection_dim: int) -> torch.Tensor:
+        """What the pipeline passes at the model's own resolution: original size = target size =
+        (height, width), crop (0, 0), as diffusers' SDXL training script also does."""
+        width, height = self.image_size
+        ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=torch.float32, text_encoder_projection_dim=projection_dim)
+        return ids.to(self.device).repeat(batch, 1)
+
+    def encode_images(self, images):
+        """SDXL's original VAE overflows in fp16 (`force_upcast` in its config): it then encodes in
+        fp32, as the SDXL pipelines do."""
+        vae = self.pipe.vae
+        if vae.dtype != torch.float16 or not vae.config.get("force_upcast", False):
+            return super().encode_images(images)
+        vae.to(torch.float32)
+        try:
+            return super().encode_images(images)
+        finally:
+            vae.to(torch.float16)
+
+    def predict(self, denoiser, x_t, timesteps, cond):
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def denoiser_call(self, args, kwargs):
+        x_t = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        added = kwargs["added_cond_kwargs"]
+        return x_t, t, {"encoder_hidden_states": kwargs["encoder_hidden_states"], "text_embeds": added["text_embeds"], "time_ids": added["time_ids"]}
 
 
 class PixelDDPMModel(DiffusionModel):
@@ -222,7 +266,7 @@ class PixelDDPMModel(DiffusionModel):
         save_file(state, str(folder / PEFT_WEIGHTS_NAME))
         return [PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME]
 
-    def load_lora(self, folder):
+    def _load_lora(self, folder):
         from peft import LoraConfig
         from safetensors.torch import load_file
 

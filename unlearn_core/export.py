@@ -1,0 +1,175 @@
+"""What a run publishes: the adapter card (JSON), the Hub model card (README.md), a kohya-format
+copy of the LoRA for ComfyUI / AUTOMATIC1111, the adapter folder as one zip, and a push to the Hub.
+
+The target and surrogate images show the very output being removed, so none of these include them
+unless the operator asks for it (`include_images`).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import torch
+
+from unlearn_core import __version__
+from unlearn_core.config import DEMO_MODEL, UnlearnConfig
+from unlearn_core.errors import InvalidInput, NotReady
+from unlearn_core.files import write_bytes_atomic
+from unlearn_core.runfolder import RunFolder
+
+TAGS = ["lora", "diffusers", "text-to-image", "hotfix-studio", "unlearning"]
+REPO_ID_HELP = "a Hub repository id like 'your-name/chad-flag-hotfix'"
+
+
+# -- kohya ----------------------------------------------------------------------------------------
+def save_kohya(model, folder: RunFolder) -> list[str]:
+    """The UNet LoRA in kohya's format (`lora_unet_…` keys, one `.alpha` per module), which ComfyUI,
+    AUTOMATIC1111 and SD.Next load. diffusers' `convert_state_dict_to_kohya` renames the keys but
+    writes alpha = rank; the adapter's own `lora_alpha` is written instead, or it would load at the
+    wrong strength. Families without a UNet (SD3's transformer, whose diffusers file ComfyUI reads
+    as is) and pixel DDPM get no kohya file: returns the file names written."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save
+
+    if getattr(model, "denoiser_attribute", None) != "unet" or not model.conditional:
+        return []
+    config = model.denoiser.peft_config[model.adapter_name]
+    state = convert_state_dict_to_kohya({f"unet.{key}": value.detach().cpu().contiguous() for key, value in model.lora_state_dict().items()})
+    for key in [key for key in state if key.endswith(".alpha")]:
+        state[key] = torch.tensor(float(config.lora_alpha))
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha), "ss_base_model_version": model.family}
+    write_bytes_atomic(folder.kohya_weights, save(state, metadata=metadata))
+    return [folder.kohya_weights.name]
+
+
+# -- cards ----------------------------------------------------------------------------------------
+def adapter_card(folder: RunFolder, model, targets, config: UnlearnConfig, files: list[str], metrics: dict | None, summary: dict) -> dict:
+    """The machine-readable card (`adapter_card.json`): provenance, settings, training, metrics."""
+    return {
+        "hotfix_studio_version": __version__,
+        "base_model": model.source,
+        "family": model.family,
+        "prediction_type": model.prediction_type,
+        "adapter_files": files,
+        "load_with": "pipe.load_lora_weights(run_dir)" if model.family != "ddpm" else "peft.PeftModel.from_pretrained(unet, run_dir)",
+        "targets": [{"prompt": t.prompt, "seed": t.seed, "target_image": folder.training_image("target", i).name, "surrogate_image": folder.training_image("surrogate", i).name} for i, t in enumerate(targets)],
+        "config": config.to_dict(),
+        "training": summary,
+        "metrics": metrics,
+    }
+
+
+def _metric_lines(metrics: dict | None) -> list[str]:
+    if not metrics:
+        return ["Not evaluated."]
+    forgetting = metrics.get("forgetting", {})
+    lines = []
+    if forgetting.get("toward_surrogate") is not None:
+        lines.append(f"- **Verdict: {forgetting['verdict']}** — the painted pixels of the target seed moved {forgetting['toward_surrogate']:.0%} of the way to the surrogate (fixed at ≥ {forgetting.get('fixed_at', 0.7):.0%}).")
+    for prompt, scores in metrics.get("integrity", {}).items():
+        ssim = scores.get("ssim", {})
+        lines.append(f"- Other seeds of `{prompt}`: SSIM before/after {ssim.get('value', float('nan')):.3f}; {scores.get('ssim_at_least_0.9', '?')} of {len(scores.get('seeds', []))} at ≥ 0.9.")
+    for name, state in metrics.get("availability", {}).items():
+        if not state.get("available"):
+            lines.append(f"- {name}: not computed ({state.get('reason', 'unavailable')}).")
+    return lines
+
+
+def model_card(card: dict, kohya: bool) -> str:
+    """The Hub model card (README.md with YAML front matter) of a run, from its adapter card."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = card["base_model"]
+    data = ModelCardData(base_model=None if base == DEMO_MODEL or Path(base).exists() else base, tags=TAGS,
+                         license="apache-2.0" if base == DEMO_MODEL else "other", library_name="diffusers")
+    targets = "\n".join(f"- prompt `{t['prompt']}`, seed {t['seed']}" for t in card["targets"])
+    config = card["config"]
+    settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "steps", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
+    load = (f'```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this repo or folder>")\n```'
+            if card["family"] != "ddpm" else '```python\nfrom peft import PeftModel\n\nunet = PeftModel.from_pretrained(pipe.unet, "<this repo or folder>")\n```')
+    comfy = ("In ComfyUI or AUTOMATIC1111, load `lora_kohya.safetensors` with a LoRA loader at strength 1." if kohya
+             else "ComfyUI reads the diffusers file directly." if card["family"] != "ddpm" else "")
+    text = f"""---
+{data.to_yaml()}
+---
+
+# Hotfix LoRA for `{base}`
+
+A LoRA made with Hotfix Studio {card['hotfix_studio_version']} that removes one specific output of the base model (prompt-free instance unlearning: a forget loss toward an operator-made surrogate, a remember loss that keeps the rest, per-timestep weighting, gradient projection) and leaves the rest of the model as it was.
+
+## What it fixes
+
+{targets}
+
+The flagged image and its correction are not published with this card.
+
+## Method and settings
+
+{settings}. Everything else: `adapter_card.json`.
+
+## Measured after training
+
+{chr(10).join(_metric_lines(card.get('metrics')))}
+
+## Use
+
+{load}
+
+{comfy}
+"""
+    return str(ModelCard(text))
+
+
+def write_cards(folder: RunFolder, card: dict, kohya: bool) -> None:
+    folder.write_card(card)
+    write_bytes_atomic(folder.model_card, model_card(card, kohya).encode())
+
+
+# -- publishing -----------------------------------------------------------------------------------
+def publishable_files(folder: RunFolder, include_images: bool = False) -> list[Path]:
+    """The adapter (weights, peft config, kohya copy), both cards and, only if asked, the target and
+    surrogate images. Never the loss log, checkpoints, status or logs."""
+    files = folder.adapter_files()
+    if not files:
+        raise NotReady("this run has no adapter yet")
+    files += [path for path in (folder.kohya_weights, folder.model_card) if path.is_file()]
+    if include_images:
+        files += sorted(folder.path.glob("target_*.png")) + sorted(folder.path.glob("surrogate_*.png"))
+    return list(dict.fromkeys(files))
+
+
+def adapter_zip(folder: RunFolder, destination: Path, include_images: bool = False) -> Path:
+    """The publishable files as one zip (flat), for a single download; written atomically."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in publishable_files(folder, include_images):
+            archive.write(path, arcname=path.name)
+    return write_bytes_atomic(destination, buffer.getvalue())
+
+
+def push_to_hub(folder: RunFolder, repo_id: str, token: str | None = None, private: bool = True, include_images: bool = False) -> str:
+    """Create (or reuse) the Hub model repo and upload the publishable files; returns its URL."""
+    import httpx2  # huggingface_hub's HTTP client: its connection errors are not OSErrors
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise InvalidInput(f"{repo_id!r} is not a repository id: give {REPO_ID_HELP}") from None
+    files = publishable_files(folder, include_images)
+    api = HfApi(token=token or None)
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder.path, allow_patterns=[path.name for path in files],
+                          commit_message="Hotfix Studio adapter")
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        hint = "check the token (it needs write access)" if status in (401, 403) else "no network, or the Hub refused it"
+        raise InvalidInput(f"could not push to {repo_id}: {hint}") from None
+    except (OSError, httpx2.HTTPError):
+        raise InvalidInput(f"could not push to {repo_id}: the Hub cannot be reached from this machine") from None
+    return str(url)
