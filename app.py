@@ -16,10 +16,12 @@ import gradio as gr
 from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
 from ui.common import Services, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
+from unlearn_core.accounts import Accounts, read_users
 from unlearn_core.store import JobStore
 from unlearn_core.worker import JobWorker
 
 MAX_FILE_SIZE = "20mb"
+QUEUE_MAX_SIZE = 64  # events waiting at once; more are refused with "the queue is full"
 ZERO_GPU_NOTE = ("**On ZeroGPU** generation, surrogates, the adapter preview and the instruction probe run on the GPU (inside "
                  "`spaces.GPU` calls), but unlearning jobs run in their own process, which ZeroGPU gives no GPU: they train on the CPU, "
                  "slowly. For GPU training, run this Space on dedicated GPU hardware.")
@@ -66,7 +68,8 @@ def main() -> None:
     settings = settings_module.use(settings_module.Settings.from_env())
     if settings.zero_gpu:
         print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
-    store = JobStore(settings.runs_dir)
+    accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login)
+    store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner)
     interrupted = store.mark_interrupted()
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted by the last shutdown: {', '.join(interrupted)}")
@@ -75,12 +78,13 @@ def main() -> None:
     atexit.register(worker.stop)  # a running job's process is stopped and its job marked interrupted
     signal.signal(signal.SIGTERM, _interrupt)
     demo = build(Services(store, worker, device))
-    demo.queue(default_concurrency_limit=4).launch(
+    demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX_SIZE).launch(
         server_name=settings.host,
         server_port=settings.port,
-        auth=settings.login,
+        auth=accounts.check if accounts.required else None,
         max_file_size=MAX_FILE_SIZE,
-        allowed_paths=[str(store.jobs_dir)],
+        # No allowed_paths: nothing of the runs folder (flagged targets, logs) is served by its path.
+        # A handler's file output reaches its caller through Gradio's cache, under an unguessable name.
         footer_links=["api"],
         show_error=True,  # unexpected errors reach the operator as a message, not a bare "Error"
     )

@@ -1,7 +1,10 @@
-"""The whole operator flow in a real headless Chromium (Playwright) against the real app server.
+"""The whole operator flow in a real headless Chromium (Playwright) against the real app server,
+on the README's chad case with default settings:
 
-generate → flag (click) → paint one stroke → canvas as surrogate → short job → results → download.
-Screenshots of every tab go to docs/screenshots/<tab>.png.
+generate `flag of chad` seeds 36-43 → flag seed 40 (purple stripe) → paint one stroke (the editor
+works) → upload the corrected image as the surrogate → a default job → the verdict, the side-by-side
+images and the integrity grid on Results → download. Screenshots of every tab go to
+docs/screenshots/<tab>.png (the README shows them).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHORT = {"steps": "4", "batch-size": "2", "remember-count": "2", "eval-seeds": "2", "generation-steps": "4", "checkpoint-every": "0"}
+EXAMPLES = ROOT / "assets" / "examples"
+PROMPT, SEEDS, TARGET_SEED = "flag of chad", "36-43", 40
 UI_TIMEOUT_MS = 180_000
-JOB_TIMEOUT_MS = 480_000
+JOB_TIMEOUT_MS = 900_000  # a default job: about 30 s on an idle 2-core CPU, minutes on a busy one
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no chromium binary ({CHROMIUM}); install it with `apt-get install -y chromium`")
 
@@ -39,7 +43,7 @@ def page(server):
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, device_scale_factor=1, accept_downloads=True)
         context.set_default_timeout(UI_TIMEOUT_MS)
         page = context.new_page()
         page.goto(server.url)
@@ -65,24 +69,33 @@ def wait_text(page, selector: str, needle: str, timeout: int = UI_TIMEOUT_MS) ->
     page.wait_for_function("([s, n]) => { const e = document.querySelector(s); return e && e.innerText.includes(n); }", arg=[selector, needle], timeout=timeout)
 
 
+def natural_width(page, selector: str) -> int:
+    return page.locator(selector).first.evaluate("e => e.naturalWidth")
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    page.locator(f"{dropdown} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 def test_operator_flow(page, server, tmp_path):
     from safetensors.torch import load_file
 
-    # 1. generate a small grid
-    page.locator("#gen-seeds textarea, #gen-seeds input").first.fill("0-3")
-    page.locator("#gen-steps input").fill("4")
+    # 1. generate the README's grid (default steps and guidance)
+    page.locator("#gen-prompt textarea, #gen-prompt input").first.fill(PROMPT)
+    page.locator("#gen-seeds textarea, #gen-seeds input").first.fill(SEEDS)
     page.click("#gen-run")
-    page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 4")
-    assert "seed 1" in text_of(page, "#gen-gallery")  # captions carry the provenance
+    page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 8")
+    assert f"seed {TARGET_SEED}" in text_of(page, "#gen-gallery")  # captions carry the provenance
 
-    # 2. flag one image by clicking it
-    page.locator("#gen-gallery img").nth(1).click()
+    # 2. flag seed 40 (the purple stripe) by clicking it
+    page.locator("#gen-gallery img").nth(TARGET_SEED - 36).click()
     wait_text(page, "#target-info", "Target flagged")
-    assert "seed **1**" in page.locator("#target-info").inner_text() or "seed 1" in text_of(page, "#target-info")
+    assert f"seed **{TARGET_SEED}**" in page.locator("#target-info").inner_text() or f"seed {TARGET_SEED}" in text_of(page, "#target-info")
     page.wait_for_selector("#target-image img")
     shoot(page, "generate")
 
-    # 3. paint one stroke over the target on the canvas, use it as the surrogate
+    # 3. the editor works (one stroke reaches the surrogate), then the corrected image is uploaded
     open_tab(page, "Surrogate")
     open_tab(page, "Paint")
     canvas = page.locator("#sur-editor canvas").first
@@ -102,32 +115,56 @@ def test_operator_flow(page, server, tmp_path):
     similarity = text_of(page, "#sur-metrics")
     assert "PSNR" in similarity and ("SSCD" in similarity)  # SSCD is a value or "unavailable: <reason>"
     assert float(re.search(r"SSIM: ([0-9.]+)", similarity).group(1)) < 0.99, "the painted stroke did not reach the surrogate"
-    page.wait_for_selector("#sur-surrogate img")
+    painted = page.locator("#sur-surrogate img").first.get_attribute("src")
+    open_tab(page, "Upload")
+    page.locator("#sur-upload input[type=file]").set_input_files(str(EXAMPLES / "chad_seed40_surrogate.png"))
+    page.wait_for_selector("#sur-upload img")
+    page.click("#sur-use-upload")
+    page.wait_for_function("([s, old]) => { const e = document.querySelector(s); return e && e.getAttribute('src') !== old; }", arg=["#sur-surrogate img", painted])
+    wait_text(page, "#sur-metrics", "SSIM")
+    page.wait_for_timeout(500)  # let the new image and metrics settle before the screenshot
     shoot(page, "surrogate")
 
-    # 4. a short job
+    # 4. a job with the default settings: the preset up front, expert settings behind
     open_tab(page, "Unlearn")
-    assert page.locator("#unl-prompt textarea, #unl-prompt input").first.input_value() == "flag of ireland"
-    page.get_by_text("Settings", exact=True).click()
-    for name, value in SHORT.items():
-        page.locator(f"#cfg-{name} input").fill(value)
+    assert page.locator("#unl-prompt textarea, #unl-prompt input").first.input_value() == PROMPT
+    assert page.locator("#unl-seed input").first.input_value() == str(TARGET_SEED)
+    wait_text(page, "#unl-preset-info", "balanced")
+    assert page.locator("#cfg-steps").is_visible() and page.locator("#cfg-stop-at-r").is_visible()
+    assert not page.locator("#cfg-siss-mixture").is_visible() and not page.locator("#cfg-lora-rank").is_visible()  # SISS only for SISS; Advanced closed
+    pick(page, "#cfg-method", "siss")
+    page.locator("#cfg-siss-mixture").wait_for(state="visible")
+    pick(page, "#cfg-method", "ours")
+    page.locator("#cfg-siss-mixture").wait_for(state="hidden")
+    assert page.locator("#unl-cancel").is_disabled() and page.locator("#unl-resume").is_disabled()  # no job yet
     page.click("#unl-start")
     page.wait_for_function("() => { const e = document.querySelector('#unl-job-id textarea, #unl-job-id input'); return e && e.value.length > 8; }")
     job_id = page.locator("#unl-job-id textarea, #unl-job-id input").first.input_value()
+    wait_text(page, "#unl-progress", "→")  # the phase line
     wait_text(page, "#unl-progress", "Done", timeout=JOB_TIMEOUT_MS)
     wait_text(page, "#job-table", job_id[:8])
-    assert "4/4" in text_of(page, "#unl-progress")
+    assert "✓ evaluating" in text_of(page, "#unl-progress")
+    page.wait_for_function("() => document.querySelector('#unl-cancel').disabled && document.querySelector('#unl-resume').disabled")  # a finished job
     shoot(page, "unlearn")
 
-    # 5. results: the before/after grid and the metrics table
+    # 5. results: the verdict, target / surrogate / after side by side, the slider, the integrity grid
     open_tab(page, "Results")
+    wait_text(page, "#res-verdict", "of the way to the surrogate")
+    verdict = text_of(page, "#res-verdict")
+    heading = re.search(r"(Fixed|Partly fixed|Not fixed)", verdict)
+    assert heading, verdict
+    assert "changed visibly" in verdict.lower()  # which seeds changed (or that none did)
+    assert page.locator("#res-rerun").is_visible() == (heading.group(1) != "Fixed")  # one click to the 'strong' preset when not fixed
+    for name in ("target", "surrogate", "after"):
+        page.wait_for_selector(f"#res-{name} img")
+        assert natural_width(page, f"#res-{name} img") >= 256, f"{name} is not enlarged"
+    page.wait_for_selector("#res-slider img")
     page.wait_for_selector("#res-grid img")
+    assert natural_width(page, "#res-grid img") >= 1000  # every seed, labelled, at 2x
     wait_text(page, "#res-metrics", "after vs target")
     metrics_text = text_of(page, "#res-metrics")
     assert "SSIM" in metrics_text and "integrity" in metrics_text
     wait_text(page, "#res-availability", "SSIM")
-    wait_text(page, "#res-verdict", "of the way to the surrogate")
-    assert re.search(r"(Fixed|Partly fixed|Not fixed)", text_of(page, "#res-verdict"))
     shoot(page, "results")
 
     # 6. adapters: download the LoRA and check the file

@@ -76,16 +76,20 @@ def test_claim_next_is_in_order_and_exclusive(store):
     assert all(store.get(i).state == "running" for i in ids)
 
 
-def test_restart_marks_pending_jobs_interrupted_and_resume_requeues(store, tmp_path):
+def test_restart_interrupts_only_jobs_of_dead_servers_and_resume_requeues(store, tmp_path):
     running = store.create("m", UnlearnConfig(), [instance(1)])
-    queued = store.create("m", UnlearnConfig(), [instance(2)])
-    done = store.create("m", UnlearnConfig(), [instance(3)])
-    store.update(running.id, state="running", step=12)
+    live = store.create("m", UnlearnConfig(), [instance(2)])
+    queued = store.create("m", UnlearnConfig(), [instance(3)])
+    done = store.create("m", UnlearnConfig(), [instance(4)])
+    assert store.claim_next("gone:1").id == running.id and store.claim_next("alive:2").id == live.id  # in creation order
+    store.update(running.id, step=12)
     store.update(done.id, state="done")
     reopened = JobStore(tmp_path / "runs")  # a new server on the same folder
-    assert sorted(reopened.mark_interrupted()) == sorted([running.id, queued.id])
+    assert reopened.mark_interrupted(alive=lambda runner: runner == "alive:2") == [running.id]
     assert reopened.get(running.id).state == "interrupted" and reopened.get(running.id).step == 12
-    assert reopened.get(queued.id).state == "interrupted" and reopened.get(done.id).state == "done"
+    assert reopened.get(live.id).state == "running", "another live server's job is left alone"
+    assert reopened.get(queued.id).state == "queued", "a queued job stays queued across a restart"
+    assert reopened.get(done.id).state == "done"
     running.folder.cancel_flag.write_text("old")
     assert reopened.resume(running.id).state == "queued"
     assert not running.folder.cancel_flag.exists()
@@ -181,3 +185,15 @@ def test_worker_runs_subprocesses_to_their_end(store, monkeypatch, mode, cancel,
         assert "something broke" in final.error
     assert progress(final)["state"] == expected
     assert os.path.isfile(os.path.join(final.run_dir, "worker.log"))
+
+
+def test_another_owner_sees_nothing_and_can_do_nothing(store):
+    mine = store.create("m", UnlearnConfig(), [instance(1)], owner="alice")
+    store.create("m", UnlearnConfig(), [instance(2)], owner="bob")
+    assert [job.id for job in store.list(owner="alice")] == [mine.id]
+    assert store.get(mine.id, owner="bob") is None and store.get(mine.id, owner="alice").id == mine.id
+    for act in (store.cancel, store.resume, store.adapter_files, store.require):
+        with pytest.raises(JobNotFound, match="no job"):  # the same words as for a job that does not exist
+            act(mine.id, owner="bob")
+    assert store.pending("alice") == 1 and store.get(mine.id).state == "queued"
+    assert store.cancel(mine.id, owner="alice").state == "cancelled"

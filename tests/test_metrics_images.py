@@ -4,9 +4,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from unlearn_core import metrics
+from unlearn_core import metrics, settings
 from unlearn_core.errors import ImageError
 from unlearn_core.images import fit_to_size, is_blank, open_image
 
@@ -104,3 +105,45 @@ def test_fit_and_blank_detection():
 def test_missing_file():
     with pytest.raises(ImageError, match="no such file"):
         open_image("/nonexistent/file.png")
+
+
+class _Constant(torch.nn.Module):
+    def forward(self, x):
+        return torch.ones(x.shape[0], 512)
+
+
+class _WrongShape(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _Pooled(torch.nn.Module):
+    """Stands in for a genuine descriptor network: 512 numbers that depend on the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 512, 8, stride=8)
+
+    def forward(self, x):
+        return self.conv(x).amax(dim=(2, 3))
+
+
+@pytest.mark.parametrize("network, usable", [(_Constant, False), (_WrongShape, False), (_Pooled, True)])
+def test_a_forged_or_wrong_sscd_file_is_unavailable_not_trusted(network, usable, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "sscd.pt"
+    torch.jit.script(network()).save(str(path))
+    monkeypatch.setenv("HOTFIX_SSCD_PATH", str(path))
+    metrics.load_sscd.forget()
+    try:
+        result = metrics.sscd_similarity([_image(0)], [_image(1)])
+        assert result.available is usable, result.reason
+        if not usable:
+            assert result.value is None and "HOTFIX_SSCD_PATH" in result.reason
+        monkeypatch.setenv("HOTFIX_SSCD_SHA256", "0" * 64)
+        settings.forget()
+        metrics.load_sscd.forget()
+        pinned = metrics.sscd_similarity([_image(0)], [_image(1)])
+        assert pinned.available is False and "SHA-256" in pinned.reason
+    finally:
+        metrics.load_sscd.forget()

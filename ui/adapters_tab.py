@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu, served_copies
 from unlearn_core.config import parse_seeds
 from unlearn_core.errors import AdapterError
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
@@ -61,7 +61,8 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             archive = adapter_zip(folder, folder.adapter_zip)
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
-        return str(files[0]), str(files[-1]), str(archive)
+        weights_copy, card_copy, archive_copy = served_copies([files[0], files[-1], archive])
+        return weights_copy, card_copy, archive_copy
 
     def push_job(job_id, repo_id, token_text, images):
         try:
@@ -94,7 +95,11 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             model = get_model(model_id, services.device)
             target = (card_data.get("targets") or [{}])[0]
             text = prompt_text or target.get("prompt", "")
-            model.load_lora(folder)  # an AdapterError when it does not fit, with nothing left loaded
+            try:
+                model.load_lora(folder)  # an AdapterError when it does not fit, with nothing left loaded
+            finally:
+                if uploaded:
+                    shutil.rmtree(folder, ignore_errors=True)  # the weights are in memory now: the upload's copy goes
             try:
                 after = model.generate(text, seed_list, int(step_count or 25))
                 with model.adapter_disabled():

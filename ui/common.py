@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -34,13 +39,13 @@ class Services:
     device: str = "auto"
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)  # one model copy per server process (a second model id replaces the first)
 def _load(model_id: str, device: str) -> DiffusionModel:
     return load_model(model_id, device)
 
 
 def get_model(model_id: str | None, device: str = "auto") -> DiffusionModel:
-    """Load lazily and keep the two most recent models (raises `ModelLoadError`)."""
+    """Load lazily and keep the most recent model (raises `ModelLoadError`)."""
     return _load((model_id or DEMO_MODEL).strip(), device)
 
 
@@ -131,6 +136,26 @@ def job_choices(store: JobStore, only_done: bool = False) -> list[tuple[str, str
     return choices
 
 
+SERVE_DIR = Path(tempfile.mkdtemp(prefix="hotfix-serve-"))  # this process's copies of run files for download
+atexit.register(shutil.rmtree, SERVE_DIR, ignore_errors=True)
+SERVED_FOR_S = 900
+
+
+def served_copies(paths: list[Path]) -> list[str]:
+    """Copies of run files for a handler to return (Gradio copies them on into its cache).
+
+    The runs folder is never served by path (it holds the flagged targets), and it may lie where
+    Gradio does not take outputs from (e.g. a /data volume): a copy under the system's temp folder
+    works everywhere. Copies older than SERVED_FOR_S are removed as new ones are made, and the
+    folder goes when the server stops."""
+    now = time.time()
+    for old in SERVE_DIR.iterdir():
+        if now - old.stat().st_mtime > SERVED_FOR_S:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(dir=SERVE_DIR))
+    return [str(shutil.copy2(path, folder / Path(path).name)) for path in paths]
+
+
 def pretty(data) -> str:
     return json.dumps(data, indent=2, default=str)
 
@@ -145,10 +170,12 @@ def on_gpu(fn):
 
 
 def model_picker(device: str = "auto") -> gr.State:
-    """The model box at the top of the page; returns the session's loaded-model id."""
-    with gr.Row(equal_height=True):
-        box = gr.Textbox(DEMO_MODEL, label="Model", info="hub id or local diffusers folder", elem_id="model-id", scale=4)
-        button = gr.Button("Load model", elem_id="model-load", scale=1)
+    """The model box at the top of the page; returns the session's loaded-model id.
+
+    No load button: the model loads on first use anyway. Enter in the box loads it now (to check
+    an id and see its family and size); leaving the box with a new id does the same."""
+    box = gr.Textbox(DEMO_MODEL, label="Model", info="hub id or local diffusers folder; press Enter to load and check it now, otherwise it loads on first use",
+                     elem_id="model-id")
     status = gr.Markdown(f"Model: `{DEMO_MODEL}` (loads on first use).", elem_id="model-status")
     state = gr.State(DEMO_MODEL)
 
@@ -162,5 +189,11 @@ def model_picker(device: str = "auto") -> gr.State:
         width, height = model.image_size
         return model.source, f"Model: `{model.source}` · {model.family} · {model.prediction_type} · {width}×{height}"
 
-    button.click(load, [box, state], [state, status], **MODEL_QUEUE, **INTERNAL)
+    def load_if_new(model_id: str, previous: str):
+        if (model_id or DEMO_MODEL).strip() == previous:
+            return gr.skip(), gr.skip()
+        return load(model_id, previous)
+
+    box.submit(load, [box, state], [state, status], **MODEL_QUEUE, **INTERNAL)
+    box.blur(load_if_new, [box, state], [state, status], **MODEL_QUEUE, **INTERNAL)
     return state

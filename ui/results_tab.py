@@ -1,12 +1,23 @@
-"""Results: the verdict (did the fix work?), the before/after grid on the same seeds, forgetting and integrity metrics."""
+"""Results: the verdict (did the fix work?), target / surrogate / after side by side, a before/after
+slider, the integrity grid of every evaluated seed (worst first), the metrics, and one click to
+re-run a fix that did not take with the 'strong' preset."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import pandas as pd
+from PIL import Image
 
-from ui.common import INTERNAL, Services, job_choices, loss_frame
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, job_choices, loss_frame, served_copies
+from unlearn_core.config import PRESETS, UnlearnConfig
+from unlearn_core.images import open_image
 from unlearn_core.store import progress
+
+DISPLAY_SIDE = 256  # the 64 px demo images, enlarged with nearest-neighbour so their pixels stay sharp
+STRONGER = "strong"
+KEPT_SSIM = 0.9
 
 COLUMNS = ["comparison", "SSCD", "LPIPS", "SSIM", "PSNR", "reading"]
 
@@ -44,9 +55,20 @@ def metrics_frame(report: dict) -> pd.DataFrame:
 
 
 ADVICE = {
-    "partly fixed": "Run it again with more steps or a higher learning rate (Settings); a larger change on the target also risks more change on other seeds, so check the grid.",
-    "not fixed": "Check that the surrogate differs where the error is (r measures only the pixels you painted); then run it again with more steps or a higher learning rate.",
+    "partly fixed": f"Try the **'{STRONGER}'** preset (the button below: more steps, a higher learning rate); it also changes other seeds more, so check the integrity grid.",
+    "not fixed": f"Check that the surrogate differs where the error is (r measures only the pixels you painted); then try the **'{STRONGER}'** preset (the button below).",
 }
+
+
+def changed_seeds(report: dict) -> list[str]:
+    """Per integrity prompt, the seeds whose before/after SSIM fell below 0.9, worst first."""
+    lines = []
+    for prompt, scores in report.get("integrity", {}).items():
+        pairs = sorted(zip(scores.get("seeds", []), (scores.get("ssim") or {}).get("per_pair") or []), key=lambda pair: pair[1])
+        changed = [f"{seed} (SSIM {value:.2f})" for seed, value in pairs if value < KEPT_SSIM]
+        if changed:
+            lines.append(f"{prompt!r}: seed{'s' if len(changed) > 1 else ''} " + ", ".join(changed))
+    return lines
 
 
 def verdict_markdown(report: dict) -> str:
@@ -68,6 +90,8 @@ def verdict_markdown(report: dict) -> str:
     kept = [f"{scores.get('ssim_at_least_0.9', 0)}/{len(scores.get('seeds', []))} of {prompt!r}" for prompt, scores in report.get("integrity", {}).items()]
     if kept:
         lines.append("Other images kept (SSIM ≥ 0.9 before/after on the same seeds): " + ", ".join(kept) + ".")
+        changed = changed_seeds(report)
+        lines.append("Changed visibly: " + "; ".join(changed) + " (first in the grid below)." if changed else "No other seed changed visibly.")
     if verdict in ADVICE:
         lines.append(ADVICE[verdict])
     return "\n\n".join(lines)
@@ -80,6 +104,15 @@ def availability_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def enlarged(path: Path) -> Image.Image | None:
+    """A run's image, enlarged by a whole factor to about DISPLAY_SIDE pixels (nearest-neighbour)."""
+    if not path.is_file():
+        return None
+    image = Image.open(path).convert("RGB")
+    factor = max(1, DISPLAY_SIDE // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
 def render(services: Services, tab: gr.Tab) -> None:
     store = services.store
     with gr.Row():
@@ -87,7 +120,18 @@ def render(services: Services, tab: gr.Tab) -> None:
         refresh = gr.Button("Refresh list", elem_id="res-refresh", scale=1)
     summary = gr.Markdown("Pick a finished job.", elem_id="res-summary")
     verdict = gr.Markdown("", elem_id="res-verdict")
-    grid = gr.Image(label="Before (top) / after (bottom): target seed first, then other seeds", type="filepath", interactive=False, format="png", elem_id="res-grid")
+    with gr.Row():
+        rerun = gr.Button(f"Re-run with the '{STRONGER}' preset", variant="primary", visible=False, elem_id="res-rerun", scale=1)
+        rerun_note = gr.Markdown("", elem_id="res-rerun-note")
+    with gr.Row(equal_height=True):
+        shown = {"height": DISPLAY_SIDE + 40, "type": "pil", "format": "png", "interactive": False}
+        target_image = gr.Image(label="Target: the flagged output", elem_id="res-target", **shown)
+        surrogate_image = gr.Image(label="Surrogate: what you asked for", elem_id="res-surrogate", **shown)
+        after_image = gr.Image(label="After: the same seed with the adapter", elem_id="res-after", **shown)
+        slider = gr.ImageSlider(label="Target ↔ after (drag)", type="pil", format="png", interactive=False, max_height=DISPLAY_SIDE + 40, elem_id="res-slider")
+    gr.Markdown("**Integrity grid**: before over after on the same seeds (same initial noise). The target seed comes first, then every "
+                "other evaluated seed, worst SSIM first: a green frame means kept (SSIM ≥ 0.9), a red one changed.")
+    grid = gr.Image(show_label=False, type="filepath", interactive=False, format="png", elem_id="res-grid")  # a label would cover the grid's heading
     table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), label="Metrics", interactive=False, wrap=True, elem_id="res-metrics")
     availability = gr.Markdown("", elem_id="res-availability")
     curves = gr.LinePlot(loss_frame(None), x="step", y="loss", color="curve", title="Losses", height=240, elem_id="res-curves")
@@ -102,20 +146,42 @@ def render(services: Services, tab: gr.Tab) -> None:
     def show(job_id):
         found = store.get(job_id or "")
         if found is None:
-            return "Pick a finished job.", "", None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
+            return "Pick a finished job.", "", gr.update(visible=False), "", None, None, None, None, None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
         folder = found.folder
         info = progress(found)
         picture = folder.picture
         report = folder.read_metrics() or {}
-        text = f"**Job `{found.id}`** — {found.state}, step {info['step']}/{info['total']}"
+        timing = report.get("timing", {})
+        trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
+        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps"
         if not report:
             text += " · no metrics yet (they are written when the job finishes)."
         else:
-            timing = report.get("timing", {})
             text += f" · conflict rate {timing.get('conflict_rate', 0):.0%} · {timing.get('seconds_total', 0):.0f} s in all"
-        return text, verdict_markdown(report), str(picture) if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir)
+        forgetting = report.get("forgetting") or {}
+        retry = bool(forgetting) and forgetting.get("verdict") != "fixed"
+        target, after = enlarged(folder.training_image("target", 0)), enlarged(folder.after_image(0))
+        pair = (target, after) if target is not None and after is not None else None
+        return (text, verdict_markdown(report), gr.update(visible=retry), "", target, enlarged(folder.training_image("surrogate", 0)), after, pair,
+                served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir))
 
-    outputs = [summary, verdict, grid, table, availability, curves]
+    def rerun_stronger(job_id):
+        """The same targets and settings with the stronger preset's values on top, as a new job."""
+        try:
+            found = store.require(job_id or "")
+            config = UnlearnConfig.from_dict({**found.config, **PRESETS[STRONGER]})
+            instances = [{"prompt": t["prompt"], "seed": t["seed"], "surrogate": open_image(store.resolve_path(t["surrogate_path"]), "surrogate"),
+                          "target": open_image(store.resolve_path(t["target_path"]), "target") if t.get("target_path") else None} for t in found.targets]
+            queued = store.create(found.model, config, instances)
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        services.worker.wake()
+        gr.Info(f"job {queued.id} queued with the '{STRONGER}' preset")
+        return (f"Queued job `{queued.id}` with the '{STRONGER}' preset ({config.steps} steps at most, learning rate {config.learning_rate:g}, stops at "
+                f"{config.stop_at_r:.0%}). Follow it on the **Unlearn** tab (its row in the job table); pick it here when it is done.")
+
+    outputs = [summary, verdict, rerun, rerun_note, target_image, surrogate_image, after_image, slider, grid, table, availability, curves]
     refresh.click(choices, [job], [job], **INTERNAL).then(show, [job], outputs, **INTERNAL)
     tab.select(choices, [job], [job], **INTERNAL).then(show, [job], outputs, **INTERNAL)
     job.input(show, [job], outputs, **INTERNAL)
+    rerun.click(rerun_stronger, [job], [rerun_note], **INTERNAL)

@@ -1,21 +1,32 @@
-"""Unlearn: a settings form generated from `UnlearnConfig`, a job queue, live progress."""
+"""Unlearn: a preset and the few settings that change the result up front, the rest in "Advanced"
+(all generated from `UnlearnConfig`'s field metadata), a job queue, live progress by phase."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import MISSING, fields
 
 import gradio as gr
 
 from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
-from unlearn_core.config import DEMO_MODEL, PRESETS, UnlearnConfig, check_seed
+from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed
 from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
-from unlearn_core.store import progress
+from unlearn_core.store import RESUMABLE, progress
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
-WEB_EXCLUDED = ("remember_dir",)  # a server folder is not something a browser user may name
+# A server folder is not something a browser user may name; full fine-tuning is for benchmarks
+# (both stay settable through the API's config JSON and the CLI).
+WEB_EXCLUDED = ("remember_dir", "full_finetune")
 POLL_S = 2.0
+DEFAULT_PRESET = "balanced"
+PHASES = ("preparing", "remember set", "training", "evaluating")
+PHASE_OF = {"loading": "preparing"}  # the job process reports loading the model before preparing
+CANCELLABLE = ("queued", "running")
+CONFLICT_INFO = ("*What the gradient conflicts mean: the share of steps where forgetting the target and remembering everything else pulled "
+                 "the weights in opposite directions (negative cosine). A high share is normal for a local fix; with projection on, "
+                 "the forget step is projected so that it does not undo the remember step.*")
 
 
 def _default(spec):
@@ -26,10 +37,15 @@ def form_fields() -> list:
     return [spec for spec in fields(UnlearnConfig) if spec.name not in WEB_EXCLUDED]
 
 
+def shown_for(spec, method: str) -> bool:
+    """A method's own settings (metadata "method") are shown only while that method is chosen."""
+    return spec.metadata.get("method") in (None, method)
+
+
 def component_for(spec) -> gr.components.Component:
     """One form component per config field, from its type and metadata."""
     meta, label, value = spec.metadata, spec.name.replace("_", " "), _default(spec)
-    common = {"label": label, "info": meta.get("help"), "elem_id": f"cfg-{spec.name.replace('_', '-')}"}
+    common = {"label": label, "info": meta.get("help"), "elem_id": f"cfg-{spec.name.replace('_', '-')}", "visible": shown_for(spec, UnlearnConfig.method)}
     if "choices" in meta:
         return gr.Dropdown(list(meta["choices"]), value=value, **common)
     if spec.type in ("bool", bool):
@@ -65,26 +81,61 @@ def config_from_json(text: str | None) -> UnlearnConfig:
         raise InvalidInput("config must be a JSON object of settings")
     if data.get("remember_dir"):
         raise InvalidInput("remember_dir is not accepted from the web app; use the CLI for a folder of remember images")
-    return UnlearnConfig.from_preset(data.pop("preset", "quick"), **data)
+    return UnlearnConfig.from_preset(data.pop("preset", DEFAULT_PRESET), **data)
 
 
-def progress_markdown(info: dict | None) -> str:
+def describe_preset(name: str) -> str:
+    return f"**{name}**: {PRESET_DESCRIPTIONS.get(name, '')}"
+
+
+def phase_line(info: dict, elapsed: float | None = None) -> str:
+    """preparing → remember set → training → evaluating, with the current phase's own progress."""
+    state, step, total = info["state"], info["step"], info["total"]
+    if state == "queued":
+        return "queued: waiting for the worker (one job runs at a time)"
+    phase = PHASE_OF.get(info.get("phase"), info.get("phase"))
+    if state == "running" and phase not in PHASES:  # claimed, the job process not yet reporting
+        phase = "preparing"
+    current = len(PHASES) if state == "done" else PHASES.index(phase) if state == "running" and phase in PHASES else None
+    if current is None:  # failed, cancelled, interrupted: where it stopped is the training step
+        return f"stopped ({state}) at training step {step}/{total}"
+    trained = f" {step}/{total}" + (" (stopped early: the target had moved far enough)" if 0 < step < total and current > 2 else "")
+    parts = []
+    for index, name in enumerate(PHASES):
+        detail = trained if name == "training" and index <= current else ""
+        if index < current:
+            parts.append(f"✓ {name}{detail}")
+        elif index == current:
+            if name == "training" and info.get("eta_s") is not None:
+                detail += f", ETA {info['eta_s']:.0f} s"
+            elif name != "training":
+                doing = {"loading": "loading the model", "preparing": "the target and surrogate", "remember set": "what to keep: other seeds and prompts",
+                         "evaluating": "the after images and metrics"}.get(info.get("phase"), "starting")
+                clock = f"{elapsed:.0f} s so far" if elapsed is not None else ""
+                detail = f" ({', '.join(text for text in (doing, clock) if text)})" if doing or clock else ""
+            parts.append(f"**▶ {name}{detail}**")
+        else:
+            parts.append(name)
+    return " → ".join(parts)
+
+
+def progress_markdown(info: dict | None, elapsed: float | None = None) -> str:
+    """The job's phase line, its training numbers, and what they mean; `elapsed`: seconds in the
+    current phase (preparing, remember set and evaluating report no steps)."""
     if not info:
         return "No job yet: flag a target, make a surrogate, then press **Start unlearning**."
-    parts = [f"**Job `{info['id']}`** — {info['state']} · step **{info['step']}/{info['total']}**"]
+    parts = [f"**Job `{info['id']}`** — {info['state']}", phase_line(info, elapsed)]
     if info.get("loss_forget") is not None:
         parts.append(f"L_f {info['loss_forget']:.4f} · L_r {info['loss_remember']:.4f} · gradient conflicts {info['conflict_rate']:.0%} · {info['seconds_per_step']:.2f} s/step")
     if info.get("toward_surrogate") is not None:
         stop = f" (training stops at {info['stop_at_r']:.0%})" if info.get("stop_at_r") else ""
         parts.append(f"target seed now {info['toward_surrogate']:.0%} of the way to the surrogate{stop}")
-    if info.get("eta_s") is not None:
-        parts.append(f"ETA {info['eta_s']:.0f} s (then evaluation)")
-    elif info["state"] == "running":
-        parts.append("preparing (target, remember set)…")
     if info.get("error"):
         parts.append(f"⚠ {info['error']}")
     if info["state"] == "done":
         parts.append("Done — see **Results** and **Adapters**.")
+    if info.get("conflict_rate") is not None:
+        parts.append(CONFLICT_INFO)
     return "  \n".join(parts)
 
 
@@ -95,35 +146,51 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
         target = image_input("Target x_f (optional: else regenerated from prompt + seed)", height=160, width=160, format="png", elem_id="unl-target")
         surrogate = image_input("Surrogate x_s", height=160, width=160, format="png", elem_id="unl-surrogate")
-    with gr.Row():
-        preset = gr.Dropdown(list(PRESETS), value="quick", label="Preset", elem_id="unl-preset")
+    with gr.Row(equal_height=True):
+        preset = gr.Radio(list(PRESET_DESCRIPTIONS), value=DEFAULT_PRESET, label="Preset", elem_id="unl-preset", scale=1)
+        with gr.Column(scale=2):
+            preset_info = gr.Markdown(describe_preset(DEFAULT_PRESET), elem_id="unl-preset-info")
     specs = form_fields()
-    with gr.Accordion("Settings", open=False, elem_id="unl-settings"):
-        components = []
+    basic = [spec for spec in specs if spec.metadata.get("level") == "basic"]
+    built = {}
+    with gr.Row(elem_id="unl-basic"):  # the settings that change the result
+        for spec in basic:
+            if spec.name not in LIST_FIELDS:
+                built[spec.name] = component_for(spec)
+    for spec in basic:
+        if spec.name in LIST_FIELDS:
+            built[spec.name] = component_for(spec)
+    with gr.Accordion("Advanced", open=False, elem_id="unl-advanced"):
         with gr.Row():
             columns = [gr.Column(), gr.Column(), gr.Column()]
-        for index, spec in enumerate(specs):
+        for index, spec in enumerate(spec for spec in specs if spec.name not in built):
             with columns[index % 3]:
-                components.append(component_for(spec))
+                built[spec.name] = component_for(spec)
+    components = [built[spec.name] for spec in specs]  # in field order: values_to_config reads them so
+    method_specific = [(built[spec.name], spec) for spec in specs if "method" in spec.metadata]
     with gr.Accordion("Settings as JSON (what the API takes)", open=False):
         config_json = gr.Code(pretty(UnlearnConfig().to_dict()), language="json", label="config", elem_id="unl-config")
     with gr.Row():
         start = gr.Button("Start unlearning", variant="primary", elem_id="unl-start")
-        cancel = gr.Button("Cancel", variant="stop", elem_id="unl-cancel")
-        resume = gr.Button("Resume", elem_id="unl-resume")
+        cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="unl-cancel")  # enabled by the poll when they apply
+        resume = gr.Button("Resume", interactive=False, elem_id="unl-resume")
     with gr.Row():
         job_id = gr.Textbox(label="Job", placeholder="job id (or click a row of the table)", elem_id="unl-job-id", scale=3)
         refresh = gr.Button("Status", elem_id="unl-refresh", scale=1)
     progress_text = gr.Markdown(progress_markdown(None), elem_id="unl-progress")
     curves = gr.LinePlot(loss_frame(None), x="step", y="loss", color="curve", title="Losses", height=260, elem_id="unl-curves")
-    status_json = gr.JSON(label="Job status", elem_id="unl-status")
+    with gr.Accordion("Details (the job's raw status)", open=False, elem_id="unl-details"):
+        status_json = gr.JSON(label="Job status", elem_id="unl-status")
     table = gr.Dataframe(job_table(store), label="Jobs", interactive=False, elem_id="job-table")
     timer = gr.Timer(POLL_S)
     shown = gr.State("")  # what the curve shows now ("job:step"), to skip redrawing an unchanged plot
 
     def apply_preset(name):
-        values = UnlearnConfig.from_preset(name if name in PRESETS else "quick").to_dict()
-        return [("\n".join(values[s.name]) if s.name in LIST_FIELDS else values[s.name]) for s in specs]
+        values = UnlearnConfig.from_preset(name if name in PRESETS else DEFAULT_PRESET).to_dict()
+        return [describe_preset(name), *(("\n".join(values[s.name]) if s.name in LIST_FIELDS else values[s.name]) for s in specs)]
+
+    def show_method_fields(method):
+        return [gr.update(visible=shown_for(spec, method)) for _, spec in method_specific]
 
     def form_to_json(*values):
         try:
@@ -166,7 +233,17 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         info = progress(found) if found else None
         key = f"{job}:{info['step']}:{info['state']}" if info else ""
         plot = loss_frame(found.run_dir) if found and key != last else gr.skip()
-        return progress_markdown(info), plot, info if key != last else gr.skip(), job_table(store), key
+        elapsed = None
+        if info and info["state"] == "running" and info.get("phase") != "training":
+            since = found.folder.read_status().get("updated")  # written when the phase began
+            elapsed = max(0.0, time.time() - since) if isinstance(since, (int, float)) else None
+        state = info["state"] if info else ""
+        shown_info = info
+        if state == "done":  # the steps actually trained (training may stop early), not the planned total
+            trained = ((found.folder.read_metrics() or {}).get("timing") or {}).get("steps_run")
+            shown_info = {**info, "step": int(trained)} if trained is not None else info
+        buttons = [gr.update(interactive=state in CANCELLABLE), gr.update(interactive=state in RESUMABLE)] if key != last else [gr.skip(), gr.skip()]
+        return progress_markdown(shown_info, elapsed), plot, info if key != last else gr.skip(), job_table(store), key, *buttons
 
     def pick_row(evt: gr.SelectData):
         row = evt.row_value if evt.row_value else None
@@ -177,13 +254,14 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             return "", None, None
         return value["provenance"]["prompt"], value["provenance"]["seed"], value["image"]
 
-    preset.change(apply_preset, [preset], components, **INTERNAL)
+    preset.change(apply_preset, [preset], [preset_info, *components], **INTERNAL)
+    built["method"].change(show_method_fields, [built["method"]], [component for component, _ in method_specific], **INTERNAL)
     start.click(form_to_json, components, [config_json], **INTERNAL).success(
         start_job, [prompt, seed, surrogate, target, config_json, model_state], [job_id, status_json], api_name="start_unlearning")
     refresh.click(status, [job_id], [status_json], api_name="job_status")
     cancel.click(lambda job: act(store.cancel, job), [job_id], [status_json], **INTERNAL)
     resume.click(lambda job: act(store.resume, job), [job_id], [status_json], api_name="resume_job")
-    timer.tick(poll, [job_id, shown], [progress_text, curves, status_json, table, shown], show_progress="hidden", **INTERNAL)
+    timer.tick(poll, [job_id, shown], [progress_text, curves, status_json, table, shown, cancel, resume], show_progress="hidden", **INTERNAL)
     table.select(pick_row, None, [job_id], **INTERNAL)
     target_state.change(on_target, [target_state], [prompt, seed, target], **INTERNAL)
     surrogate_state.change(lambda image: image, [surrogate_state], [surrogate], **INTERNAL)

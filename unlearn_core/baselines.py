@@ -18,7 +18,7 @@ class BaselineLosses:
         pt = self.model.prediction_type
         t, a, b, _ = self._levels()
         x_f, _, cond_f = self._forget_batch()
-        uniform = torch.rand(x_f.shape, generator=self.generator).to(x_f.device)
+        uniform = self._shared_draw(lambda n: torch.rand((n, *x_f.shape[1:]), generator=self.generator), x_f.shape[0]).to(x_f.device)
         _, prediction = self._forward(x_f, cond_f, t, a, b, uniform)
         loss_forget = objectives.per_sample_mse(prediction, objectives.training_target(pt, x_f, uniform, a, b)).mean()
         g_forget = self.config.erasediff_weight * self._gradient(loss_forget)
@@ -46,7 +46,7 @@ class BaselineLosses:
         x_f, _, cond_f = self._forget_batch()
         x_r, cond_r = self._remember_batch()
         noise = self._noise_like(x_f)
-        from_forget = (torch.rand(config.batch_size, generator=self.generator) < config.siss_mixture).to(x_f.device)
+        from_forget = (self._shared_draw(lambda n: torch.rand(n, generator=self.generator), config.batch_size) < config.siss_mixture).to(x_f.device)
         x_t = torch.where(from_forget.view(-1, 1, 1, 1), objectives.noisy_sample(x_f, noise, a, b), objectives.noisy_sample(x_r, noise, a, b))
         # Conditioning of a forget pick is the target prompt's, of a remember pick the remember prompt's.
         cond = {key: torch.where(from_forget.view(-1, *[1] * (value.dim() - 1)), cond_f[key], value) for key, value in cond_r.items()}

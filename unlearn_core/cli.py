@@ -100,6 +100,7 @@ def cmd_unlearn(args) -> int:
     from unlearn_core.run import RunCallbacks
     from unlearn_core.runfolder import RunFolder
     from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
+    from unlearn_core.distributed import is_main_process, wait_for_everyone
     from unlearn_core.worker import execute
 
     config = config_from_args(args)
@@ -109,7 +110,9 @@ def cmd_unlearn(args) -> int:
         raise InvalidInput("give one --prompt, --seed and --surrogate (and --target if any) per instance")
     targets = [InstanceTarget(p, s, sur, (args.target or [None] * len(args.seed))[i]) for i, (p, s, sur) in enumerate(zip(args.prompt, args.seed, args.surrogate))]
     folder = RunFolder(args.out).create()
-    folder.write_request(args.model, config.to_dict(), [vars(target) for target in targets])
+    if is_main_process():  # under torchrun every process runs this verb; one writes the request,
+        folder.write_request(args.model, config.to_dict(), [vars(target) for target in targets])
+    wait_for_everyone()  # and the others read it once it is there
     bar = tqdm(total=config.steps, desc="unlearn", unit="step")
 
     def on_step(report):
@@ -167,11 +170,12 @@ def cmd_evaluate(args) -> int:
         target = load_for_model(args.target, model.image_size, "target") if args.target else base_target
         surrogate_file = adapter.training_image("surrogate", 0)
         surrogate = load_for_model(surrogate_file, model.image_size, "surrogate") if surrogate_file.is_file() else target
-        report, picture = evaluate(model, [EvalTarget(args.prompt, args.seed, target, surrogate)], config)
+        report, picture, after_images = evaluate(model, [EvalTarget(args.prompt, args.seed, target, surrogate)], config)
         bar.update(2)
     out = RunFolder(args.out).create()
     out.write_metrics(report)
     save_image_atomic(picture, out.picture)
+    save_image_atomic(after_images[0], out.after_image(0))
     print(json.dumps({"target": report["targets"][0]["after_vs_target"], "integrity_ssim": {k: v["ssim"]["value"] for k, v in report["integrity"].items()}}, indent=2, default=str))
     print(verdict_line(report["forgetting"]))
     print(f"wrote {out.metrics_file} and {out.picture}")

@@ -42,42 +42,43 @@ class InstanceTarget:
 
 @dataclass
 class UnlearnConfig:
-    """Settings of one unlearning run. Defaults are the 'quick' preset on the demo model.
+    """Settings of one unlearning run. Defaults are the 'balanced' preset (alias 'quick') on the demo model.
 
-    Each field's metadata (help, choices, min, max) drives the web form, the CLI options and the
+    Each field's metadata (help, choices, min, max; level 'basic' for the web form's front, method for
+    one method's own settings) drives the web form, the CLI options and the
     checks in `__post_init__`."""
 
-    method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS))
-    steps: int = field(default=60, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000))
+    method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS, level="basic"))
+    steps: int = field(default=60, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000, level="basic"))
     batch_size: int = field(default=4, metadata=_meta("forget samples per step (NegGrad, SISS and EraseDiff: also their remember samples)", min=1, max=256))
-    learning_rate: float = field(default=1e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0))
+    learning_rate: float = field(default=1e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0, level="basic"))
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
     lora_alpha: float = field(default=8.0, metadata=_meta("LoRA alpha (scale = alpha / rank)", min=1e-3, max=1024.0))
     # Defaults chosen by `python -m benchmarks.quality` (docs/QUALITY.md): forgetting late in
     # sampling with remembering everywhere, and LoRA on all layers, fixed the most cases with the
     # fewest other images changed; λ(s)=s^γ and attention-only LoRA changed more other seeds.
-    lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES))
-    gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0))
-    constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0))
-    projection: str = field(default="forget", metadata=_meta("gradient surgery: none | forget (project g_f) | both (PCGrad)", choices=PROJECTIONS))
-    loss_space: str = field(default="x0", metadata=_meta("x0: losses measured on the implied clean image, so λ(s) decides where forgetting acts; native: in the prediction's own space (ε, v), dominated by small t", choices=LOSS_SPACES))
-    forget_states: str = field(default="trajectory", metadata=_meta("trajectory: forget at the target seed's own guided sampling states, re-recorded as the model changes; random: x_t drawn from the target at random t (the paper's form)", choices=FORGET_STATES))
-    forget_target: str = field(default="painted", metadata=_meta("painted: aim x̂0 at the surrogate on the painted pixels and at the frozen model's own estimate elsewhere; surrogate: at the whole surrogate (the paper's Eq. 9–11)", choices=FORGET_TARGETS))
-    trajectory_refresh: int = field(default=10, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000))
-    stop_at_r: float = field(default=0.85, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0))
-    remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES))
-    remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256))
+    lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES, method="ours"))
+    gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0, method="ours"))
+    constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0, method="ours"))
+    projection: str = field(default="forget", metadata=_meta("gradient surgery: none | forget (project g_f) | both (PCGrad)", choices=PROJECTIONS, method="ours"))
+    loss_space: str = field(default="x0", metadata=_meta("x0: losses measured on the implied clean image, so λ(s) decides where forgetting acts; native: in the prediction's own space (ε, v), dominated by small t", choices=LOSS_SPACES, method="ours"))
+    forget_states: str = field(default="trajectory", metadata=_meta("trajectory: forget at the target seed's own guided sampling states, re-recorded as the model changes; random: x_t drawn from the target at random t (the paper's form)", choices=FORGET_STATES, method="ours"))
+    forget_target: str = field(default="painted", metadata=_meta("painted: aim x̂0 at the surrogate on the painted pixels and at the frozen model's own estimate elsewhere; surrogate: at the whole surrogate (the paper's Eq. 9–11)", choices=FORGET_TARGETS, method="ours"))
+    trajectory_refresh: int = field(default=10, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
+    stop_at_r: float = field(default=0.85, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
+    remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
+    remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="all", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; all: also the ResNet convolutions and feed-forward layers (more capacity, more risk)", choices=LORA_LAYERS))
-    seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0))
+    seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))
     remember_count: int = field(default=16, metadata=_meta("remember seeds per prompt (sampling trajectories to distill, or images to denoise)", min=1, max=1000))
-    remember_prompts: list[str] = field(default_factory=list, metadata=_meta("extra prompts for the remember set"))
+    remember_prompts: list[str] = field(default_factory=list, metadata=_meta("extra prompts for the remember set", level="basic"))
     remember_dir: str | None = field(default=None, metadata=_meta("folder of remember images instead of generated ones"))
     remember_seed_offset: int = field(default=1000, metadata=_meta("remember seeds start here", min=0, max=2**31))
     generation_steps: int = field(default=25, metadata=_meta("denoising steps for generation", min=1, max=200))
     guidance_scale: float = field(default=5.0, metadata=_meta("classifier-free guidance scale", min=0.0, max=50.0))
-    siss_mixture: float = field(default=0.5, metadata=_meta("SISS: probability λ that a mixture sample is drawn from the forget set", min=0.01, max=0.99))
-    siss_deletion_norm: float = field(default=0.0, metadata=_meta("SISS: norm the deletion gradient is rescaled to before it is subtracted (0 = 10 % of the first remember-gradient norm, SISS's advice)", min=0.0, max=1e6))
-    erasediff_weight: float = field(default=0.1, metadata=_meta("EraseDiff: λ of the uniform-noise forget gradient in g_r + λ·g_f (their lambda_bome)", min=0.0, max=100.0))
+    siss_mixture: float = field(default=0.5, metadata=_meta("SISS: probability λ that a mixture sample is drawn from the forget set", min=0.01, max=0.99, level="basic", method="siss"))
+    siss_deletion_norm: float = field(default=0.0, metadata=_meta("SISS: norm the deletion gradient is rescaled to before it is subtracted (0 = 10 % of the first remember-gradient norm, SISS's advice)", min=0.0, max=1e6, level="basic", method="siss"))
+    erasediff_weight: float = field(default=0.1, metadata=_meta("EraseDiff: λ of the uniform-noise forget gradient in g_r + λ·g_f (their lambda_bome)", min=0.0, max=100.0, level="basic", method="erasediff"))
     max_grad_norm: float = field(default=1.0, metadata=_meta("gradient clipping (0 = off)", min=0.0, max=1e6))
     checkpoint_every: int = field(default=20, metadata=_meta("save a resumable checkpoint every N steps (0 = off)", min=0, max=100000))
     eval_seeds: int = field(default=16, metadata=_meta("other seeds of the same prompt for integrity", min=0, max=256))
@@ -133,6 +134,36 @@ class UnlearnConfig:
 
 
 MAX_PROMPT_CHARS = 2000
+MAX_LISTED_PROMPTS = 32  # remember_prompts / eval_prompts: more is a study for the CLI, not a web job
+MAX_PROMPT_BYTES = 16_000  # all prompts of one job together
+
+
+def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
+    """A job's size in single-image denoiser passes: the remember set's sampling, training (forward
+    and backward of every sample, and re-recording the targets' trajectories) and evaluation."""
+    sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
+    prompts = targets + len(config.remember_prompts) + 1
+    remember = config.remember_count * prompts * sampling
+    refreshes = config.steps // config.trajectory_refresh if config.trajectory_refresh else 0
+    training = config.steps * (config.batch_size + config.remember_batch_size) * 3 + (refreshes + 1) * targets * sampling * 2
+    evaluation = (config.eval_seeds * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
+    return remember + training + evaluation
+
+
+def check_job_size(config: "UnlearnConfig", targets: int, ceiling: int) -> None:
+    """Refuse a web job whose lists or estimated work exceed this server's limits, saying by how much."""
+    for name in ("remember_prompts", "eval_prompts"):
+        if len(getattr(config, name)) > MAX_LISTED_PROMPTS:
+            raise InvalidInput(f"{name}: {len(getattr(config, name))} prompts; this server takes at most {MAX_LISTED_PROMPTS}")
+    size = sum(len(prompt.encode()) for prompt in config.remember_prompts + config.eval_prompts)
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidInput(f"the job's prompts are {size} bytes together; this server takes at most {MAX_PROMPT_BYTES}")
+    work = estimated_work(config, targets)
+    if work > ceiling:
+        raise InvalidInput(f"this job would take about {work:,} image-steps of work (remember set, training and evaluation); "
+                           f"this server takes at most {ceiling:,}: lower steps, remember_count, eval_seeds or batch sizes")
+
+
 REMOVED_SETTINGS = {"siss_superfactor"}  # SISS now rescales its deletion gradient (siss_deletion_norm)
 
 
@@ -192,8 +223,17 @@ def _coerce(name: str, kind, value):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {},
+    "gentle": {"learning_rate": 7e-4, "stop_at_r": 0.75},
+    "balanced": {},
+    "strong": {"steps": 120, "learning_rate": 1.5e-3, "stop_at_r": 0.92},
     "paper": {"lambda_schedule": "timestep", "loss_space": "native", "forget_states": "random", "forget_target": "surrogate", "remember_loss": "denoise", "seed_noise_fraction": 0.0, "steps": 240, "batch_size": 8, "remember_count": 100, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16.0},
+}
+PRESETS["quick"] = PRESETS["balanced"]  # the old name of the defaults, still accepted (API, CLI)
+PRESET_DESCRIPTIONS: dict[str, str] = {  # what the web form offers, in this order
+    "gentle": "changes the least: a lower learning rate, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
+    "balanced": "the defaults: up to 60 steps, stops once the target moved 85 % of the way; about 20 s per job on the demo model (CPU)",
+    "strong": "for a fix that stayed partial: up to 120 steps, a higher learning rate, stops at 92 %; other seeds change more, so check the integrity grid",
+    "paper": "the paper's original recipe (random noise levels, a denoising remember loss, 240 steps): for comparison; slower and less precise",
 }
 
 

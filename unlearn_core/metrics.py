@@ -7,6 +7,7 @@ stand-in under its name. SSIM and PSNR need no weights (torchmetrics).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -79,16 +80,61 @@ class _Loaded:
         self._value = self._failed_at = None
 
 
+SSCD_DIMENSIONS = 512
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sscd_embed(model, images: list[Image.Image]) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = F.interpolate(_images_to_tensor(images), size=(288, 288), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        return F.normalize(model((x - mean) / std), dim=1)
+
+
+def _sscd_problem(model) -> str:
+    """Why a loaded TorchScript cannot be SSCD, or "": it must give one 512-d descriptor per image
+    and tell a flat black image from random noise (a forged file with a constant output cannot)."""
+    probes = [Image.new("RGB", (64, 64)), Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))]
+    try:
+        embedded = _sscd_embed(model, probes)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        return f"the file does not run as SSCD ({type(error).__name__})"
+    if tuple(embedded.shape) != (2, SSCD_DIMENSIONS):
+        return f"the file gives descriptors of shape {tuple(embedded.shape)}, not (2, {SSCD_DIMENSIONS})"
+    if float((embedded[0] * embedded[1]).sum()) > 0.99:
+        return "the file gives the same descriptor for unrelated images"
+    return ""
+
+
 def _load_sscd() -> tuple[torch.jit.ScriptModule | None, str]:
-    """The official `sscd_disc_mixup` TorchScript, from `Settings.sscd_path`, the cache, or its URL."""
+    """The official `sscd_disc_mixup` TorchScript, from `Settings.sscd_path`, the cache, or its URL.
+
+    The file is code (TorchScript), so it is checked before it scores anything: its SHA-256 against
+    `Settings.sscd_sha256` when one is configured, then a forward pass (`_sscd_problem`). Any
+    failure makes SSCD unavailable, with the reason, instead of a faked or crashing score."""
     config = settings.current()
     path = config.sscd_path or config.cache_dir / "sscd_disc_mixup.torchscript.pt"
+    help_text = "set HOTFIX_SSCD_PATH to a local sscd_disc_mixup.torchscript.pt"
     try:
         if not path.is_file():
             _download(SSCD_URL, path)
-        return torch.jit.load(str(path), map_location="cpu").eval(), ""
-    except (OSError, RuntimeError, ValueError) as error:
-        return None, f"SSCD weights unavailable ({type(error).__name__}); set HOTFIX_SSCD_PATH to a local sscd_disc_mixup.torchscript.pt"
+        if config.sscd_sha256 and _sha256(path) != config.sscd_sha256.lower():
+            return None, f"SSCD weights unavailable (the file's SHA-256 is not HOTFIX_SSCD_SHA256's); {help_text}"
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    except OSError:
+        return None, f"SSCD needs its network weights, which this server could not download (offline?); {help_text}"
+    except (RuntimeError, ValueError):
+        return None, f"SSCD weights unavailable (the file is not a TorchScript model); {help_text}"
+    problem = _sscd_problem(model)
+    return (None, f"SSCD weights unavailable ({problem}); {help_text}") if problem else (model, "")
 
 
 load_sscd = _Loaded(_load_sscd)
@@ -98,16 +144,10 @@ def sscd_similarity(a: list[Image.Image], b: list[Image.Image]) -> MetricResult:
     model, reason = load_sscd()
     if model is None:
         return MetricResult("SSCD", False, reason=reason)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-    def embed(images):
-        x = _images_to_tensor(images)
-        x = F.interpolate(x, size=(288, 288), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            return F.normalize(model((x - mean) / std), dim=1)
-
-    values = (embed(a) * embed(b)).sum(1).tolist()
+    try:
+        values = (_sscd_embed(model, a) * _sscd_embed(model, b)).sum(1).tolist()
+    except (RuntimeError, ValueError) as error:  # never let a metric end an evaluation after training
+        return MetricResult("SSCD", False, reason=f"SSCD failed on these images ({type(error).__name__})")
     return MetricResult("SSCD", True, float(np.mean(values)), values)
 
 
@@ -125,8 +165,10 @@ def _load_lpips():
         if not cached.is_file():
             _download(url, cached)
         return lpips.LPIPS(net="alex", verbose=False).eval(), ""
-    except (OSError, RuntimeError, ValueError, ImportError) as error:
-        return None, f"LPIPS AlexNet weights unavailable ({type(error).__name__}); no network to download them?"
+    except OSError:
+        return None, "LPIPS needs the AlexNet weights, which this server could not download (offline?)"
+    except (RuntimeError, ValueError, ImportError):
+        return None, "LPIPS weights unavailable (the downloaded AlexNet weights could not be loaded)"
 
 
 load_lpips = _Loaded(_load_lpips)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import InstanceTarget, UnlearnConfig
+from unlearn_core.distributed import is_main_process
 from unlearn_core.errors import ImageError, InvalidInput
 from unlearn_core.evaluation import EvalTarget, evaluate
 from unlearn_core.export import adapter_card, save_kohya, write_cards
@@ -130,19 +131,23 @@ def run_unlearning(
     cache: GenerationCache | None = None,
     evaluate_after: bool = True,
 ) -> dict:
-    """Train, save the adapter, evaluate. Resumes from the folder's checkpoint when present."""
+    """Train, save the adapter, evaluate. Resumes from the folder's checkpoint when present.
+
+    Under torchrun / accelerate launch every process prepares and trains; only the main process
+    writes the folder's files and evaluates."""
     if not targets:
         raise InvalidInput("give at least one target to unlearn")
     cache = cache or GenerationCache()
     if not config.full_finetune:
         model.lora_config(config.lora_rank, config.lora_alpha, config.lora_layers)  # refuse a layer set the family lacks before the slow preparation
     folder = (folder if isinstance(folder, RunFolder) else RunFolder(folder)).create()
-    if not folder.config_file.exists():  # a job's store (or the CLI) wrote it already; a Python caller has not
+    main = is_main_process()
+    if main and not folder.config_file.exists():  # a job's store (or the CLI) wrote it already; a Python caller has not
         folder.write_request(model.source, config.to_dict(), [vars(target) for target in targets])
     started = time.time()
     callbacks.on_phase("preparing")
     resolved = resolve_target_images(model, targets, config, cache)
-    for index, target in enumerate(resolved):
+    for index, target in enumerate(resolved if main else []):
         save_image_atomic(target.target, folder.training_image("target", index))
         save_image_atomic(target.surrogate, folder.training_image("surrogate", index))
     callbacks.on_phase("remember set")
@@ -154,13 +159,17 @@ def run_unlearning(
     callbacks.on_phase("training")
     log = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop).train()
     trained = time.time()
+    if not main:
+        return {"run_dir": str(folder.path), "files": [], "summary": summarise(log), "metrics": None}
     files = [] if config.full_finetune else model.save_lora(folder.path) + save_kohya(model, folder)
     summary = {**summarise(log), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
     metrics = None
     if evaluate_after:
         callbacks.on_phase("evaluating")
-        metrics, picture = evaluate(model, resolved, config, cache)
+        metrics, picture, after_images = evaluate(model, resolved, config, cache)
         save_image_atomic(picture, folder.picture)
+        for index, image in enumerate(after_images):
+            save_image_atomic(image, folder.after_image(index))
     summary["seconds_total"] = round(time.time() - started, 2)
     if metrics is not None:
         metrics["timing"] = summary

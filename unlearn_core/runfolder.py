@@ -14,7 +14,8 @@ CLI's `unlearn` verb:
                                          adapter_model.safetensors + adapter_config.json for DDPM)
     lora_kohya.safetensors               the same LoRA in kohya's format (UNet families)
     adapter_card.json  README.md         the adapter's card, as JSON and as a Hub model card
-    metrics.json  before_after.png
+    metrics.json  before_after.png       the evaluation; the integrity grid (target seeds, then every seed, worst first)
+    after_0.png  ...                     the target seed regenerated with the adapter
     worker.log         the job process's output (the one file appended, not replaced)
 
 Every write goes through a temporary file in the same folder and a rename, so a reader (the
@@ -164,6 +165,10 @@ class RunFolder:
     def picture(self) -> Path:
         """The before/after grid."""
         return self.path / "before_after.png"
+
+    def after_image(self, index: int) -> Path:
+        """Target `index`'s seed regenerated with the adapter (written by the evaluation)."""
+        return self.path / f"after_{index}.png"
 
     @property
     def card_file(self) -> Path:

@@ -33,11 +33,16 @@ class Settings:
     without_t5: bool = False  # SD3: leave out the T5 text encoder (about 10 GB in fp16)
     username: str | None = None
     password: str | None = None
+    users_file: Path | None = None  # HOTFIX_USERS: user:hash lines (unlearn_core.accounts)
+    admins: tuple[str, ...] = ()  # HOTFIX_ADMINS: users who see every job
     model_allowlist: tuple[str, ...] = ()
     cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
     sscd_path: Path | None = None
+    sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
     clip_model: str | None = None
     download_timeout_s: float = 10.0
+    max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 6,000, the paper preset 26,000)
+    max_pending_per_owner: int = 8  # queued or running web jobs per owner
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
 
     @classmethod
@@ -53,12 +58,17 @@ class Settings:
             without_t5=(env.get("HOTFIX_NO_T5") or "").lower() in ("1", "true", "yes"),
             username=env.get("HOTFIX_USERNAME") or None,
             password=env.get("HOTFIX_PASSWORD") or None,
+            users_file=Path(env["HOTFIX_USERS"]) if env.get("HOTFIX_USERS") else None,
+            admins=_list(env.get("HOTFIX_ADMINS")),
             model_allowlist=_list(env.get("HOTFIX_MODEL_ALLOWLIST")),
             cache_dir=cache,
             sscd_path=Path(env["HOTFIX_SSCD_PATH"]) if env.get("HOTFIX_SSCD_PATH") else None,
+            sscd_sha256=env.get("HOTFIX_SSCD_SHA256") or None,
             clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
             download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
+            max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
+            max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
         )
 
     def __post_init__(self):

@@ -3,9 +3,14 @@
 One row per job in `runs/jobs.sqlite` (WAL mode, one connection per call, so any thread may use
 it); the row is the job's state. A job's files live in its `RunFolder`, `runs/jobs/<job_id>/`:
 `create` writes the uploaded images and `config.json` there once, and the worker
-(`unlearn_core.worker`) runs that folder. A server that dies leaves jobs "running";
-`mark_interrupted()` (called at start-up) turns them into "interrupted", and `resume()` queues them
-again: the job process resumes from the folder's checkpoint.
+(`unlearn_core.worker`) runs that folder.
+
+Each row names its owner (who may see and act on it) and, while it runs, the server whose worker
+runs it (`host:pid`). A server that dies leaves its jobs "running"; at start-up
+`mark_interrupted()` turns those into "interrupted" (a job of another live server on the same
+runs folder is left alone), and `resume()` queues them again: the job process resumes from the
+folder's checkpoint. Queued jobs stay queued across a restart. Every state change is one
+conditional UPDATE, so two callers (or two servers) never both win.
 
 Never imports gradio.
 """
@@ -16,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import sqlite3
 import time
 from contextlib import closing
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unlearn_core.config import InstanceTarget, UnlearnConfig, check_prompt, check_seed
+from unlearn_core.config import InstanceTarget, UnlearnConfig, check_job_size, check_prompt, check_seed
 from unlearn_core.errors import AccessDenied, InvalidInput, JobNotFound, JobStateError, NotReady
 from unlearn_core.files import save_image_atomic
 from unlearn_core.runfolder import RunFolder
@@ -46,9 +52,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    run_dir TEXT NOT NULL
+    run_dir TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    runner TEXT NOT NULL DEFAULT ''
 )
 """
+ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT NOT NULL DEFAULT ''"}  # stores written by older versions
 
 
 @dataclass
@@ -66,6 +75,8 @@ class Job:
     total: int
     error: str
     run_dir: str
+    owner: str = ""
+    runner: str = ""  # host:pid of the server whose worker runs it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +89,10 @@ class Job:
 class JobStore:
     """Jobs in SQLite under `runs_dir`; every method opens its own connection (thread-safe)."""
 
-    def __init__(self, runs_dir: str | os.PathLike):
+    def __init__(self, runs_dir: str | os.PathLike, max_job_work: int | None = None, max_pending_per_owner: int | None = None):
+        """`max_job_work` and `max_pending_per_owner` bound what `create` accepts (None: no bound,
+        as for the CLI and tests; the web app passes its settings)."""
+        self.max_job_work, self.max_pending_per_owner = max_job_work, max_pending_per_owner
         self.runs_dir = Path(runs_dir).resolve()
         self.jobs_dir = self.runs_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +100,10 @@ class JobStore:
         with closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)  # autocommit; explicit BEGIN where needed
@@ -100,7 +118,7 @@ class JobStore:
         data["config"] = json.loads(data["config"])
         return Job(**data)
 
-    def create(self, model: str, config: UnlearnConfig, instances: list[dict]) -> Job:
+    def create(self, model: str, config: UnlearnConfig, instances: list[dict], owner: str = "") -> Job:
         """Queue a job. Each instance: {prompt, seed, surrogate: PIL image, target: PIL image | None}.
 
         The images and the request (`config.json`) are written into the job's run folder first,
@@ -113,6 +131,10 @@ class JobStore:
         for instance in instances:  # refuse bad values before anything is written to disk
             check_prompt(instance.get("prompt", ""))
             check_seed(instance.get("seed"))
+        if self.max_job_work is not None:
+            check_job_size(config, len(instances), self.max_job_work)
+        if self.max_pending_per_owner is not None and self.pending(owner) >= self.max_pending_per_owner:
+            raise InvalidInput(f"you already have {self.max_pending_per_owner} jobs queued or running; wait for one to finish or cancel one")
         job_id = "j" + secrets.token_urlsafe(12)  # a letter first: never mistaken for an option
         folder = RunFolder(self.jobs_dir / job_id).create()
         targets = [vars(self._save_instance(folder, index, instance)) for index, instance in enumerate(instances)]
@@ -120,38 +142,55 @@ class JobStore:
         now = time.time()
         with closing(self._connect()) as db:
             db.execute(
-                "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?)",
-                (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path)),
+                "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir, owner) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?, ?)",
+                (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path), owner),
             )
         return self.get(job_id)
 
     @staticmethod
     def _save_instance(folder: RunFolder, index: int, instance: dict) -> InstanceTarget:
+        """Keep the instance's images, no larger than needed: the surrogate at the target's size
+        (the model's), and neither over MAX_KEPT_SIDE pixels a side."""
         surrogate: Image.Image = instance["surrogate"]
+        if instance.get("target") is not None:
+            instance = {**instance, "target": _bounded(instance["target"])}
+            surrogate = surrogate.resize(instance["target"].size, Image.Resampling.LANCZOS) if surrogate.size != instance["target"].size else surrogate
+        surrogate = _bounded(surrogate)
         surrogate_path = save_image_atomic(surrogate, folder.input_image("surrogate", index))
         target_path = None
         if instance.get("target") is not None:
             target_path = str(save_image_atomic(instance["target"], folder.input_image("target", index)))
         return InstanceTarget(str(instance["prompt"]), int(instance["seed"]), str(surrogate_path), target_path)
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, if it exists and `owner` may see it (None: any owner, for the server's own use)."""
         if not isinstance(job_id, str) or not JOB_ID.match(job_id.strip()):
             return None
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id.strip(),)).fetchone()
-        return self._job(row) if row else None
+        job = self._job(row) if row else None
+        return job if job is not None and (owner is None or job.owner == owner) else None
 
-    def require(self, job_id: str) -> Job:
-        job = self.get(job_id)
+    def require(self, job_id: str, owner: str | None = None) -> Job:
+        """As `get`; another owner's job is refused exactly like a missing one (ids are not confirmed)."""
+        job = self.get(job_id, owner)
         if job is None:
             raise JobNotFound(f"no job {job_id!r}")
         return job
 
-    def list(self, limit: int = 200) -> list[Job]:
-        """Newest first."""
+    def list(self, owner: str | None = None, limit: int = 200) -> list[Job]:
+        """Newest first; only `owner`'s jobs unless owner is None."""
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+            if owner is None:
+                rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = db.execute("SELECT * FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit)).fetchall()
         return [self._job(row) for row in rows]
+
+    def pending(self, owner: str) -> int:
+        """How many of the owner's jobs are queued or running (for per-owner queue limits)."""
+        with closing(self._connect()) as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN ('queued', 'running')", (owner,)).fetchone()[0]
 
     def update(self, job_id: str, **values) -> None:
         allowed = {"state", "step", "total", "error"}
@@ -170,31 +209,36 @@ class JobStore:
             cursor = db.execute(f"UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ? AND state IN ({marks})", (to, error, time.time(), job_id, *when))
             return cursor.rowcount == 1
 
-    def claim_next(self) -> Job | None:
-        """The oldest queued job, atomically switched to running (several workers may ask)."""
+    def claim_next(self, runner: str = "") -> Job | None:
+        """The oldest queued job, atomically switched to running by `runner` (several workers may ask)."""
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
-            db.execute("UPDATE jobs SET state = 'running', error = '', updated = ? WHERE id = ?", (time.time(), row["id"]))
+            db.execute("UPDATE jobs SET state = 'running', error = '', runner = ?, updated = ? WHERE id = ?", (runner, time.time(), row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"])
 
     # -- life cycle ------------------------------------------------------------------------
-    def mark_interrupted(self) -> list[str]:
-        """At start-up: jobs a dead server left running or queued become 'interrupted'."""
+    def mark_interrupted(self, alive=None) -> list[str]:
+        """At start-up: running jobs whose server is gone become 'interrupted'.
+
+        `alive(runner)` says whether the server named `host:pid` still runs (default: a process
+        with that pid exists on this host); the jobs of a live server are left alone."""
+        alive = alive or runner_alive
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
-            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE state IN ('running', 'queued')")]
-            db.execute("UPDATE jobs SET state = 'interrupted', error = 'the server stopped while the job was pending; resume it', updated = ? WHERE state IN ('running', 'queued')", (time.time(),))
+            ids = [row["id"] for row in db.execute("SELECT id, runner FROM jobs WHERE state = 'running'") if not alive(row["runner"])]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state = 'interrupted', error = 'the server stopped during the job; resume it', updated = ? WHERE id = ? AND state = 'running'", (time.time(), job_id))
             db.execute("COMMIT")
         return ids
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """Queued → cancelled now; running → ask the job's process to stop (its cancel flag)."""
-        job = self.require(job_id)
+        job = self.require(job_id, owner)
         if self._switch(job.id, "cancelled", ("queued",), "cancelled before it started"):
             return self.require(job_id)
         job = self.require(job_id)
@@ -203,9 +247,9 @@ class JobStore:
         job.folder.request_cancel()
         return job
 
-    def resume(self, job_id: str) -> Job:
+    def resume(self, job_id: str, owner: str | None = None) -> Job:
         """Queue an interrupted, failed or cancelled job again; it continues from its checkpoint."""
-        job = self.require(job_id)
+        job = self.require(job_id, owner)
         if not self._switch(job.id, "queued", RESUMABLE):
             raise JobStateError(f"job {job.id} is {self.require(job_id).state}; only {', '.join(RESUMABLE)} jobs can be resumed")
         job.folder.clear_cancel()
@@ -222,14 +266,49 @@ class JobStore:
             raise AccessDenied(f"{path} is outside the runs folder")
         return resolved
 
-    def adapter_files(self, job_id: str) -> list[Path]:
+    def adapter_files(self, job_id: str, owner: str | None = None) -> list[Path]:
         """The finished job's adapter weights and card (checked to lie in the runs folder)."""
-        job = self.require(job_id)
+        job = self.require(job_id, owner)
         folder = RunFolder(self.resolve_path(job.run_dir))
         files = folder.adapter_files()
         if not files or not folder.card_file.is_file():
             raise NotReady(f"job {job.id} has no adapter yet (state: {job.state})")
         return [self.resolve_path(path) for path in files]
+
+
+MAX_KEPT_SIDE = 1024
+
+
+def _bounded(image: Image.Image) -> Image.Image:
+    if max(image.size) <= MAX_KEPT_SIDE:
+        return image
+    copy = image.copy()
+    copy.thumbnail((MAX_KEPT_SIDE, MAX_KEPT_SIDE), Image.Resampling.LANCZOS)
+    return copy
+
+
+def this_runner() -> str:
+    """This server's name in the `runner` column: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def runner_alive(runner: str) -> bool:
+    """Whether the server named `host:pid` still runs (only this host's processes can be checked;
+    a job run from another host is assumed alive)."""
+    host, _, pid = runner.rpartition(":")
+    if not runner or not pid.isdigit():
+        return False
+    if host != socket.gethostname():
+        return True
+    if int(pid) == os.getpid():
+        return False  # this very process is starting up: whatever it ran before is gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def progress(job: Job) -> dict:

@@ -97,7 +97,9 @@ class UnlearnTrainer(BaselineLosses):
         self.folder = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
-        self.accelerator = Accelerator(cpu=model.device.type == "cpu")
+        # Mixed precision is the config's (bf16 or none), whatever an accelerate config says: fp16's
+        # GradScaler skips overflowing steps, which the NaN check would take for divergence.
+        self.accelerator = Accelerator(cpu=model.device.type == "cpu", mixed_precision=config.mixed_precision)
         if config.full_finetune:
             model.denoiser.requires_grad_(True)
             self.params = [p for p in model.denoiser.parameters()]
@@ -113,8 +115,9 @@ class UnlearnTrainer(BaselineLosses):
         model.denoiser.train()
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
         self.denoiser, self.optimizer = self.accelerator.prepare(model.denoiser, optimizer)
-        rank = self.accelerator.process_index
-        self.generator = torch.Generator("cpu").manual_seed(config.seed * 1000 + rank)
+        # One generator, the same in every process: each draws the global batch and keeps its share
+        # (`_shared_draw`), so N processes train exactly as one process with an N× batch would.
+        self.generator = torch.Generator("cpu").manual_seed(config.seed * 1000)
         self.step = 0
         self.log: list[dict] = []
         self.toward_surrogate: float | None = None
@@ -134,8 +137,22 @@ class UnlearnTrainer(BaselineLosses):
 
     # -- losses --------------------------------------------------------------------------------
     def _autocast(self):
-        enabled = self.config.mixed_precision == "bf16"
-        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return self.accelerator.autocast()
+
+    def _shared_draw(self, draw: Callable[[int], torch.Tensor | tuple], batch: int):
+        """`draw(n)` for the global batch (batch × processes) from the shared generator, cut to this
+        process's rows (a tuple of tensors is cut alike). With one process: `draw(batch)`."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        drawn = draw(batch * world)
+        rows = slice(rank * batch, (rank + 1) * batch)
+        return tuple(part[rows] for part in drawn) if isinstance(drawn, tuple) else drawn[rows]
+
+    def _anywhere(self, flag: bool) -> bool:
+        """True if the flag is set in any process: cancelling, a NaN and the early stop end every
+        process at the same step (one leaving alone would leave the others waiting in all-reduce)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum").item() > 0)
 
     def _forward(self, x0, cond, timesteps, a, b, noise):
         x_t = objectives.noisy_sample(x0, noise, a, b)
@@ -144,13 +161,13 @@ class UnlearnTrainer(BaselineLosses):
         return x_t, prediction.float()
 
     def _draw(self, pool_size: int, batch: int | None = None):
-        return torch.randint(0, pool_size, (batch or self.config.batch_size,), generator=self.generator)
+        return self._shared_draw(lambda n: torch.randint(0, pool_size, (n,), generator=self.generator), batch or self.config.batch_size)
 
     def _noise_like(self, x0: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x0.shape, generator=self.generator).to(x0.device)
+        return self._shared_draw(lambda n: torch.randn((n, *x0.shape[1:]), generator=self.generator), x0.shape[0]).to(x0.device)
 
     def _levels(self, batch: int | None = None):
-        t, a, b, s = self.model.sample_noise_levels(batch or self.config.batch_size, self.generator)
+        t, a, b, s = self._shared_draw(lambda n: self.model.sample_noise_levels(n, self.generator), batch or self.config.batch_size)
         shape = (-1, 1, 1, 1)
         return t, a.view(shape), b.view(shape), s
 
@@ -169,7 +186,7 @@ class UnlearnTrainer(BaselineLosses):
         fraction = self.config.seed_noise_fraction
         if self.sets.target_noise is None or fraction <= 0:
             return noise
-        use_seed = (torch.rand(x_f.shape[0], generator=self.generator) < fraction).to(x_f.device).view(-1, 1, 1, 1)
+        use_seed = (self._shared_draw(lambda n: torch.rand(n, generator=self.generator), x_f.shape[0]) < fraction).to(x_f.device).view(-1, 1, 1, 1)
         return torch.where(use_seed, self.sets.target_noise[self._forget_index].to(x_f.device), noise)
 
     def _remember_batch(self, batch: int | None = None):
@@ -178,7 +195,7 @@ class UnlearnTrainer(BaselineLosses):
 
     def _gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
         """Backward one loss (through accelerate, so DDP averages it) and return the flat gradient."""
-        if not torch.isfinite(loss):
+        if self._anywhere(not torch.isfinite(loss)):
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; the last good checkpoint is kept")
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss, retain_graph=retain_graph)
@@ -267,7 +284,7 @@ class UnlearnTrainer(BaselineLosses):
     def _predict_on_pool(self, pool: StatePool, batch: int):
         """A random batch of a state pool, its noise levels (a, b shaped for broadcasting, s flat)
         and the model's prediction there: (index, x_t, a, b, s, reference, label, prediction)."""
-        index = torch.randint(0, len(pool), (batch,), generator=self.generator)
+        index = self._draw(len(pool), batch)
         x_t, t, cond, reference, label = pool.take(index, self.model.device)
         a, b, s = self.model.noise_levels_at(t)
         with self._autocast():
@@ -317,15 +334,16 @@ class UnlearnTrainer(BaselineLosses):
         if self.folder:
             self.load_checkpoint()
         while self.step < self.config.steps:
-            if self.should_stop():
+            if self._anywhere(self.should_stop()):
                 if self.folder:
                     self.save_checkpoint()
                 raise TrainingCancelled(f"cancelled at step {self.step}")
             report = self.train_step()
-            if self.folder:
-                self._append_log(report)
-            self.on_step(report)
-            if self._fixed():
+            if self.accelerator.is_main_process:  # one writer of the log and the status, however many processes train
+                if self.folder:
+                    self._append_log(report)
+                self.on_step(report)
+            if self._anywhere(self._fixed()):
                 break
             every = self.config.checkpoint_every
             if self.folder and every and self.step % every == 0 and self.step < self.config.steps:
@@ -367,7 +385,7 @@ class UnlearnTrainer(BaselineLosses):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
-        if self.folder:
+        if self.folder and self.accelerator.is_main_process:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
             self._refresh_target_states()

@@ -22,9 +22,10 @@ import sys
 import threading
 import time
 
+from unlearn_core.distributed import is_main_process
 from unlearn_core.errors import OperatorError
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.store import Job, JobStore
+from unlearn_core.store import Job, JobStore, this_runner
 
 CANCEL_GRACE_S = 8.0
 EXIT_FAILED, EXIT_CANCELLED = 2, 3
@@ -47,27 +48,33 @@ def execute(folder: RunFolder, device: str = "auto", display=None) -> dict:
     config = UnlearnConfig.from_dict(request["config"])
     targets = [InstanceTarget(**target) for target in request["targets"]]
     steps = {"step": 0, "total": config.steps}
+    main = is_main_process()  # under torchrun only the main process records the status
+
+    def record(state, **extra):
+        if main:
+            folder.write_status(state, **extra)
 
     def on_step(report):
         steps.update(step=report.step, total=report.total)
-        folder.write_status("running", **steps)
+        record("running", **steps)
 
     def on_phase(name):
-        folder.write_status("running", phase=name, **steps)
+        record("running", phase=name, **steps)
 
-    folder.clear_cancel()
+    if main:
+        folder.clear_cancel()
     on_phase("loading")
     callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested).then(display)
     try:
         model = load_model(request["model"], device)
         result = run_unlearning(model, targets, config, folder, callbacks)
     except TrainingCancelled as error:
-        folder.write_status("cancelled", error=str(error), **steps)
+        record("cancelled", error=str(error), **steps)
         raise
     except Exception as error:
-        folder.write_status("failed", error=str(error) if isinstance(error, OperatorError) else f"{type(error).__name__}: {error}", **steps)
+        record("failed", error=str(error) if isinstance(error, OperatorError) else f"{type(error).__name__}: {error}", **steps)
         raise
-    folder.write_status("done", step=config.steps, total=config.steps)
+    record("done", step=config.steps, total=config.steps)
     return result
 
 
@@ -123,7 +130,7 @@ class JobWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.store.claim_next()
+            job = self.store.claim_next(this_runner())
             if job is None:
                 self._wake.wait(1.0)
                 self._wake.clear()

@@ -66,9 +66,9 @@ def _hub_reason(error: Exception, source: str) -> str | None:
     """What to do about a Hub refusal anywhere in the error's chain (gated, missing, offline), or None."""
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    gated = f"{source} is gated: accept its licence on https://huggingface.co/{source} while logged in, then set HF_TOKEN (or run `hf auth login`) on this server"
-    missing = f"there is no model {source!r} on the Hub (or it is private: set HF_TOKEN to a token that can read it)"
-    offline = f"{source} is not downloaded yet and the Hub cannot be reached from this server (no network?)"
+    gated = f"it is gated: accept its licence on https://huggingface.co/{source} while logged in, then set HF_TOKEN (or run `hf auth login`) on this server"
+    missing = "there is no such model on the Hub (or it is private: set HF_TOKEN to a token that can read it)"
+    offline = "it is not downloaded yet and the Hub cannot be reached from this server (no network?)"
     seen = error
     while seen is not None:
         if isinstance(seen, GatedRepoError):
@@ -113,5 +113,6 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, **kwargs)
     except Exception as error:  # diffusers raises many kinds: OSError, ValueError, HTTP errors
         reason = _hub_reason(error, source) if not path.exists() else None
-        raise ModelLoadError(reason or f"cannot load model {source!r}: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}") from error
+        reason = reason or (str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+        raise ModelLoadError(f"cannot load model {source!r}: {reason}") from error
     return wrap_pipeline(pipe, source, target)

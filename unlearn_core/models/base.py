@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unlearn_core.distributed import process_device, world_size
 from unlearn_core.errors import AdapterError, InvalidInput
 
 
@@ -41,7 +42,10 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """auto: a CUDA GPU, else Apple's mps, else the CPU."""
+    """auto: this process's device under torchrun / accelerate launch; else a CUDA GPU, else
+    Apple's mps, else the CPU."""
+    if name == "auto" and world_size() > 1:
+        return process_device()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
