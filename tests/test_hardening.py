@@ -250,7 +250,7 @@ def test_kill_the_job_process_then_resume(server, client, files):
     record("job", id=job_id, final="done", faults=1)
 
 
-def test_server_killed_leaves_nothing_running(tmp_path, files):
+def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
     """What test_restart.py does not cover: SIGKILL to the server process alone (its job's process must
     not live on as an orphan writing into the run folder), a second job queued behind the first, and
     the run folders' own status after the restart."""
@@ -258,9 +258,11 @@ def test_server_killed_leaves_nothing_running(tmp_path, files):
     from gradio_client import Client, handle_file
 
     runs, cache = tmp_path / "runs", tmp_path / "cache"
+    monkeypatch.setenv("HOTFIX_USERNAME", "operator")  # a login keeps the jobs their owner's across the restart
+    monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
     first = AppServer(runs, cache).start()
     try:
-        client = Client(first.url, verbose=False)
+        client = Client(first.url, auth=("operator", "s3cret-Pa55"), verbose=False)
         config = json.dumps({**KILL_CONFIG, "steps": 200})
         running, _ = client.predict("flag of japan", 5, handle_file(str(files["good"])), None, config, api_name="/start_unlearning")
         queued, _ = client.predict("flag of chad", 6, handle_file(str(files["good"])), None, config, api_name="/start_unlearning")
@@ -287,7 +289,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files):
 
     second = AppServer(runs, cache).start()
     try:
-        client = Client(second.url, verbose=False)
+        client = Client(second.url, auth=("operator", "s3cret-Pa55"), verbose=False)
         status = client.predict(running, api_name="/job_status")
         assert status["state"] == "interrupted", status
         assert JobStore(runs).get(running).state == "interrupted"  # the store's row is the job's state (status.json is the job process's own)
@@ -374,6 +376,20 @@ def test_login_is_required(tmp_path, monkeypatch):
         record("fault", what="unauthenticated access (client, /config, /info, /call, /file)")
     finally:
         app.stop()
+
+
+def test_another_client_can_neither_see_nor_touch_the_job(server, finished_job, client):
+    """Without a login, a job belongs to the browser session or API client that started it: a second
+    client gets "no job" for its status, resume and download, and the jobs of the first are not in
+    its lists (the same words as for an id that does not exist, so ids are not confirmed)."""
+    from gradio_client import Client
+
+    stranger = Client(server.url, verbose=False)
+    for api_name in ("/job_status", "/resume_job", "/download_adapter"):
+        with pytest.raises(Exception, match="no job"):
+            stranger.predict(finished_job, api_name=api_name)
+    assert client.predict(finished_job, api_name="/job_status")["state"] == "done", "its owner still sees it"
+    record("fault", what="another client's job id (status, resume, download)")
 
 
 def test_no_file_is_served_by_its_path(server, finished_job):

@@ -10,11 +10,17 @@ from pathlib import Path
 
 from tests.test_api import AppServer, wait_for_job
 
+LOGIN = ("operator", "s3cret-Pa55")
 LONG_CONFIG = {"steps": 40, "batch_size": 1, "checkpoint_every": 5, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
 
 
-def test_kill_restart_resume(tmp_path):
+def test_kill_restart_resume(tmp_path, monkeypatch):
+    """With a login, the job stays its owner's across the restart (without one, a job belongs to the
+    browser session or API client that started it)."""
     from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("HOTFIX_USERNAME", "operator")
+    monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
     from PIL import Image
 
     runs, cache = tmp_path / "runs", tmp_path / "cache"
@@ -23,7 +29,7 @@ def test_kill_restart_resume(tmp_path):
 
     first = AppServer(runs, cache).start()
     try:
-        client = Client(first.url, verbose=False)
+        client = Client(first.url, auth=LOGIN, verbose=False)
         job_id, _ = client.predict("flag of japan", 2, handle_file(str(surrogate)), None, json.dumps(LONG_CONFIG), api_name="/start_unlearning")
         run_dir = runs / "jobs" / job_id
         deadline = time.monotonic() + 400
@@ -41,7 +47,7 @@ def test_kill_restart_resume(tmp_path):
 
     second = AppServer(runs, cache).start()
     try:
-        client = Client(second.url, verbose=False)
+        client = Client(second.url, auth=LOGIN, verbose=False)
         status = client.predict(job_id, api_name="/job_status")
         assert status["state"] == "interrupted", status
         resumed = client.predict(job_id, api_name="/resume_job")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu, served_copies
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, job_choices, on_gpu, owner_of, served_copies
 from unlearn_core.config import parse_seeds
 from unlearn_core.errors import AdapterError
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
@@ -49,14 +49,14 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     gallery = gr.Gallery(label="base | adapter", columns=2, height="auto", allow_preview=False, format="png", elem_id="ada-gallery")
     verdict = gr.Markdown("", elem_id="ada-info")
 
-    def choices(current):
-        options = job_choices(store, only_done=True)
+    def choices(current, request: gr.Request):
+        options = job_choices(store, owner_of(request), only_done=True)
         ids = [value for _, value in options]
         return gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None))
 
-    def download(job_id):
+    def download(job_id, request: gr.Request):
         try:
-            files = store.adapter_files(job_id or "")
+            files = store.adapter_files(job_id or "", owner_of(request))
             folder = RunFolder(files[0].parent)
             archive = adapter_zip(folder, folder.adapter_zip)
         except OPERATOR_ERRORS as error:
@@ -64,9 +64,9 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         weights_copy, card_copy, archive_copy = served_copies([files[0], files[-1], archive])
         return weights_copy, card_copy, archive_copy
 
-    def push_job(job_id, repo_id, token_text, images):
+    def push_job(job_id, repo_id, token_text, images, request: gr.Request):
         try:
-            files = store.adapter_files(job_id or "")
+            files = store.adapter_files(job_id or "", owner_of(request))
             url = push_to_hub(RunFolder(files[0].parent), (repo_id or "").strip(), token=(token_text or "").strip() or None, include_images=bool(images))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
@@ -75,7 +75,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     def read_card(path):
         return json.loads(Path(path).read_text()) if path else None
 
-    def adapter_folder(job_id, uploaded) -> tuple[Path, dict]:
+    def adapter_folder(job_id, uploaded, owner: str | None) -> tuple[Path, dict]:
         """The folder to load the adapter from (a job's run folder, or a copy of an upload)."""
         if uploaded:
             source = Path(uploaded)
@@ -84,14 +84,14 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             folder = Path(tempfile.mkdtemp(prefix="hotfix-adapter-"))
             shutil.copy(source, folder / ADAPTER_WEIGHT_NAMES[0])
             return folder, {}
-        files = store.adapter_files(job_id or "")
+        files = store.adapter_files(job_id or "", owner)
         return files[0].parent, json.loads(files[-1].read_text())
 
     @on_gpu
-    def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id):
+    def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request):
         try:
             seed_list = parse_seeds(seed_text, limit=16)
-            folder, card_data = adapter_folder(job_id, uploaded)
+            folder, card_data = adapter_folder(job_id, uploaded, owner_of(request))
             model = get_model(model_id, services.device)
             target = (card_data.get("targets") or [{}])[0]
             text = prompt_text or target.get("prompt", "")

@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
 from unlearn_core.errors import OperatorError
 from unlearn_core.models import DiffusionModel, load_model
@@ -107,10 +108,23 @@ def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
     return pd.DataFrame(records, columns=["step", "loss", "curve"])
 
 
-def job_table(store: JobStore) -> pd.DataFrame:
-    """All jobs, newest first, for gr.Dataframe."""
+def owner_of(request: gr.Request | None) -> str | None:
+    """Whose jobs this caller sees and acts on: the logged-in user, else this browser session or API
+    client (its session hash); None (every job) for a user named in HOTFIX_ADMINS."""
+    username = getattr(request, "username", None) if request is not None else None
+    if username:
+        return None if username in settings.current().admins else f"user:{username}"
+    session = getattr(request, "session_hash", None) if request is not None else None
+    return f"session:{session}" if session else "session:unknown"
+
+
+JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "error"]
+
+
+def job_table(store: JobStore, owner: str | None) -> pd.DataFrame:
+    """The owner's jobs (all for an admin), newest first, for gr.Dataframe."""
     rows = []
-    for job in store.list():
+    for job in store.list(owner=owner):
         target = job.targets[0] if job.targets else {}
         rows.append({
             "job": job.id,
@@ -122,13 +136,13 @@ def job_table(store: JobStore) -> pd.DataFrame:
             "model": job.model,
             "error": job.error[:120],
         })
-    return pd.DataFrame(rows, columns=["job", "state", "step", "prompt", "seed", "method", "model", "error"])
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
-def job_choices(store: JobStore, only_done: bool = False) -> list[tuple[str, str]]:
-    """(label, id) pairs for a job dropdown."""
+def job_choices(store: JobStore, owner: str | None, only_done: bool = False) -> list[tuple[str, str]]:
+    """(label, id) pairs of the owner's jobs for a job dropdown."""
     choices = []
-    for job in store.list():
+    for job in store.list(owner=owner):
         if only_done and job.state != "done":
             continue
         target = job.targets[0] if job.targets else {}

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, job_choices, loss_frame, served_copies
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, job_choices, loss_frame, owner_of, served_copies
 from unlearn_core.config import PRESETS, UnlearnConfig
 from unlearn_core.images import open_image
 from unlearn_core.store import progress
@@ -136,15 +136,16 @@ def render(services: Services, tab: gr.Tab) -> None:
     availability = gr.Markdown("", elem_id="res-availability")
     curves = gr.LinePlot(loss_frame(None), x="step", y="loss", color="curve", title="Losses", height=240, elem_id="res-curves")
 
-    def choices(current):
-        options = job_choices(store)
+    def choices(current, request: gr.Request):
+        owner = owner_of(request)
+        options = job_choices(store, owner)
         ids = [value for _, value in options]
-        done = [job.id for job in store.list() if job.state == "done"]
+        done = [job.id for job in store.list(owner=owner) if job.state == "done"]
         value = current if current in ids else (done[0] if done else (ids[0] if ids else None))
         return gr.update(choices=options, value=value)
 
-    def show(job_id):
-        found = store.get(job_id or "")
+    def show(job_id, request: gr.Request):
+        found = store.get(job_id or "", owner_of(request))
         if found is None:
             return "Pick a finished job.", "", gr.update(visible=False), "", None, None, None, None, None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
         folder = found.folder
@@ -165,14 +166,14 @@ def render(services: Services, tab: gr.Tab) -> None:
         return (text, verdict_markdown(report), gr.update(visible=retry), "", target, enlarged(folder.training_image("surrogate", 0)), after, pair,
                 served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir))
 
-    def rerun_stronger(job_id):
+    def rerun_stronger(job_id, request: gr.Request):
         """The same targets and settings with the stronger preset's values on top, as a new job."""
         try:
-            found = store.require(job_id or "")
+            found = store.require(job_id or "", owner_of(request))
             config = UnlearnConfig.from_dict({**found.config, **PRESETS[STRONGER]})
             instances = [{"prompt": t["prompt"], "seed": t["seed"], "surrogate": open_image(store.resolve_path(t["surrogate_path"]), "surrogate"),
                           "target": open_image(store.resolve_path(t["target_path"]), "target") if t.get("target_path") else None} for t in found.targets]
-            queued = store.create(found.model, config, instances)
+            queued = store.create(found.model, config, instances, owner=found.owner)
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()

@@ -8,8 +8,9 @@ import time
 from dataclasses import MISSING, fields
 
 import gradio as gr
+import pandas as pd
 
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, pretty
+from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, Services, fail, image_input, job_table, loss_frame, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed
 from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
@@ -181,7 +182,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     curves = gr.LinePlot(loss_frame(None), x="step", y="loss", color="curve", title="Losses", height=260, elem_id="unl-curves")
     with gr.Accordion("Details (the job's raw status)", open=False, elem_id="unl-details"):
         status_json = gr.JSON(label="Job status", elem_id="unl-status")
-    table = gr.Dataframe(job_table(store), label="Jobs", interactive=False, elem_id="job-table")
+    table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="Jobs", interactive=False, elem_id="job-table")  # filled per caller by the poll timer
     timer = gr.Timer(POLL_S)
     shown = gr.State("")  # what the curve shows now ("job:step"), to skip redrawing an unchanged plot
 
@@ -198,7 +199,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
 
-    def start_job(prompt_text, seed_value, surrogate_image, target_image, config_text, model_id):
+    def start_job(prompt_text, seed_value, surrogate_image, target_image, config_text, model_id, request: gr.Request):
         try:
             if surrogate_image is None:
                 raise NotReady("no surrogate: make one in the Surrogate tab (or pass a surrogate image)")
@@ -207,29 +208,36 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             config = config_from_json(config_text)
             instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}
-            job = store.create(model_id or DEMO_MODEL, config, [instance])
+            job = store.create(model_id or DEMO_MODEL, config, [instance], owner=owner_of(request) or "")
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()
         gr.Info(f"job {job.id} queued")
         return job.id, progress(job)
 
-    def status(job):
-        found = store.get(job or "")
+    def status(job, request: gr.Request):
+        found = store.get(job or "", owner_of(request))
         if found is None:
             raise gr.Error(f"no job {job!r}")
         return progress(found)
 
-    def act(action, job):
+    def act(action, job, request):
         try:
-            found = action(job or "")
+            found = action(job or "", owner=owner_of(request))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()
         return progress(found)
 
-    def poll(job, last):
-        found = store.get(job or "")
+    def cancel_job(job, request: gr.Request):
+        return act(store.cancel, job, request)
+
+    def resume_job(job, request: gr.Request):
+        return act(store.resume, job, request)
+
+    def poll(job, last, request: gr.Request):
+        owner = owner_of(request)
+        found = store.get(job or "", owner)
         info = progress(found) if found else None
         key = f"{job}:{info['step']}:{info['state']}" if info else ""
         plot = loss_frame(found.run_dir) if found and key != last else gr.skip()
@@ -243,7 +251,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             trained = ((found.folder.read_metrics() or {}).get("timing") or {}).get("steps_run")
             shown_info = {**info, "step": int(trained)} if trained is not None else info
         buttons = [gr.update(interactive=state in CANCELLABLE), gr.update(interactive=state in RESUMABLE)] if key != last else [gr.skip(), gr.skip()]
-        return progress_markdown(shown_info, elapsed), plot, info if key != last else gr.skip(), job_table(store), key, *buttons
+        return progress_markdown(shown_info, elapsed), plot, info if key != last else gr.skip(), job_table(store, owner), key, *buttons
 
     def pick_row(evt: gr.SelectData):
         row = evt.row_value if evt.row_value else None
@@ -259,8 +267,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     start.click(form_to_json, components, [config_json], **INTERNAL).success(
         start_job, [prompt, seed, surrogate, target, config_json, model_state], [job_id, status_json], api_name="start_unlearning")
     refresh.click(status, [job_id], [status_json], api_name="job_status")
-    cancel.click(lambda job: act(store.cancel, job), [job_id], [status_json], **INTERNAL)
-    resume.click(lambda job: act(store.resume, job), [job_id], [status_json], api_name="resume_job")
+    cancel.click(cancel_job, [job_id], [status_json], **INTERNAL)
+    resume.click(resume_job, [job_id], [status_json], api_name="resume_job")
     timer.tick(poll, [job_id, shown], [progress_text, curves, status_json, table, shown, cancel, resume], show_progress="hidden", **INTERNAL)
     table.select(pick_row, None, [job_id], **INTERNAL)
     target_state.change(on_target, [target_state], [prompt, seed, target], **INTERNAL)

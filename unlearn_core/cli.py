@@ -97,10 +97,10 @@ def _add_config_options(parser):
 
 
 def cmd_unlearn(args) -> int:
+    from unlearn_core.distributed import is_main_process, wait_for_everyone
     from unlearn_core.run import RunCallbacks
     from unlearn_core.runfolder import RunFolder
     from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
-    from unlearn_core.distributed import is_main_process, wait_for_everyone
     from unlearn_core.worker import execute
 
     config = config_from_args(args)
