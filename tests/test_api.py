@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT_CONFIG = {"steps": 4, "remember_count": 2, "eval_seeds": 2, "generation_steps": 4, "batch_size": 2, "checkpoint_every": 0}
+SHORT_CONFIG = {"steps": 4, "stop_at_r": 0.0, "remember_count": 2, "eval_seeds": 2, "generation_steps": 4, "batch_size": 2, "checkpoint_every": 0}
 JOB_TIMEOUT_S = 420
 
 

@@ -199,7 +199,7 @@ def test_server_still_generates_after_the_abuse(server, client, finished_job):
 
 
 # -- durability -------------------------------------------------------------------------------------
-KILL_CONFIG = {"steps": 24, "batch_size": 1, "checkpoint_every": 4, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
+KILL_CONFIG = {"steps": 24, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every": 4, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
 
 
 def job_process(server: AppServer, job_id: str) -> int | None:

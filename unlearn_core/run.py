@@ -23,7 +23,7 @@ from unlearn_core.images import load_for_model
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, encode_sets, record_target_states, remember_pool
-from unlearn_core.trainer import StepReport, UnlearnTrainer, summarise
+from unlearn_core.trainer import StepReport, UnlearnTrainer
 
 
 def _nothing(*args) -> None:
@@ -120,6 +120,21 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, steps, guidance)
     return sets
+
+
+def summarise(log: list[dict]) -> dict:
+    """Loss and conflict summary of a finished run."""
+    if not log:
+        return {}
+    return {
+        "final_loss_forget": log[-1]["loss_forget"],
+        "final_loss_remember": log[-1]["loss_remember"],
+        "conflict_rate": sum(r["projected"] for r in log) / len(log),
+        "mean_cosine": sum(r["cosine"] for r in log) / len(log),
+        "mean_seconds_per_step": sum(r["seconds_per_step"] for r in log) / len(log),
+        "steps_run": log[-1]["step"],
+        "toward_surrogate_when_stopped": log[-1].get("toward_surrogate"),
+    }
 
 
 def run_unlearning(

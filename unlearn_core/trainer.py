@@ -97,9 +97,10 @@ class UnlearnTrainer(BaselineLosses):
         self.folder = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
-        # Mixed precision is the config's (bf16 or none), whatever an accelerate config says: fp16's
-        # GradScaler skips overflowing steps, which the NaN check would take for divergence.
-        self.accelerator = Accelerator(cpu=model.device.type == "cpu", mixed_precision=config.mixed_precision)
+        # Mixed precision is the config's bf16 autocast (`_autocast`), whatever an accelerate config
+        # says: fp16's GradScaler skips overflowing steps, which the NaN check would take for
+        # divergence. "no" here, always, because accelerate fixes it for the life of the process.
+        self.accelerator = Accelerator(cpu=model.device.type == "cpu", mixed_precision="no")
         if config.full_finetune:
             model.denoiser.requires_grad_(True)
             self.params = [p for p in model.denoiser.parameters()]
@@ -137,7 +138,8 @@ class UnlearnTrainer(BaselineLosses):
 
     # -- losses --------------------------------------------------------------------------------
     def _autocast(self):
-        return self.accelerator.autocast()
+        enabled = self.config.mixed_precision == "bf16"
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _shared_draw(self, draw: Callable[[int], torch.Tensor | tuple], batch: int):
         """`draw(n)` for the global batch (batch × processes) from the shared generator, cut to this
@@ -396,18 +398,3 @@ class UnlearnTrainer(BaselineLosses):
 
     def _rewrite_log(self) -> None:
         self.folder.rewrite_loss_log(self.log, list(StepReport.__dataclass_fields__))
-
-
-def summarise(log: list[dict]) -> dict:
-    """Loss and conflict summary of a finished run."""
-    if not log:
-        return {}
-    return {
-        "final_loss_forget": log[-1]["loss_forget"],
-        "final_loss_remember": log[-1]["loss_remember"],
-        "conflict_rate": sum(r["projected"] for r in log) / len(log),
-        "mean_cosine": sum(r["cosine"] for r in log) / len(log),
-        "mean_seconds_per_step": sum(r["seconds_per_step"] for r in log) / len(log),
-        "steps_run": log[-1]["step"],
-        "toward_surrogate_when_stopped": log[-1].get("toward_surrogate"),
-    }

@@ -74,7 +74,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None) -> dict:
     except Exception as error:
         record("failed", error=str(error) if isinstance(error, OperatorError) else f"{type(error).__name__}: {error}", **steps)
         raise
-    record("done", step=config.steps, total=config.steps)
+    record("done", step=int(result["summary"].get("steps_run", steps["step"])), total=config.steps)  # the steps trained: the early stop may end before the total
     return result
 
 
@@ -172,7 +172,7 @@ class JobWorker:
         status = folder.read_status()
         step, _ = _progress(folder, job)
         if returncode == 0 and status.get("state") == "done":
-            self.store.update(job.id, state="done", step=job.total, error="")
+            self.store.update(job.id, state="done", step=step, error="")
             return "done"
         if cancelled or status.get("state") == "cancelled":
             self.store.update(job.id, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
