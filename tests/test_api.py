@@ -38,11 +38,15 @@ class AppServer:
         self.process: subprocess.Popen | None = None
         self.log_path = self.runs_dir.parent / f"server-{self.port}.log"
 
-    def start(self, timeout_s: float = 180) -> "AppServer":
+    def environment(self) -> dict:
         env = {**os.environ, "HOTFIX_RUNS_DIR": str(self.runs_dir), "HOTFIX_PORT": str(self.port), "HOTFIX_HOST": "127.0.0.1",
                "HOTFIX_DOWNLOAD_TIMEOUT": "3", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if self.cache_dir:
             env["HOTFIX_CACHE"] = str(self.cache_dir)
+        return env
+
+    def start(self, timeout_s: float = 180) -> "AppServer":
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -4,11 +4,7 @@ variables, binaries marked for LFS/Xet, and the licence file."""
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -50,26 +46,10 @@ def test_readme_is_a_space_config():
 class SpaceServer(AppServer):
     """`python app.py` configured the way a Space configures it: Gradio's variables, no HOTFIX_HOST/PORT."""
 
-    def start(self, timeout_s: float = 180) -> SpaceServer:
-        env = {key: value for key, value in os.environ.items() if key not in ("HOTFIX_HOST", "HOTFIX_PORT")}
-        env.update({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(self.port), "HOTFIX_RUNS_DIR": str(self.runs_dir),
-                    "HOTFIX_CACHE": str(self.cache_dir), "HOTFIX_DOWNLOAD_TIMEOUT": "3", "HF_HUB_OFFLINE": "1",
-                    "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"})
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"the server did not answer within {timeout_s} s:\n{self.tail()}")
+    def environment(self) -> dict:
+        env = {key: value for key, value in super().environment().items() if key not in ("HOTFIX_HOST", "HOTFIX_PORT")}
+        env.update({"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(self.port)})
+        return env
 
 
 def listening_addresses(pid: int, port: int) -> set[str]:

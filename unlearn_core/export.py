@@ -77,7 +77,7 @@ def _metric_lines(metrics: dict | None) -> list[str]:
     return lines
 
 
-def model_card(card: dict, kohya: bool) -> str:
+def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
     """The Hub model card (README.md with YAML front matter) of a run, from its adapter card."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -89,7 +89,7 @@ def model_card(card: dict, kohya: bool) -> str:
     settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "steps", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
     load = (f'```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this repo or folder>")\n```'
             if card["family"] != "ddpm" else '```python\nfrom peft import PeftModel\n\nunet = PeftModel.from_pretrained(pipe.unet, "<this repo or folder>")\n```')
-    comfy = ("In ComfyUI or AUTOMATIC1111, load `lora_kohya.safetensors` with a LoRA loader at strength 1." if kohya
+    comfy = (f"In ComfyUI or AUTOMATIC1111, load `{folder.kohya_weights.name}` with a LoRA loader at strength 1." if kohya
              else "ComfyUI reads the diffusers file directly." if card["family"] != "ddpm" else "")
     text = f"""---
 {data.to_yaml()}
@@ -103,11 +103,11 @@ A LoRA made with Hotfix Studio {card['hotfix_studio_version']} that removes one 
 
 {targets}
 
-The flagged image and its correction are not published with this card.
+The flagged image and its correction are left out of the published files unless the publisher chose to include them.
 
 ## Method and settings
 
-{settings}. Everything else: `adapter_card.json`.
+{settings}. Everything else: `{folder.card_file.name}`.
 
 ## Measured after training
 
@@ -124,7 +124,7 @@ The flagged image and its correction are not published with this card.
 
 def write_cards(folder: RunFolder, card: dict, kohya: bool) -> None:
     folder.write_card(card)
-    write_bytes_atomic(folder.model_card, model_card(card, kohya).encode())
+    write_bytes_atomic(folder.model_card, model_card(card, folder, kohya).encode())
 
 
 # -- publishing -----------------------------------------------------------------------------------
