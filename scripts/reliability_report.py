@@ -93,7 +93,7 @@ def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float
     jobs = [s for s in stats if s["kind"] == "job"]
     restart = [t for t in other if "test_restart" in t["file"]]
     durability = [t for t in other if t["name"] in ("test_kill_the_job_process_then_resume", "test_server_killed_leaves_nothing_running")] + restart
-    lost = sum(j["final"] not in ("done", "interrupted (resumable)") for j in jobs) + sum(t["outcome"] in ("failed", "error") for t in durability)
+    lost = sum(j["final"] not in ("done", "interrupted (resumable)", "queued (kept across the restart)") for j in jobs) + sum(t["outcome"] in ("failed", "error") for t in durability)
     load = [s for s in stats if s["kind"] == "load"]
     figures = {
         "cases": len(CASES),

@@ -297,7 +297,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
         time.sleep(3)  # the worker must not pick up the interrupted job by itself
         assert client.predict(running, api_name="/job_status")["state"] == "interrupted"
         record("job", id=running, final="interrupted (resumable)", faults=1)
-        record("job", id=queued, final="still queued, taken by the new server's worker", faults=1)
+        record("job", id=queued, final="queued (kept across the restart)", faults=1)
     finally:
         second.stop()
 
