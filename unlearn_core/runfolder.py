@@ -46,9 +46,6 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 

@@ -37,7 +37,6 @@ from unlearn_core.runfolder import RunFolder
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 RESUMABLE = ("interrupted", "failed", "cancelled")
-FINISHED = ("done", "failed", "cancelled", "interrupted")
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 SCHEMA = """
