@@ -108,14 +108,21 @@ def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
     return pd.DataFrame(records, columns=["step", "loss", "curve"])
 
 
-def owner_of(request: gr.Request | None) -> str | None:
-    """Whose jobs this caller sees and acts on: the logged-in user, else this browser session or API
-    client (its session hash); None (every job) for a user named in HOTFIX_ADMINS."""
+def identity_of(request: gr.Request | None) -> str:
+    """Who the caller is: the logged-in user, else this browser session or API client (its session
+    hash). A job records it as its owner."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
-        return None if username in settings.current().admins else f"user:{username}"
+        return f"user:{username}"
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"session:{session}" if session else "session:unknown"
+
+
+def owner_of(request: gr.Request | None) -> str | None:
+    """Whose jobs this caller sees and acts on: their own, or None (every job) for a user named in
+    HOTFIX_ADMINS."""
+    username = getattr(request, "username", None) if request is not None else None
+    return None if username and username in settings.current().admins else identity_of(request)
 
 
 JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "error"]
