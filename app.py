@@ -40,6 +40,8 @@ def build(services: Services) -> gr.Blocks:
                     "generate → flag → surrogate → unlearn → inspect → export.")
         if settings_module.current().zero_gpu:
             gr.Markdown(ZERO_GPU_NOTE, elem_id="zero-gpu-note")
+        if settings_module.current().hf_oauth:  # a Space with hf_oauth: jobs belong to the signed-in account, across sessions
+            gr.LoginButton(elem_id="hf-login")
         model_state = model_picker(services.device)
         target_state = gr.State(None)
         surrogate_state = gr.State(None)

@@ -25,3 +25,50 @@ def test_hashes_are_salted_and_bad_lines_refused(tmp_path):
     broken.write_text("alice\n")
     with pytest.raises(InvalidInput, match="line 1"):
         read_users(broken)
+
+
+def hugging_face_request(username: str | None, expires_in: float = 3600, session_hash: str = "tab-1"):
+    """A real gr.Request around a real Starlette request whose session carries what Gradio's OAuth
+    routes store after "Sign in with Hugging Face" (`oauth_info`)."""
+    import time
+
+    import gradio as gr
+    from starlette.requests import Request
+
+    session = {} if username is None else {"oauth_info": {"userinfo": {"preferred_username": username}, "expires_at": time.time() + expires_in, "access_token": "hf_x"}}
+    return gr.Request(request=Request({"type": "http", "method": "GET", "path": "/", "headers": [], "session": session}), session_hash=session_hash)
+
+
+def test_a_space_sign_in_owns_the_jobs_across_sessions(monkeypatch):
+    from ui.common import identity_of, owner_of
+
+    monkeypatch.setenv("HOTFIX_ADMINS", "trust-lead")
+    assert identity_of(hugging_face_request("alice", session_hash="tab-1")) == identity_of(hugging_face_request("alice", session_hash="tab-2")) == "hf:alice"
+    assert identity_of(hugging_face_request("bob")) == "hf:bob"
+    assert identity_of(hugging_face_request(None, session_hash="tab-3")) == "session:tab-3"
+    assert identity_of(hugging_face_request("alice", expires_in=-1, session_hash="tab-4")) == "session:tab-4"  # an expired sign-in is none
+    assert owner_of(hugging_face_request("trust-lead")) is None and owner_of(hugging_face_request("alice")) == "hf:alice"
+
+
+def test_the_sign_in_button_appears_only_on_a_space_with_oauth(tmp_path):
+    """app.build in a fresh process (Gradio reads the OAuth variables when it is imported), with the
+    variables a Space with `hf_oauth: true` sets, and without them."""
+    import os
+    import subprocess
+    import sys
+
+    count = ("import gradio as gr, app; from unlearn_core.store import JobStore; from unlearn_core.worker import JobWorker; from ui.common import Services; "
+             f"store = JobStore({str(tmp_path / 'runs')!r}); "
+             "print(sum(isinstance(b, gr.LoginButton) for b in app.build(Services(store, JobWorker(store))).blocks.values()))")
+    space = {"SYSTEM": "spaces", "SPACE_ID": "someone/hotfix-studio", "OAUTH_CLIENT_ID": "client-id", "OAUTH_CLIENT_SECRET": "secret",
+             "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "https://huggingface.co"}
+    base = {key: value for key, value in os.environ.items() if key not in space}
+
+    def login_buttons(extra: dict) -> int:
+        done = subprocess.run([sys.executable, "-c", count], env={**base, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert login_buttons({}) == 0
+    assert login_buttons({"SPACE_ID": "someone/hotfix-studio", "OAUTH_CLIENT_ID": "client-id"}) == 0  # not on a Space
+    assert login_buttons(space) == 1

@@ -446,6 +446,47 @@ def test_model_allow_list(monkeypatch, tmp_path, capsys):
     record("fault", what="models outside the allow-list")
 
 
+def test_a_public_server_never_reads_the_disk_for_a_model_name(monkeypatch, tmp_path):
+    """On a server others can reach, the model box takes Hub ids, the demo and the allow-list: a
+    folder name, existing or not, gets one message, and an owner/name id goes to the Hub even
+    where a folder of that name exists here."""
+    from tests.tiny import save_tiny
+    from unlearn_core import settings
+    from unlearn_core.errors import ModelLoadError
+    from unlearn_core.models import load_model
+
+    tiny = save_tiny("sd", tmp_path / "owner" / "tiny")
+    monkeypatch.setenv("HOTFIX_HOST", "0.0.0.0")
+    settings.forget()
+    messages = set()
+    for name in ("/etc", "/no/such/folder", str(tiny), str(tmp_path / "owner" / "missing"), "../../../../etc", "./assets/demo-model", "C:/Windows"):
+        with pytest.raises(ModelLoadError) as caught:
+            load_model(name, "cpu", web=True)
+        messages.add(str(caught.value))
+    assert len(messages) == 1 and "not offered" in messages.pop()
+    monkeypatch.chdir(tmp_path)  # ./owner/tiny is a real diffusers folder from here
+    with pytest.raises(ModelLoadError, match="cannot load model 'owner/tiny'"):
+        load_model("owner/tiny", "cpu", web=True)  # the Hub (unreachable here), not a folder
+    assert load_model("assets/demo-model", "cpu", web=True).family == "stable-diffusion"
+    assert load_model(str(tiny), "cpu").family == "stable-diffusion"  # the CLI names folders freely
+    monkeypatch.setenv("HOTFIX_LOCAL_MODELS", "1")
+    settings.forget()
+    assert load_model(str(tiny), "cpu", web=True).family == "stable-diffusion"
+    record("fault", what="model names that probe the server's disk")
+
+
+def test_failure_messages_name_no_server_path(tmp_path):
+    from unlearn_core.errors import without_server_paths
+    from unlearn_core.worker import _log_tail
+
+    log = tmp_path / "worker.log"
+    log.write_text("step 3/60\r step 4/60\nTraceback (most recent call last):\n  File \"/opt/venv/lib/python3.12/site-packages/torch/nn/modules/module.py\", line 1\n"
+                   "RuntimeError: cannot open /srv/hotfix/runs/jobs/jAbc/inputs/target_0.png (see /tmp/gradio/1234/x.png)\n")
+    message = without_server_paths(_log_tail(log))
+    assert message == "RuntimeError: cannot open …/target_0.png (see …/x.png)"
+    assert without_server_paths("steps 3/60, ratio 1/2, https://huggingface.co/a/b") == "steps 3/60, ratio 1/2, https://huggingface.co/a/b"
+
+
 # -- load (HOTFIX_SLOW=1) ----------------------------------------------------------------------------
 LOAD_CONFIG = {**SHORT_CONFIG, "steps": 12, "checkpoint_every": 4}
 

@@ -42,7 +42,7 @@ class Services:
 
 @functools.lru_cache(maxsize=1)  # one model copy per server process (a second model id replaces the first)
 def _load(model_id: str, device: str) -> DiffusionModel:
-    return load_model(model_id, device)
+    return load_model(model_id, device, web=True)
 
 
 def get_model(model_id: str | None, device: str = "auto") -> DiffusionModel:
@@ -108,21 +108,35 @@ def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
     return pd.DataFrame(records, columns=["step", "loss", "curve"])
 
 
+def hugging_face_user(request: gr.Request | None) -> str | None:
+    """The Hugging Face account signed in with the Space's LoginButton, or None. Read from the
+    session the way Gradio reads it to inject `gr.OAuthProfile` (gradio.helpers.special_args), so
+    no handler needs an extra parameter; an expired sign-in counts as none."""
+    from gradio.helpers import _session_from_request
+    from gradio.oauth import _get_valid_oauth_info_from_session
+
+    info = _get_valid_oauth_info_from_session(_session_from_request(request)) if request is not None else None
+    return ((info or {}).get("userinfo") or {}).get("preferred_username") or None
+
+
 def identity_of(request: gr.Request | None) -> str:
-    """Who the caller is: the logged-in user, else this browser session or API client (its session
-    hash). A job records it as its owner."""
+    """Who the caller is: the logged-in user, else the Hugging Face account signed in on a Space,
+    else this browser session or API client (its session hash). A job records it as its owner."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
         return f"user:{username}"
+    hf_user = hugging_face_user(request)
+    if hf_user:
+        return f"hf:{hf_user}"
     session = getattr(request, "session_hash", None) if request is not None else None
     return f"session:{session}" if session else "session:unknown"
 
 
 def owner_of(request: gr.Request | None) -> str | None:
-    """Whose jobs this caller sees and acts on: their own, or None (every job) for a user named in
-    HOTFIX_ADMINS."""
-    username = getattr(request, "username", None) if request is not None else None
-    return None if username and username in settings.current().admins else identity_of(request)
+    """Whose jobs this caller sees and acts on: their own, or None (every job) for a user (or a
+    Hugging Face account) named in HOTFIX_ADMINS."""
+    name = (getattr(request, "username", None) if request is not None else None) or hugging_face_user(request)
+    return None if name and name in settings.current().admins else identity_of(request)
 
 
 JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "error"]
@@ -195,7 +209,7 @@ def model_picker(device: str = "auto") -> gr.State:
 
     No load button: the model loads on first use anyway. Enter in the box loads it now (to check
     an id and see its family and size); leaving the box with a new id does the same."""
-    box = gr.Textbox(DEMO_MODEL, label="Model", info="hub id or local diffusers folder; press Enter to load and check it now, otherwise it loads on first use",
+    box = gr.Textbox(DEMO_MODEL, label="Model", info="Hugging Face model id (owner/name), or a local diffusers folder where this server allows it; press Enter to load and check it now, otherwise it loads on first use",
                      elem_id="model-id")
     status = gr.Markdown(f"Model: `{DEMO_MODEL}` (loads on first use).", elem_id="model-status")
     state = gr.State(DEMO_MODEL)

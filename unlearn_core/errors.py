@@ -7,6 +7,8 @@ words, no server paths, no traceback. Anything else that escapes is a bug and is
 
 from __future__ import annotations
 
+import re
+
 
 class OperatorError(ValueError):
     """Bad input or an unmet precondition, with a message for the operator."""
@@ -42,3 +44,14 @@ class JobStateError(OperatorError):
 
 class NotReady(OperatorError):
     """Something asked for before it exists (a run's adapter before training ends, a target not flagged yet)."""
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+~-]+){2,}/?")  # an absolute path of two or more parts
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part ('…/worker.log'), for messages that
+    leave the server: a bug's text or a job process's last log line names the virtualenv, the
+    runs folder or Gradio's temporary folder, none of which the person at the browser should
+    learn. Written by hand: no library scrubs paths out of free text."""
+    return _SERVER_PATH.sub(lambda match: "…/" + match.group(0).rstrip("/").rsplit("/", 1)[-1], text)

@@ -31,6 +31,7 @@ class StatePool:
     guided: bool = False  # target pools: the pipeline combined [unconditional, conditional] here
     frozen: torch.Tensor | None = None  # target pools: the frozen model's guided prediction
     images: list | None = None  # target pools: each target seed's output when recorded
+    unconds: dict[str, torch.Tensor] | None = None  # guided remember pools: the unconditional branch's conditioning, per `conds` row
 
     def __len__(self) -> int:
         return self.x_t.shape[0]
@@ -38,6 +39,10 @@ class StatePool:
     def take(self, index: torch.Tensor, device: torch.device):
         cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
         return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)
+
+    def unconditional(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The unconditional branch's conditioning of these rows (guided remember pools)."""
+        return {key: value[self.cond_index[index]].to(device) for key, value in self.unconds.items()}
 
 
 def _pool(parts: list[tuple[SamplingRecord, str, int]]) -> StatePool:
@@ -64,6 +69,19 @@ def remember_pool(records: list[SamplingRecord]) -> StatePool:
     parts = [(record, "cond", -1) for record in records]
     parts += [(record, "uncond", -1) for record in records if record.out_uncond is not None and record.prompt]
     return _pool(parts)
+
+
+def guided_remember_pool(records: list[SamplingRecord], guidance: float) -> StatePool:
+    """The frozen model's *guided* prediction u + w·(c − u) on its own sampling states: the step the
+    sampler actually takes. Distilling each branch alone lets an error in c through w times larger
+    (w² in the loss), so the prompt's other seeds drift although both branches look matched."""
+    pool = _pool([(record, "cond", -1) for record in records])
+    if records[0].out_uncond is None:
+        return pool
+    pool.reference = torch.cat([objectives.guided_prediction(record.out_uncond, record.out_cond, guidance) for record in records])
+    pool.unconds = {key: torch.cat([record.uncond[key][:1] for record in records]) for key in records[0].uncond}
+    pool.guided = True
+    return pool
 
 
 def target_pool(records: list[SamplingRecord], guided: bool) -> StatePool:

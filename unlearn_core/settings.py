@@ -21,6 +21,13 @@ def _list(text: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 
 
+def _flag(text: str | None) -> bool | None:
+    """'1'/'true'/'yes' → True, '0'/'false'/'no' → False, unset → None (the default applies)."""
+    if not text:
+        return None
+    return text.strip().lower() in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable from the environment, with its default."""
@@ -36,6 +43,7 @@ class Settings:
     users_file: Path | None = None  # HOTFIX_USERS: user:hash lines (unlearn_core.accounts)
     admins: tuple[str, ...] = ()  # HOTFIX_ADMINS: users who see every job
     model_allowlist: tuple[str, ...] = ()
+    local_models: bool | None = None  # HOTFIX_LOCAL_MODELS: may the web load folders on this machine? None: only when listening on loopback
     cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
     sscd_path: Path | None = None
     sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
@@ -43,6 +51,7 @@ class Settings:
     download_timeout_s: float = 10.0
     max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 6,000, the paper preset 26,000)
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
+    hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
 
     @classmethod
@@ -61,12 +70,14 @@ class Settings:
             users_file=Path(env["HOTFIX_USERS"]) if env.get("HOTFIX_USERS") else None,
             admins=_list(env.get("HOTFIX_ADMINS")),
             model_allowlist=_list(env.get("HOTFIX_MODEL_ALLOWLIST")),
+            local_models=_flag(env.get("HOTFIX_LOCAL_MODELS")),
             cache_dir=cache,
             sscd_path=Path(env["HOTFIX_SSCD_PATH"]) if env.get("HOTFIX_SSCD_PATH") else None,
             sscd_sha256=env.get("HOTFIX_SSCD_SHA256") or None,
             clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
             download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
+            hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
         )
@@ -74,6 +85,15 @@ class Settings:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"HOTFIX_DTYPE must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+
+    @property
+    def web_loads_folders(self) -> bool:
+        """Whether a web caller may name a folder on this machine as the model. By default only a
+        server that listens on loopback (one person's workstation) allows it; a public server or a
+        Space loads Hub ids, the demo and the allow-list, so the model box cannot read the disk."""
+        if self.local_models is not None:
+            return self.local_models
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
     def login(self) -> tuple[str, str] | None:

@@ -279,7 +279,13 @@ class UnlearnTrainer(BaselineLosses):
     def _remember_loss_distill(self):
         """Match the frozen model's prediction at its own sampling states of other seeds and prompts
         (conditional and unconditional), in the same space and with weight 1 − λ(s)."""
-        _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
+        pool = self.sets.remember_states
+        index, x_t, a, b, s, teacher, _, prediction = self._predict_on_pool(pool, self.config.remember_batch_size)
+        if pool.guided:
+            timesteps = pool.timesteps[index].to(self.model.device)
+            with self._autocast():
+                unconditional = self.model.predict(self.denoiser, x_t, timesteps, pool.unconditional(index, self.model.device)).float()
+            prediction = objectives.guided_prediction(unconditional, prediction, self.config.guidance_scale)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
         return ((1 - self._lambda(s)) * error).mean()
 

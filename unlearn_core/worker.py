@@ -23,7 +23,7 @@ import threading
 import time
 
 from unlearn_core.distributed import is_main_process
-from unlearn_core.errors import OperatorError
+from unlearn_core.errors import OperatorError, without_server_paths
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.store import Job, JobStore, this_runner
 
@@ -32,10 +32,11 @@ EXIT_FAILED, EXIT_CANCELLED = 2, 3
 
 
 # -- the job process ------------------------------------------------------------------------------
-def execute(folder: RunFolder, device: str = "auto", display=None) -> dict:
+def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = False) -> dict:
     """Run the request in `folder` to its end; `status.json` follows every phase and step.
 
-    `display` (a `RunCallbacks`) also sees each phase and step, e.g. the CLI's progress bar.
+    `display` (a `RunCallbacks`) also sees each phase and step, e.g. the CLI's progress bar. `web`:
+    the job came from the web, so its model name follows the web's rules (`models.from_hub_only`).
     Raises what ended the run (after recording it): `TrainingCancelled`, `TrainingDiverged`, an
     `OperatorError`, or a bug.
     """
@@ -66,13 +67,13 @@ def execute(folder: RunFolder, device: str = "auto", display=None) -> dict:
     on_phase("loading")
     callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested).then(display)
     try:
-        model = load_model(request["model"], device)
+        model = load_model(request["model"], device, web=web)
         result = run_unlearning(model, targets, config, folder, callbacks)
     except TrainingCancelled as error:
         record("cancelled", error=str(error), **steps)
         raise
     except Exception as error:
-        record("failed", error=str(error) if isinstance(error, OperatorError) else f"{type(error).__name__}: {error}", **steps)
+        record("failed", error=str(error) if isinstance(error, OperatorError) else without_server_paths(f"{type(error).__name__}: {error}"), **steps)
         raise
     record("done", step=int(result["summary"].get("steps_run", steps["step"])), total=config.steps)  # the steps trained: the early stop may end before the total
     return result
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
-        execute(RunFolder(args.run_dir), args.device)
+        execute(RunFolder(args.run_dir), args.device, web=True)  # the server's jobs: every one came from the web
     except TrainingCancelled as error:
         print(f"cancelled: {error}", file=sys.stderr)
         return EXIT_CANCELLED
@@ -178,7 +179,7 @@ class JobWorker:
             self.store.update(job.id, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             return "cancelled"
         reason = status.get("error") or _killed_reason(returncode) or _log_tail(folder.worker_log) or f"exit code {returncode}"
-        self.store.update(job.id, state="failed", step=step, error=str(reason)[-2000:])
+        self.store.update(job.id, state="failed", step=step, error=without_server_paths(str(reason))[-2000:])
         return "failed"
 
 

@@ -7,13 +7,14 @@ pixel DDPM implementations.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
-from unlearn_core.errors import ModelLoadError
+from unlearn_core.errors import ModelLoadError, without_server_paths
 from unlearn_core.models.base import DiffusionModel, Provenance, SamplingRecord, pick_device, resolve_dtype, sdedit_steps, seeded_generators
 from unlearn_core.models.families import PixelDDPMModel, StableDiffusion3Model, StableDiffusionModel, StableDiffusionXLModel, TextToImageModel
 from unlearn_core.settings import DEMO_MODEL_DIR
@@ -48,6 +49,25 @@ def allowed_model(source: str) -> None:
     allow = settings.current().model_allowlist
     if allow and source not in allow and source != DEMO_MODEL:
         raise ModelLoadError(f"model {source!r} is not on this server's allow-list")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")  # owner/name, as the Hub spells repository ids
+NOT_OFFERED = ("this server loads models by Hugging Face id (owner/name), the demo model{listed}; "
+               "folders on the server are not offered to the web")
+
+
+def from_hub_only(source: str) -> bool:
+    """For a web caller: whether `source` must come from the Hub even where a folder of that name
+    exists here. The demo, the allow-list and (on a server that allows it) local folders load as
+    named. Anything else that is not an owner/name id is refused with one message, the same
+    whether or not such a folder exists, so the model box cannot probe the disk."""
+    config = settings.current()
+    if source == DEMO_MODEL or source in config.model_allowlist or config.web_loads_folders:
+        return False
+    if HUB_ID.fullmatch(source) and ".." not in source:
+        return True
+    listed = f" or one of: {', '.join(config.model_allowlist)}" if config.model_allowlist else ""
+    raise ModelLoadError(NOT_OFFERED.format(listed=listed))
 
 
 def _absent_components(path: Path) -> dict:
@@ -86,11 +106,23 @@ def _hub_reason(error: Exception, source: str) -> str | None:
     return None
 
 
-def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torch.dtype | None = None, without_t5: bool | None = None) -> DiffusionModel:
+def _hub_snapshot(pipeline_class, source: str) -> Path:
+    """The Hub repository's files in the local cache (diffusers' own download, which never looks at
+    folders here), or `ModelLoadError` with the Hub's reason."""
+    try:
+        return Path(pipeline_class.download(source))
+    except Exception as error:  # huggingface_hub raises many kinds: HTTP, offline, gated, not found
+        reason = _hub_reason(error, source) or without_server_paths(str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+        raise ModelLoadError(f"cannot load model {source!r}: {reason}") from error
+
+
+def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torch.dtype | None = None, without_t5: bool | None = None,
+               web: bool = False) -> DiffusionModel:
     """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
 
     `dtype` (auto | fp32 | fp16 | bf16 or a torch dtype) and `without_t5` (drop SD3's T5 encoder;
-    the pipeline then pads with zeros, as diffusers allows) default to the settings.
+    the pipeline then pads with zeros, as diffusers allows) default to the settings. `web`: the
+    name came from a web caller, so `from_hub_only` decides what it may be.
     """
     from diffusers import DiffusionPipeline
 
@@ -99,7 +131,9 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
     if len(source) > 300 or "\x00" in source:
         raise ModelLoadError("model name is not a valid hub id or folder")
     path = DEMO_MODEL_DIR if source == DEMO_MODEL else Path(source)  # the demo model lives in the package, wherever the working directory is
-    if path.exists() and not (path / "model_index.json").is_file():
+    if web and from_hub_only(source):
+        path = _hub_snapshot(DiffusionPipeline, source)
+    elif path.exists() and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{source} is not a diffusers model folder (no model_index.json)")
     config = settings.current()
     target = pick_device(device)
@@ -113,6 +147,6 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, **kwargs)
     except Exception as error:  # diffusers raises many kinds: OSError, ValueError, HTTP errors
         reason = _hub_reason(error, source) if not path.exists() else None
-        reason = reason or (str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+        reason = reason or without_server_paths(str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
         raise ModelLoadError(f"cannot load model {source!r}: {reason}") from error
     return wrap_pipeline(pipe, source, target)
