@@ -446,10 +446,10 @@ def test_model_allow_list(monkeypatch, tmp_path, capsys):
     record("fault", what="models outside the allow-list")
 
 
-def test_a_public_server_never_reads_the_disk_for_a_model_name(monkeypatch, tmp_path):
-    """On a server others can reach, the model box takes Hub ids, the demo and the allow-list: a
-    folder name, existing or not, gets one message, and an owner/name id goes to the Hub even
-    where a folder of that name exists here."""
+def test_a_public_server_offers_only_the_demo_and_the_allow_list(monkeypatch, tmp_path):
+    """On a server others can reach, every other model name (a folder that exists, one that does
+    not, a Hub id) gets one message, so the model box cannot probe the disk; loopback and the CLI
+    load folders."""
     from tests.tiny import save_tiny
     from unlearn_core import settings
     from unlearn_core.errors import ModelLoadError
@@ -457,21 +457,23 @@ def test_a_public_server_never_reads_the_disk_for_a_model_name(monkeypatch, tmp_
 
     tiny = save_tiny("sd", tmp_path / "owner" / "tiny")
     monkeypatch.setenv("HOTFIX_HOST", "0.0.0.0")
+    monkeypatch.chdir(tmp_path)  # ./owner/tiny is a real diffusers folder from here
     settings.forget()
     messages = set()
-    for name in ("/etc", "/no/such/folder", str(tiny), str(tmp_path / "owner" / "missing"), "../../../../etc", "./assets/demo-model", "C:/Windows"):
+    for name in ("/etc", "/no/such/folder", str(tiny), str(tmp_path / "owner" / "missing"), "../../../../etc", "owner/tiny", "runwayml/stable-diffusion-v1-5", "C:/Windows"):
         with pytest.raises(ModelLoadError) as caught:
             load_model(name, "cpu", web=True)
         messages.add(str(caught.value))
-    assert len(messages) == 1 and "not offered" in messages.pop()
-    monkeypatch.chdir(tmp_path)  # ./owner/tiny is a real diffusers folder from here
-    with pytest.raises(ModelLoadError, match="cannot load model 'owner/tiny'"):
-        load_model("owner/tiny", "cpu", web=True)  # the Hub (unreachable here), not a folder
+    assert messages == {"this server offers the demo model (assets/demo-model); its operator can add models with HOTFIX_MODEL_ALLOWLIST"}
     assert load_model("assets/demo-model", "cpu", web=True).family == "stable-diffusion"
     assert load_model(str(tiny), "cpu").family == "stable-diffusion"  # the CLI names folders freely
-    monkeypatch.setenv("HOTFIX_LOCAL_MODELS", "1")
+    monkeypatch.setenv("HOTFIX_MODEL_ALLOWLIST", str(tiny))
     settings.forget()
     assert load_model(str(tiny), "cpu", web=True).family == "stable-diffusion"
+    monkeypatch.delenv("HOTFIX_MODEL_ALLOWLIST")
+    monkeypatch.setenv("HOTFIX_HOST", "127.0.0.1")
+    settings.forget()
+    assert load_model(str(tiny), "cpu", web=True).family == "stable-diffusion"  # one person's workstation
     record("fault", what="model names that probe the server's disk")
 
 

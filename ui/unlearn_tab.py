@@ -14,7 +14,7 @@ from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, Services, fail, id
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed
 from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
-from unlearn_core.models import from_hub_only
+from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
@@ -207,7 +207,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             if seed_value is None:
                 raise InvalidInput("the target seed is empty: flag a target or type its seed")
             config = config_from_json(config_text)
-            from_hub_only((model_id or DEMO_MODEL).strip())  # refuses what the web may not load, before anything is written
+            check_web_model((model_id or DEMO_MODEL).strip())  # refuses what the web may not load, before anything is written
             instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}
             job = store.create(model_id or DEMO_MODEL, config, [instance], owner=identity_of(request))

@@ -43,7 +43,7 @@ class Settings:
     users_file: Path | None = None  # HOTFIX_USERS: user:hash lines (unlearn_core.accounts)
     admins: tuple[str, ...] = ()  # HOTFIX_ADMINS: users who see every job
     model_allowlist: tuple[str, ...] = ()
-    local_models: bool | None = None  # HOTFIX_LOCAL_MODELS: may the web load folders on this machine? None: only when listening on loopback
+    local_models: bool | None = None  # HOTFIX_LOCAL_MODELS: may the web load any folder or Hub id? None: only when listening on loopback
     cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
     sscd_path: Path | None = None
     sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
@@ -88,9 +88,9 @@ class Settings:
 
     @property
     def web_loads_folders(self) -> bool:
-        """Whether a web caller may name a folder on this machine as the model. By default only a
-        server that listens on loopback (one person's workstation) allows it; a public server or a
-        Space loads Hub ids, the demo and the allow-list, so the model box cannot read the disk."""
+        """Whether a web caller may name any model (a folder here, any Hub id). By default only a
+        server that listens on loopback (one person's workstation) allows it; a server others can
+        reach, a Space among them, offers the demo model and the allow-list (`models.check_web_model`)."""
         if self.local_models is not None:
             return self.local_models
         return self.host in ("127.0.0.1", "localhost", "::1")

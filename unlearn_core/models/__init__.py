@@ -7,7 +7,6 @@ pixel DDPM implementations.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -51,23 +50,17 @@ def allowed_model(source: str) -> None:
         raise ModelLoadError(f"model {source!r} is not on this server's allow-list")
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")  # owner/name, as the Hub spells repository ids
-NOT_OFFERED = ("this server loads models by Hugging Face id (owner/name), the demo model{listed}; "
-               "folders on the server are not offered to the web")
-
-
-def from_hub_only(source: str) -> bool:
-    """For a web caller: whether `source` must come from the Hub even where a folder of that name
-    exists here. The demo, the allow-list and (on a server that allows it) local folders load as
-    named. Anything else that is not an owner/name id is refused with one message, the same
-    whether or not such a folder exists, so the model box cannot probe the disk."""
+def check_web_model(source: str) -> None:
+    """What a web caller may load. A server only its own machine reaches (loopback) loads anything,
+    as the CLI does; one that others reach (a Space, 0.0.0.0) loads the demo model and the
+    allow-list. Every other name gets the same message, whether it is a folder that exists, one
+    that does not or a Hub id, so the model box can neither probe the disk nor make the server
+    download arbitrary models. `HOTFIX_LOCAL_MODELS` overrides the choice."""
     config = settings.current()
-    if source == DEMO_MODEL or source in config.model_allowlist or config.web_loads_folders:
-        return False
-    if HUB_ID.fullmatch(source) and ".." not in source:
-        return True
-    listed = f" or one of: {', '.join(config.model_allowlist)}" if config.model_allowlist else ""
-    raise ModelLoadError(NOT_OFFERED.format(listed=listed))
+    if config.web_loads_folders or source == DEMO_MODEL or source in config.model_allowlist:
+        return
+    listed = f" and {', '.join(config.model_allowlist)}" if config.model_allowlist else ""
+    raise ModelLoadError(f"this server offers the demo model ({DEMO_MODEL}){listed}; its operator can add models with HOTFIX_MODEL_ALLOWLIST")
 
 
 def _absent_components(path: Path) -> dict:
@@ -106,23 +99,13 @@ def _hub_reason(error: Exception, source: str) -> str | None:
     return None
 
 
-def _hub_snapshot(pipeline_class, source: str) -> Path:
-    """The Hub repository's files in the local cache (diffusers' own download, which never looks at
-    folders here), or `ModelLoadError` with the Hub's reason."""
-    try:
-        return Path(pipeline_class.download(source))
-    except Exception as error:  # huggingface_hub raises many kinds: HTTP, offline, gated, not found
-        reason = _hub_reason(error, source) or without_server_paths(str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
-        raise ModelLoadError(f"cannot load model {source!r}: {reason}") from error
-
-
 def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torch.dtype | None = None, without_t5: bool | None = None,
                web: bool = False) -> DiffusionModel:
     """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
 
     `dtype` (auto | fp32 | fp16 | bf16 or a torch dtype) and `without_t5` (drop SD3's T5 encoder;
     the pipeline then pads with zeros, as diffusers allows) default to the settings. `web`: the
-    name came from a web caller, so `from_hub_only` decides what it may be.
+    name came from a web caller, so `check_web_model` decides what it may be.
     """
     from diffusers import DiffusionPipeline
 
@@ -131,9 +114,9 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
     if len(source) > 300 or "\x00" in source:
         raise ModelLoadError("model name is not a valid hub id or folder")
     path = DEMO_MODEL_DIR if source == DEMO_MODEL else Path(source)  # the demo model lives in the package, wherever the working directory is
-    if web and from_hub_only(source):
-        path = _hub_snapshot(DiffusionPipeline, source)
-    elif path.exists() and not (path / "model_index.json").is_file():
+    if web:
+        check_web_model(source)
+    if path.exists() and not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{source} is not a diffusers model folder (no model_index.json)")
     config = settings.current()
     target = pick_device(device)
