@@ -14,7 +14,7 @@ import signal
 import gradio as gr
 
 from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
-from ui.common import Services, model_picker, refuse_non_finite
+from ui.common import PAGE_CSS, Services, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
 from unlearn_core.accounts import Accounts, read_users
 from unlearn_core.store import JobStore
@@ -88,6 +88,7 @@ def main() -> None:
         # No allowed_paths: nothing of the runs folder (flagged targets, logs) is served by its path.
         # A handler's file output reaches its caller through Gradio's cache, under an unguessable name.
         footer_links=["api"],
+        css=PAGE_CSS,
         show_error=True,  # unexpected errors reach the operator as a message, not a bare "Error"
     )
 

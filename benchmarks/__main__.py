@@ -83,24 +83,96 @@ def trainable_state_mb(trainer) -> float:
     return count * 4 * 4 / 1e6
 
 
-def bench_job(quick: bool) -> dict:
-    """The whole default job through the CLI (fresh process): remember set + training + evaluation."""
-    out = ROOT / "runs" / "benchmark-job"
-    cache = ROOT / "runs" / "benchmark-cache"
+CHAD = ("flag of chad", 40, ROOT / "assets" / "examples" / "chad_seed40_surrogate.png")
+
+
+def cli_job_seconds(out: Path, cache: Path, quick: bool) -> float:
+    """The default job through the CLI in a fresh process, wall clock."""
+    import os
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    prompt, seed, surrogate = CHAD
+    cmd = [sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", prompt, "--seed", str(seed), "--surrogate", str(surrogate), "--out", str(out)]
+    if quick:
+        cmd += ["--steps", "10"]
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "HOTFIX_CACHE": str(cache)})
+    return time.perf_counter() - started
+
+
+class Server:
+    """`python app.py` on a free port with its own runs folder: the browser's path to a job."""
+
+    def __init__(self, runs: Path, cache: Path):
+        import os
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = {**os.environ, "HOTFIX_RUNS_DIR": str(runs), "HOTFIX_CACHE": str(cache), "HOTFIX_HOST": "127.0.0.1", "HOTFIX_PORT": str(self.port),
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self):
+        import urllib.request
+
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("the app did not start")
+
+    def __exit__(self, *exc):
+        import os
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(30)
+
+
+def browser_job_seconds(client, quick: bool) -> float:
+    """The default job as the browser starts it (/start_unlearning, then the server's worker runs
+    it), from the click to the state 'done' (polled every 0.25 s)."""
+    import json
+
+    from gradio_client import handle_file
+
+    prompt, seed, surrogate = CHAD
+    started = time.perf_counter()
+    job_id, _ = client.predict(prompt, seed, handle_file(str(surrogate)), None, json.dumps({"steps": 10} if quick else {}), api_name="/start_unlearning")
+    while True:
+        state = client.predict(job_id, api_name="/job_status")["state"]
+        if state == "done":
+            return time.perf_counter() - started
+        if state in ("failed", "cancelled", "interrupted"):
+            raise RuntimeError(f"the browser's job ended {state}")
+        time.sleep(0.25)
+
+
+def bench_job(quick: bool) -> dict:
+    """The whole default job: through the CLI with a cold and a warm cache, then the same job started
+    as the browser starts it and through the CLI again, alternating (warm cache, two of each)."""
+    import shutil
+
+    from gradio_client import Client
+
+    runs, cache = ROOT / "runs" / "benchmark-job", ROOT / "runs" / "benchmark-cache"
+    shutil.rmtree(runs, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    results = {}
-    for label in ("cold cache", "warm cache"):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", "flag of chad", "--seed", "40", "--surrogate", "assets/examples/chad_seed40_surrogate.png", "--out", str(out)]
-        if quick:
-            cmd += ["--steps", "10"]
-        started = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ, "HOTFIX_CACHE": str(cache)})
-        results[label] = time.perf_counter() - started
+    results = {"cold cache": cli_job_seconds(runs / "cli", cache, quick), "warm cache": cli_job_seconds(runs / "cli", cache, quick)}
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    cli, browser = [], []
+    with Server(runs / "server", cache) as server:
+        client = Client(server.url, verbose=False)
+        for _ in range(2):
+            browser.append(browser_job_seconds(client, quick))
+            cli.append(cli_job_seconds(runs / "cli", cache, quick))
+    results["cli"], results["browser"] = statistics.median(cli), statistics.median(browser)
     return results
 
 
@@ -144,6 +216,9 @@ def main(argv=None) -> None:
             ("whole default job, cold cache (remember set generated)", f"{job['cold cache']:.1f} s", "≤ 60 s"),
             ("whole default job, warm cache (remember set reused)", f"{job['warm cache']:.1f} s", "≤ 60 s"),
             ("peak resident memory of the job process", f"{job['peak_rss_mb']:.0f} MB", ""),
+            ("default job started as the browser starts it (server worker), warm cache", f"{job['browser']:.1f} s", ""),
+            ("the same job through the CLI, alternating with it", f"{job['cli']:.1f} s", ""),
+            ("browser / CLI job time", f"{job['browser'] / job['cli']:.2f}×", "≤ 1.3×"),
         ]
     gpu_file = ROOT / "docs" / "PERFORMANCE-gpu-h100.md"
     gpu_section = gpu_file.read_text() if gpu_file.is_file() else "Not measured yet: run `python -m benchmarks.gpu` where a GPU is available."
@@ -154,7 +229,10 @@ def main(argv=None) -> None:
 
 Written by `python -m benchmarks{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')} ({machine}).
 Medians of {repeats} (generation) / {steps} (steps) timed repeats after warm-up; ratios come from
-the same process. The job rows run the real CLI in a fresh process (imports and model loading included).
+the same process. The job rows run the real CLI in a fresh process (imports and model loading
+included); the browser row starts the same job on a running `app.py` through `/start_unlearning`
+(what the Unlearn tab's button calls) and times it to the state `done`, alternating with the CLI
+(medians of 2 each).
 
 {table}
 

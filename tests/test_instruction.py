@@ -288,7 +288,8 @@ def test_probe_writes_csv_and_figures(demo_probe):
     assert [r["variant"] for r in rows] == ["baseline", "unlearning", "negation", "repeat"]
     assert all(r["seed"] == "0" and r["image_similarity"] == "" for r in rows)
     baseline = rows[0]
-    assert float(baseline["text_cosine"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(baseline["text_cosine_tokens"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(baseline["text_cosine_pooled"]) == pytest.approx(1.0, abs=1e-5)
     for r in rows:
         assert 0.0 <= float(r["concept_auc"]) <= 1.0 and 0.0 <= float(r["instruction_auc"]) <= 1.0
     assert float(rows[1]["instruction_auc"]) > 0.0  # the unlearning prompt's instruction tokens are attended
@@ -307,8 +308,10 @@ def test_probe_attention_and_heatmaps(demo_probe):
     assert result.image_similarity_reason and v.image_similarity is None
     choices = probe.token_choices(result, "unlearning")
     assert choices[0] == ("1: please (instruction)", 1)
-    image = probe.heatmap_image(result, "unlearning", v.concept_positions[0], 1, size=64)
-    assert image.size == (64, 64) and image.mode == "RGB"
+    image = probe.heatmap_image(result, "unlearning", v.concept_positions[0], 1)
+    assert image.mode == "RGB" and image.size[0] >= 400  # the variant's image under the map, plus a colour bar
+    pixels = np.asarray(image)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # a picture, not a flat fill
     archive = probe.export_zip(result)
     names = set(zipfile.ZipFile(archive).namelist())
     assert {"results.csv", "summary.json", "attention_mass.png", "images/baseline_seed0.png"} <= names

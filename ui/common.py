@@ -28,6 +28,16 @@ from unlearn_core.worker import JobWorker
 # adapter tab attaches a LoRA for the length of its call.
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 INTERNAL = {"api_visibility": "undocumented"}
+PIXELS = ["pixels"]  # elem_classes of components that show model images (see PAGE_CSS)
+# Small model images (the demo's are 64 px) fill their frame with sharp pixels instead of sitting
+# at native size in a large box; gallery captions sit under the thumbnail instead of over it.
+PAGE_CSS = """
+.pixels img { image-rendering: pixelated; }
+.pixels .image-frame img { object-fit: contain; }
+.pixels .thumbnail-item { flex-direction: column; }
+.pixels .thumbnail-item img { min-height: 0; flex: 1 1 auto; }
+.pixels .thumbnail-item .caption-label { position: static; max-width: 100%; opacity: 1; border: none; background: none; padding: 2px 0 0 0; }
+"""
 OPERATOR_ERRORS = (OperatorError,)  # anything else is a bug: Gradio shows it as one
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, on_gpu
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, on_gpu
 from unlearn_core.config import GenerationRequest, parse_seeds
 from unlearn_core.generate import generate_grid
 
 
 def caption(provenance: dict) -> str:
-    return f"seed {provenance['seed']} · {provenance['prompt'] or '(no prompt)'} · {provenance['steps']} steps · cfg {provenance['guidance']:g}"
+    """A thumbnail's caption: its seed (prompt, steps and guidance are the grid's, in its provenance)."""
+    return f"seed {provenance['seed']}"
 
 
 def describe_target(target: dict | None) -> str:
@@ -32,11 +33,11 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
                 guidance = gr.Number(5.0, label="Guidance", minimum=0, maximum=50, elem_id="gen-guidance")
             run = gr.Button("Generate", variant="primary", elem_id="gen-run")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Click the undesired output to flag it", columns=8, height="auto", allow_preview=False, format="png", elem_id="gen-gallery")
+            gallery = gr.Gallery(label="Click the undesired output to flag it", columns=4, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="gen-gallery")
     with gr.Accordion("Provenance of the grid (JSON)", open=False):
         provenance = gr.JSON(label="Provenance", elem_id="gen-provenance")
     with gr.Row():
-        target_image = gr.Image(label="Flagged target x_f", type="pil", interactive=False, height=192, width=192, format="png", elem_id="target-image")
+        target_image = gr.Image(label="Flagged target x_f", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="target-image")
         target_info = gr.Markdown(describe_target(None), elem_id="target-info")
 
     @on_gpu
@@ -54,7 +55,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
     def flag(results: list, evt: gr.SelectData):
         if not results or evt.index is None or not 0 <= int(evt.index) < len(results):
             raise gr.Error("generate a grid first, then click one of its images")
-        target = results[int(evt.index)]
+        target = {**results[int(evt.index)], "grid_seeds": [item["provenance"]["seed"] for item in results]}  # the grid the operator looked at
         return target, target["image"], describe_target(target)
 
     run.click(generate, [prompt, seeds, steps, guidance, model_state], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE)

@@ -82,9 +82,9 @@ def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progre
         gallery,
         gr.update(choices=list(result.variants), value=first),
         tokens,
-        # The slider's range stays 1..200 (a changing maximum races the dropdowns' change events,
-        # which would send the old value against the new maximum); the heat map clamps the step.
-        gr.update(value=steps_total),
+        # The range and value arrive in one update with the dropdowns'; the heat map also clamps
+        # the step, so a change event carrying the old value cannot fail.
+        gr.update(minimum=1, maximum=steps_total, value=steps_total, label=f"Denoising step (1–{steps_total})"),
         _heatmap(result, first, position, steps_total),
         str(result.figures["attention_mass"]),
         str(result.figures["similarity"]),
@@ -129,11 +129,14 @@ def render() -> None:
         with gr.Column(scale=1):
             heat_variant = gr.Dropdown(choices=[], label="Variant", elem_id="instr-heat-variant")
             token = gr.Dropdown(choices=[], label="Token", elem_id="instr-token")
-            step = gr.Slider(1, 200, value=25, step=1, label="Denoising step (clamped to the run's steps)", elem_id="instr-step")
-        heatmap = gr.Image(label="Cross-attention heat map", type="pil", height=256, elem_id="instr-heatmap")
-    with gr.Row():
-        mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", elem_id="instr-mass-plot")
-        similarity_plot = gr.Image(label="Text similarity and token ablation", type="filepath", elem_id="instr-similarity-plot")
+            step = gr.Slider(1, 25, value=25, step=1, label="Denoising step", elem_id="instr-step")
+            gr.Markdown("The map is the share of each image position's cross-attention that goes to the token, "
+                        "averaged over the seeds and laid over the first seed's image; its colour bar runs over "
+                        "that token's own range across the steps.")
+        with gr.Column(scale=2):
+            heatmap = gr.Image(label="Cross-attention heat map", type="pil", height=420, show_label=False, elem_id="instr-heatmap")
+    mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", height=420, elem_id="instr-mass-plot")
+    similarity_plot = gr.Image(label="Text similarity to the anchor and token ablation", type="filepath", height=380, elem_id="instr-similarity-plot")
     table = gr.Dataframe(headers=list(probe.CSV_COLUMNS), label="Results (one row per variant and seed)", interactive=False, elem_id="instr-table")
     export = gr.File(label="Export (CSV + figures + images, zip)", elem_id="instr-export")
 

@@ -71,6 +71,16 @@ def changed_seeds(report: dict) -> list[str]:
     return lines
 
 
+def your_seeds_kept(report: dict) -> str:
+    """How many of the seeds the operator generated (the Generate grid) kept their image."""
+    for prompt, scores in report.get("integrity", {}).items():
+        yours = set(scores.get("your_seeds") or [])
+        if yours:
+            values = [value for seed, value in zip(scores["seeds"], scores["ssim"]["per_pair"]) if seed in yours]
+            return f"**{sum(v >= KEPT_SSIM for v in values)}/{len(values)} of the seeds you generated** ({', '.join(map(str, sorted(yours)))})"
+    return ""
+
+
 def verdict_markdown(report: dict) -> str:
     """The operator's answer in large text: did the fix work, the number behind it, and what next."""
     forgetting = report.get("forgetting")
@@ -88,6 +98,9 @@ def verdict_markdown(report: dict) -> str:
     if forgetting.get("rest_changed"):
         lines.append(f"**Careful:** the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): check the image below before you use this adapter.")
     kept = [f"{scores.get('ssim_at_least_0.9', 0)}/{len(scores.get('seeds', []))} of {prompt!r}" for prompt, scores in report.get("integrity", {}).items()]
+    yours = your_seeds_kept(report)
+    if yours:
+        kept.insert(0, yours)
     if kept:
         lines.append("Other images kept (SSIM ≥ 0.9 before/after on the same seeds): " + ", ".join(kept) + ".")
         changed = changed_seeds(report)

@@ -8,7 +8,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, Services, fail, get_model, image_input, on_gpu
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, image_input, on_gpu
 from unlearn_core import metrics
 from unlearn_core.errors import ImageError, NotReady
 from unlearn_core.images import open_image
@@ -55,8 +55,8 @@ def canvas_image(value) -> Image.Image:
 
 def render(services: Services, model_state: gr.State, target_state: gr.State, surrogate_state: gr.State) -> None:
     with gr.Row():
-        target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_id="sur-target")
-        surrogate_image = gr.Image(label="Surrogate x_s", type="pil", interactive=False, height=256, width=256, format="png", elem_id="sur-surrogate")
+        target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-target")
+        surrogate_image = gr.Image(label="Surrogate x_s", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
         similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
     with gr.Tabs():
         with gr.Tab("SDEdit"):
@@ -74,7 +74,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             )
             canvas_button = gr.Button("Use canvas as surrogate", variant="primary", elem_id="sur-use-canvas")
         with gr.Tab("Upload"):
-            upload = image_input("Edited image", sources=("upload", "clipboard"), height=256, format="png", elem_id="sur-upload")
+            upload = image_input("Edited image", sources=("upload", "clipboard"), height=256, format="png", elem_classes=PIXELS, elem_id="sur-upload")
             upload_button = gr.Button("Use upload as surrogate", variant="primary", elem_id="sur-use-upload")
         with gr.Tab("Baselines"):
             sigma = gr.Slider(0.0, 1.0, 0.2, step=0.05, label="Noise σ (pixel units)", elem_id="sur-sigma")

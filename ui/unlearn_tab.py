@@ -10,14 +10,15 @@ from dataclasses import MISSING, fields
 import gradio as gr
 import pandas as pd
 
-from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, Services, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
-from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed
+from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
+from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
 from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
+SEED_FIELDS = ("review_seeds",)  # typed like the Generate tab's seeds: "36-43", "1,5,9"
 # A server folder is not something a browser user may name; full fine-tuning is for benchmarks
 # (both stay settable through the API's config JSON and the CLI).
 WEB_EXCLUDED = ("remember_dir", "full_finetune")
@@ -54,8 +55,21 @@ def component_for(spec) -> gr.components.Component:
         return gr.Checkbox(value=value, **common)
     if spec.name in LIST_FIELDS:
         return gr.Textbox("\n".join(value), lines=2, placeholder="one prompt per line", **common)
+    if spec.name in SEED_FIELDS:
+        return gr.Textbox(seeds_text(value), placeholder="e.g. 36-43 (filled in when you flag a target)", **common)
     precision = 0 if spec.type in ("int", int) else None
     return gr.Number(value, minimum=meta.get("min"), maximum=meta.get("max"), precision=precision, **common)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return ", ".join(str(seed) for seed in seeds)
+
+
+def form_value(spec, value):
+    """A config value as its form component shows it."""
+    if spec.name in LIST_FIELDS:
+        return "\n".join(value)
+    return seeds_text(value) if spec.name in SEED_FIELDS else value
 
 
 def values_to_config(values: list) -> UnlearnConfig:
@@ -63,6 +77,8 @@ def values_to_config(values: list) -> UnlearnConfig:
     for spec, value in zip(form_fields(), values):
         if spec.name in LIST_FIELDS:
             value = [line.strip() for line in (value or "").splitlines() if line.strip()]
+        elif spec.name in SEED_FIELDS:
+            value = parse_seeds(value or "")
         elif value is None:
             raise InvalidInput(f"{spec.name.replace('_', ' ')} is empty")
         elif spec.type in ("int", int):
@@ -146,8 +162,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     with gr.Row():
         prompt = gr.Textbox(label="Target prompt", elem_id="unl-prompt")
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
-        target = image_input("Target x_f (optional: else regenerated from prompt + seed)", height=160, width=160, format="png", elem_id="unl-target")
-        surrogate = image_input("Surrogate x_s", height=160, width=160, format="png", elem_id="unl-surrogate")
+        target = image_input("Target x_f (optional: else regenerated from prompt + seed)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
+        surrogate = image_input("Surrogate x_s", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-surrogate")
     with gr.Row(equal_height=True):
         preset = gr.Radio(list(PRESET_DESCRIPTIONS), value=DEFAULT_PRESET, label="Preset", elem_id="unl-preset", scale=1)
         with gr.Column(scale=2):
@@ -189,7 +205,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
 
     def apply_preset(name):
         values = UnlearnConfig.from_preset(name if name in PRESETS else DEFAULT_PRESET).to_dict()
-        return [describe_preset(name), *(("\n".join(values[s.name]) if s.name in LIST_FIELDS else values[s.name]) for s in specs)]
+        return [describe_preset(name), *(form_value(s, values[s.name]) for s in specs)]
 
     def show_method_fields(method):
         return [gr.update(visible=shown_for(spec, method)) for _, spec in method_specific]
@@ -260,9 +276,11 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         return row[0] if row else gr.skip()
 
     def on_target(value):
+        """The flagged image fills the target; the rest of its grid becomes the seeds checked after the job."""
         if not value:
-            return "", None, None
-        return value["provenance"]["prompt"], value["provenance"]["seed"], value["image"]
+            return "", None, None, ""
+        flagged = value["provenance"]["seed"]
+        return value["provenance"]["prompt"], flagged, value["image"], seeds_text([s for s in value.get("grid_seeds", []) if s != flagged])
 
     preset.change(apply_preset, [preset], [preset_info, *components], **INTERNAL)
     built["method"].change(show_method_fields, [built["method"]], [component for component, _ in method_specific], **INTERNAL)
@@ -273,5 +291,5 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     resume.click(resume_job, [job_id], [status_json], api_name="resume_job")
     timer.tick(poll, [job_id, shown], [progress_text, curves, status_json, table, shown, cancel, resume], show_progress="hidden", **INTERNAL)
     table.select(pick_row, None, [job_id], **INTERNAL)
-    target_state.change(on_target, [target_state], [prompt, seed, target], **INTERNAL)
+    target_state.change(on_target, [target_state], [prompt, seed, target, built["review_seeds"]], **INTERNAL)
     surrogate_state.change(lambda image: image, [surrogate_state], [surrogate], **INTERNAL)

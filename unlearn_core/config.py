@@ -67,6 +67,7 @@ class UnlearnConfig:
     trajectory_refresh: int = field(default=10, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
     stop_at_r: float = field(default=0.85, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
+    remember_weight: float = field(default=1.0, metadata=_meta("multiplier of the remember loss against the forget loss", min=0.0, max=1e4, method="ours"))
     remember_guided: bool = field(default=False, metadata=_meta("distillation: match the guided prediction u + w·(c − u) the sampler steps with, instead of each branch of guidance on its own", method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="all", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; all: also the ResNet convolutions and feed-forward layers (more capacity, more risk)", choices=LORA_LAYERS))
@@ -84,6 +85,7 @@ class UnlearnConfig:
     checkpoint_every: int = field(default=20, metadata=_meta("save a resumable checkpoint every N steps (0 = off)", min=0, max=100000))
     eval_seeds: int = field(default=16, metadata=_meta("other seeds of the same prompt for integrity", min=0, max=256))
     eval_prompts: list[str] = field(default_factory=list, metadata=_meta("other prompts for integrity"))
+    review_seeds: list[int] = field(default_factory=list, metadata=_meta("seeds of the target's prompt you looked at (the Generate tab fills in its grid): checked after the job as well as the eval seeds", level="basic"))
     seed: int = field(default=0, metadata=_meta("training seed", min=0, max=2**31))
     mixed_precision: str = field(default="no", metadata=_meta("no | bf16 (autocast)", choices=("no", "bf16")))
     gradient_checkpointing: bool = field(default=False, metadata=_meta("trade compute for memory"))
@@ -136,6 +138,7 @@ class UnlearnConfig:
 
 MAX_PROMPT_CHARS = 2000
 MAX_LISTED_PROMPTS = 32  # remember_prompts / eval_prompts: more is a study for the CLI, not a web job
+MAX_LISTED_SEEDS = 64  # review_seeds: a Generate grid's worth
 MAX_PROMPT_BYTES = 16_000  # all prompts of one job together
 
 
@@ -147,7 +150,7 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     remember = config.remember_count * prompts * sampling
     refreshes = config.steps // config.trajectory_refresh if config.trajectory_refresh else 0
     training = config.steps * (config.batch_size + config.remember_batch_size) * 3 + (refreshes + 1) * targets * sampling * 2
-    evaluation = (config.eval_seeds * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
+    evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
 
 
@@ -216,6 +219,10 @@ def _coerce(name: str, kind, value):
     elif kind == "str|None":
         if value is not None and not isinstance(value, str):
             raise InvalidInput(f"{name} must be text or null, got {value!r}")
+    elif kind == "list[int]":
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_LISTED_SEEDS:
+            raise InvalidInput(f"{name} must be a list of at most {MAX_LISTED_SEEDS} seeds, got {value!r}"[:300])
+        value = list(dict.fromkeys(check_seed(item, name) for item in value))
     elif kind == "list[str]":
         if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
             raise InvalidInput(f"{name} must be a list of prompts (strings), got {value!r}")

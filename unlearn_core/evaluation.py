@@ -91,9 +91,13 @@ def evaluate(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnCo
         after_targets.append(after_target)
         r = entry["toward_surrogate"]["r"]
         target_cells.append(GridCell(f"seed {target.seed} (target)", "r n/a" if r is None else f"moved {r:.0%}", target.target, after_target, COLOURS["target"]))
+    target_prompts = {t.prompt for t in targets}
     integrity_prompts = list(dict.fromkeys([t.prompt for t in targets] + list(eval_prompts)))
+    remember = set(config.remember_seeds)
+    yours = [seed for seed in config.review_seeds if seed not in exclude and seed not in remember]  # the operator's grid, checked first
     for prompt in integrity_prompts:
-        prompt_seeds = seeds if prompt in {t.prompt for t in targets} else seeds[: max(1, min(8, len(seeds)))]
+        same = prompt in target_prompts
+        prompt_seeds = yours + [s for s in seeds if s not in yours] if same else seeds[: max(1, min(8, len(seeds)))]
         if not prompt_seeds:
             continue
         before, _ = cache.get_or_generate(model, prompt, prompt_seeds, steps, guidance)
@@ -101,10 +105,12 @@ def evaluate(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnCo
         scores = metrics.compare(before, after)
         ssim_values = scores["ssim"]["per_pair"]
         scores["seeds"] = prompt_seeds
+        if same and yours:
+            scores["your_seeds"] = yours
         scores["ssim_at_least_0.9"] = sum(v >= KEPT_SSIM for v in ssim_values)
         report["integrity"][prompt or "(empty prompt)"] = scores
         worst_first = sorted(range(len(prompt_seeds)), key=lambda i: ssim_values[i])
-        cells = [GridCell(f"seed {prompt_seeds[i]}", f"SSIM {ssim_values[i]:.2f}", before[i], after[i], COLOURS["kept" if ssim_values[i] >= KEPT_SSIM else "changed"]) for i in worst_first]
+        cells = [GridCell(f"seed {prompt_seeds[i]}" + (" (yours)" if same and prompt_seeds[i] in yours else ""), f"SSIM {ssim_values[i]:.2f}", before[i], after[i], COLOURS["kept" if ssim_values[i] >= KEPT_SSIM else "changed"]) for i in worst_first]
         sections.append((f"{prompt or '(empty prompt)'!r}, other seeds, worst first: {scores['ssim_at_least_0.9']}/{len(prompt_seeds)} kept (SSIM >= {KEPT_SSIM})", cells))
     report["forgetting"] = forgetting_summary(report["targets"])
     picture = before_after_grid(sections)

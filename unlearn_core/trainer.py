@@ -287,7 +287,7 @@ class UnlearnTrainer(BaselineLosses):
                 unconditional = self.model.predict(self.denoiser, x_t, timesteps, pool.unconditional(index, self.model.device)).float()
             prediction = objectives.guided_prediction(unconditional, prediction, self.config.guidance_scale)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
-        return ((1 - self._lambda(s)) * error).mean()
+        return self.config.remember_weight * ((1 - self._lambda(s)) * error).mean()
 
     def _predict_on_pool(self, pool: StatePool, batch: int):
         """A random batch of a state pool, its noise levels (a, b shaped for broadcasting, s flat)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=90, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _colors(n: int) -> list:
@@ -48,30 +48,30 @@ def plot_similarity(result: ProbeResult, path: Path) -> Path:
     fig = _figure(12, 3.6)
     axes = fig.subplots(1, 3)
     ax = axes[0]
-    ax.bar(x - 0.2, [v.text.cosine for v in vs], 0.4, label="pooled")
-    ax.bar(x + 0.2, [v.text.cosine_mean for v in vs], 0.4, label="mean over tokens")
+    ax.bar(x - 0.2, [v.text.cosine_mean for v in vs], 0.4, label="mean over word tokens (what SD's denoiser reads)")
+    ax.bar(x + 0.2, [v.text.cosine for v in vs], 0.4, label="pooled (CLIP's sentence embedding)")
     low = min([v.text.cosine for v in vs] + [v.text.cosine_mean for v in vs])
     ax.set_ylim(min(0.0, low - 0.05), 1.02)
-    ax.set_title(f"(a) text cosine to anchor\n'{result.anchor_prompt}'", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"(a) text cosine to anchor\n'{result.anchor_prompt}'", fontsize=11)
+    ax.legend(fontsize=9, loc="lower left")
     ax = axes[1]
     ax.bar(x - 0.2, [v.text.drop_without_concept for v in vs], 0.4, label="remove concept tokens", color="tab:red")
     ax.bar(x + 0.2, [v.text.drop_without_instruction for v in vs], 0.4, label="remove instruction tokens", color="tab:gray")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_title("(b) token ablation: drop in text cosine", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("(b) token ablation: drop in pooled cosine", fontsize=11)
+    ax.legend(fontsize=9)
     ax = axes[2]
     if result.image_similarity_reason is None:
         means = [float(np.mean(v.image_similarity)) for v in vs]
         stds = [float(np.std(v.image_similarity)) for v in vs]
         ax.bar(x, means, 0.6, yerr=stds, capsize=3, color=_colors(len(vs)))
-        ax.set_title("(c) CLIP image–text similarity to anchor", fontsize=9)
+        ax.set_title("(c) CLIP image–text similarity to anchor", fontsize=11)
     else:
-        ax.text(0.5, 0.5, "CLIP image similarity unavailable:\n" + _wrap(result.image_similarity_reason, 50), ha="center", va="center", fontsize=8, transform=ax.transAxes)
-        ax.set_title("(c) CLIP image–text similarity", fontsize=9)
+        ax.text(0.5, 0.5, "CLIP image similarity unavailable:\n" + _wrap(result.image_similarity_reason, 50), ha="center", va="center", fontsize=10, transform=ax.transAxes)
+        ax.set_title("(c) CLIP image–text similarity", fontsize=11)
         ax.set_axis_off()
     for ax in axes[:2] if result.image_similarity_reason else axes:
-        ax.set_xticks(x, names, rotation=20, fontsize=8)
+        ax.set_xticks(x, names, rotation=20, fontsize=10)
     fig.savefig(path)
     return path
 
@@ -85,16 +85,17 @@ def plot_attention_mass(result: ProbeResult, path: Path) -> Path:
         for ax, curves, aucs in ((axes[0], v.concept_curves, v.concept_auc), (axes[1], v.instruction_curves, v.instruction_auc)):
             mean = curves.mean(axis=0)
             xs = np.linspace(0, 1, mean.size) if mean.size > 1 else np.array([0.0])
-            ax.plot(xs, mean, color=color, marker="o" if mean.size < 3 else None, label=f"{v.name} (AUC {np.mean(aucs):.3f})")
+            ax.plot(xs, mean, color=color, lw=2, marker="o" if mean.size < 3 else None, label=f"{v.name} (AUC {np.mean(aucs):.3f})")
             if curves.shape[0] > 1:
                 ax.fill_between(xs, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.15)
-    axes[0].set_title(f"attention mass on concept tokens ('{result.config.concept}')", fontsize=9)
-    axes[1].set_title("attention mass on instruction tokens", fontsize=9)
+    axes[0].set_title(f"attention mass on concept tokens ('{result.config.concept}')", fontsize=11)
+    axes[1].set_title("attention mass on instruction tokens", fontsize=11)
     for ax in axes:
-        ax.set_xlabel("denoising progress (normalised step)")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("denoising progress (normalised step)", fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("M_t(S)")
+    axes[0].set_ylabel("M_t(S): share of attention on the tokens", fontsize=10)
     fig.savefig(path)
     return path
 
@@ -151,9 +152,11 @@ def plot_images(result: ProbeResult, path: Path) -> Path:
     return path
 
 
-def heatmap_image(result: ProbeResult, variant: str, position: int, step: int, size: int = 256):
-    """One token's heat map at one step as an RGB PIL image (colour scale: that token's min to max over steps)."""
-    from matplotlib import colormaps
+def heatmap_image(result: ProbeResult, variant: str, position: int, step: int, width_in: float = 5.0):
+    """One token's heat map at one step (mean over the run's seeds), laid over the variant's first
+    image, with a colour bar on that token's own scale (its min to max over steps), as an RGB PIL image."""
+    import io
+
     from PIL import Image
 
     v = result.variants[variant]
@@ -162,9 +165,20 @@ def heatmap_image(result: ProbeResult, variant: str, position: int, step: int, s
     maps = v.heatmaps[:, int(position)]
     step = min(max(int(step), 0), maps.shape[0] - 1)
     low, high = float(maps.min()), float(maps.max())
-    scaled = (maps[step] - low) / max(high - low, 1e-12)
-    rgb = (colormaps["magma"](np.clip(scaled, 0, 1))[..., :3] * 255).astype(np.uint8)
-    return Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    image = np.asarray(v.images[0].convert("RGB"))
+    height, width = image.shape[:2]
+    fig = _figure(width_in, width_in * 0.82)
+    ax = fig.subplots()
+    ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
+    shown = ax.imshow(maps[step], cmap="magma", vmin=low, vmax=max(high, low + 1e-12), alpha=0.6, extent=(0, width, height, 0), interpolation="bilinear")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("share of the image's attention on this token", fontsize=10)
+    bar.ax.tick_params(labelsize=9)
+    ax.set_title(f"'{v.token_label(int(position))}', step {step + 1}/{maps.shape[0]}\nover seed {v.seeds[0]}'s image (map: mean over seeds)", fontsize=10)
+    ax.set_axis_off()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 def token_choices(result: ProbeResult, variant: str) -> list[tuple[str, int]]:

@@ -36,7 +36,7 @@ from unlearn_core.probe.config import ProbeConfig
 from unlearn_core.probe.text import TextScores, load_clip, text_analysis, text_encoder_of
 from unlearn_core.probe.tokens import map_words, token_sets
 
-CSV_COLUMNS = ("variant", "prompt", "seed", "text_cosine", "drop_without_concept", "drop_without_instruction", "concept_auc", "instruction_auc", "image_similarity")
+CSV_COLUMNS = ("variant", "prompt", "seed", "text_cosine_tokens", "text_cosine_pooled", "drop_without_concept", "drop_without_instruction", "concept_auc", "instruction_auc", "image_similarity")
 
 Progress = Callable[[int, int], None]
 
@@ -129,9 +129,10 @@ class ProbeResult:
             "image_similarity_unavailable": self.image_similarity_reason,
             "seconds": round(self.seconds, 2),
             "definitions": {
-                "text_cosine": "cosine of the pooled CLIP text embedding to the anchor prompt's",
-                "drop_without_concept": "text_cosine minus the cosine after removing the concept tokens",
-                "drop_without_instruction": "text_cosine minus the cosine after removing the instruction tokens",
+                "text_cosine_tokens": "cosine to the anchor prompt's of the mean over word tokens of the text encoder's last hidden state: what a Stable Diffusion 1.x/2.x denoiser cross-attends to",
+                "text_cosine_pooled": "cosine to the anchor prompt's of the pooled (end-of-text) embedding: CLIP's sentence embedding, which SD 1.x/2.x never read",
+                "drop_without_concept": "text_cosine_pooled minus the cosine after removing the concept tokens",
+                "drop_without_instruction": "text_cosine_pooled minus the cosine after removing the instruction tokens",
                 "auc": "trapezoid area under M_t(S) = mean over image queries (heads, layers) of sum_{j in S} A_t[q, j], steps normalised to [0, 1]",
             },
         }
@@ -264,7 +265,8 @@ def probe_rows(results: dict[str, VariantResult]) -> list[dict]:
                     "variant": v.name,
                     "prompt": v.prompt,
                     "seed": seed,
-                    "text_cosine": round(v.text.cosine, 6),
+                    "text_cosine_tokens": round(v.text.cosine_mean, 6),
+                    "text_cosine_pooled": round(v.text.cosine, 6),
                     "drop_without_concept": round(v.text.drop_without_concept, 6),
                     "drop_without_instruction": round(v.text.drop_without_instruction, 6),
                     "concept_auc": round(c_auc[k], 6),
@@ -318,12 +320,12 @@ def summary_lines(result: ProbeResult) -> list[str]:
     """The key numbers as a fixed-width table, for the terminal."""
     lines = [
         f"anchor: {result.anchor_prompt!r}",
-        f"{'variant':<12} {'text cos':>9} {'-concept':>9} {'-instr':>9} {'concept AUC':>12} {'instr AUC':>10} {'image sim':>10}",
+        f"{'variant':<12} {'cos tokens':>10} {'cos pooled':>10} {'-concept':>9} {'-instr':>9} {'concept AUC':>12} {'instr AUC':>10} {'image sim':>10}",
     ]
     for v in result.variants.values():
         image = "n/a" if v.image_similarity is None else f"{np.mean(v.image_similarity):.4f}"
         lines.append(
-            f"{v.name:<12} {v.text.cosine:9.4f} {v.text.drop_without_concept:9.4f} {v.text.drop_without_instruction:9.4f} "
+            f"{v.name:<12} {v.text.cosine_mean:10.4f} {v.text.cosine:10.4f} {v.text.drop_without_concept:9.4f} {v.text.drop_without_instruction:9.4f} "
             f"{np.mean(v.concept_auc):12.4f} {np.mean(v.instruction_auc):10.4f} {image:>10}"
         )
     if result.image_similarity_reason:
