@@ -65,3 +65,40 @@ def test_kill_restart_resume(tmp_path, monkeypatch):
     assert steps.count(1) == 1, "the resumed run started over instead of continuing from its checkpoint"
     assert max(steps) == LONG_CONFIG["steps"]
     assert json.loads(Path(run_dir / "status.json").read_text())["state"] == "done"
+
+
+def test_a_second_server_on_the_same_runs_folder_leaves_the_first_ones_job_alone(tmp_path, monkeypatch):
+    """Two live servers share one runs folder: the second neither marks the first one's running job
+    interrupted nor runs it too; the job ends `done` once, under the first server's worker."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    monkeypatch.setenv("HOTFIX_USERNAME", "operator")  # one owner for both servers' clients
+    monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    surrogate = tmp_path / "surrogate.png"
+    Image.new("RGB", (64, 64), (0, 120, 60)).save(surrogate)
+    first = AppServer(runs, cache).start()
+    second = None
+    try:
+        client = Client(first.url, auth=LOGIN, verbose=False)
+        job_id, _ = client.predict("flag of japan", 2, handle_file(str(surrogate)), None, json.dumps(LONG_CONFIG), api_name="/start_unlearning")
+        deadline = time.monotonic() + 400
+        while (status := client.predict(job_id, api_name="/job_status"))["state"] != "running" or status["step"] < 2:
+            assert status["state"] in ("queued", "running") and time.monotonic() < deadline, status
+            time.sleep(0.5)
+        second = AppServer(runs, cache).start()
+        other = Client(second.url, auth=LOGIN, verbose=False)
+        assert other.predict(job_id, api_name="/job_status")["state"] == "running"  # not "interrupted"
+        done = wait_for_job(client, job_id, server=first)
+        assert done["step"] == LONG_CONFIG["steps"]
+        assert other.predict(job_id, api_name="/job_status")["state"] == "done"
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+    with open(runs / "jobs" / job_id / "loss_log.csv", newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(1, LONG_CONFIG["steps"] + 1)), "the job ran twice or restarted"
+    log = (runs / "jobs" / job_id / "worker.log").read_text()
+    assert log.count("$ ") == 1, "more than one job process ran the job"
