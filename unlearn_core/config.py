@@ -68,7 +68,7 @@ class UnlearnConfig:
     stop_at_r: float = field(default=0.85, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.0, metadata=_meta("multiplier of the remember loss against the forget loss", min=0.0, max=1e4, method="ours"))
-    remember_guided: bool = field(default=False, metadata=_meta("distillation: match the guided prediction u + w·(c − u) the sampler steps with, instead of each branch of guidance on its own", method="ours"))
+    remember_refresh: int = field(default=0, metadata=_meta("distillation: re-record the remember trajectories with the adapter as trained so far every N steps (0 = never)", min=0, max=100000, method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="all", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; all: also the ResNet convolutions and feed-forward layers (more capacity, more risk)", choices=LORA_LAYERS))
     seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))

@@ -22,7 +22,7 @@ from unlearn_core.files import save_image_atomic
 from unlearn_core.images import load_for_model
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.sets import FixedSets, encode_sets, guided_remember_pool, record_target_states, remember_pool
+from unlearn_core.sets import FixedSets, encode_sets, record_target_states, remember_pool
 from unlearn_core.trainer import StepReport, UnlearnTrainer
 
 
@@ -116,8 +116,9 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     steps, guidance = config.generation_steps, config.guidance_scale
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)]
-            sets.remember_states = guided_remember_pool(records, guidance) if config.remember_guided else remember_pool(records)
+            sets.remember_plan = [(prompt, seeds) for prompt in remember_prompts_for(model, targets, config)]
+            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt, _ in sets.remember_plan]
+            sets.remember_states = remember_pool(records)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, steps, guidance)
     return sets

@@ -31,7 +31,6 @@ class StatePool:
     guided: bool = False  # target pools: the pipeline combined [unconditional, conditional] here
     frozen: torch.Tensor | None = None  # target pools: the frozen model's guided prediction
     images: list | None = None  # target pools: each target seed's output when recorded
-    unconds: dict[str, torch.Tensor] | None = None  # guided remember pools: the unconditional branch's conditioning, per `conds` row
 
     def __len__(self) -> int:
         return self.x_t.shape[0]
@@ -39,10 +38,6 @@ class StatePool:
     def take(self, index: torch.Tensor, device: torch.device):
         cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
         return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)
-
-    def unconditional(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """The unconditional branch's conditioning of these rows (guided remember pools)."""
-        return {key: value[self.cond_index[index]].to(device) for key, value in self.unconds.items()}
 
 
 def _pool(parts: list[tuple[SamplingRecord, str, int]]) -> StatePool:
@@ -71,19 +66,6 @@ def remember_pool(records: list[SamplingRecord]) -> StatePool:
     return _pool(parts)
 
 
-def guided_remember_pool(records: list[SamplingRecord], guidance: float) -> StatePool:
-    """The frozen model's *guided* prediction u + w·(c − u) on its own sampling states: the step the
-    sampler actually takes. Distilling each branch alone lets an error in c through w times larger
-    (w² in the loss), so the prompt's other seeds drift although both branches look matched."""
-    pool = _pool([(record, "cond", -1) for record in records])
-    if records[0].out_uncond is None:
-        return pool
-    pool.reference = torch.cat([objectives.guided_prediction(record.out_uncond, record.out_cond, guidance) for record in records])
-    pool.unconds = {key: torch.cat([record.uncond[key][:1] for record in records]) for key in records[0].uncond}
-    pool.guided = True
-    return pool
-
-
 def target_pool(records: list[SamplingRecord], guided: bool) -> StatePool:
     """The target seeds' own sampling states (record i = target i), with the unconditional
     prediction the pipeline combined there (guidance) as the reference."""
@@ -104,6 +86,14 @@ def with_frozen_outputs(model: DiffusionModel, record: SamplingRecord) -> Sampli
 
     with model.adapter_disabled(), torch.no_grad():
         return dataclasses.replace(record, out_cond=predict(record.cond), out_uncond=predict(record.uncond) if record.out_uncond is not None else None)
+
+
+def record_remember_states(model: DiffusionModel, plan: list[tuple[str, list[int]]], steps: int, guidance: float) -> StatePool:
+    """The remember seeds sampled with the model as it is now, with the frozen model's predictions
+    there as the teacher: distillation at the states the adapted model really visits, where its
+    own small errors have already moved the trajectory."""
+    records = [with_frozen_outputs(model, model.record_sampling(prompt, seeds, steps, guidance)) for prompt, seeds in plan]
+    return remember_pool(records)
 
 
 def record_target_states(model: DiffusionModel, targets: list[tuple[str, int]], steps: int, guidance: float) -> StatePool:
@@ -135,6 +125,7 @@ class FixedSets:
     targets: list[tuple[str, int]] | None = None  # (prompt, seed) of each target, to re-record its trajectory
     paint_mask: torch.Tensor | None = None  # (targets, 1, h, w) at x0's resolution: where x_s differs from x_f
     pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
+    remember_plan: list[tuple[str, list[int]]] | None = None  # (prompt, seeds) of the remember trajectories, to re-record them
 
 
 def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:

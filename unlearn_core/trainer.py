@@ -35,7 +35,7 @@ from unlearn_core.config import UnlearnConfig
 from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.sets import FixedSets, StatePool, record_target_states
+from unlearn_core.sets import FixedSets, StatePool, record_remember_states, record_target_states
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,6 +260,15 @@ class UnlearnTrainer(BaselineLosses):
         every = self.config.trajectory_refresh
         return self.config.method == "ours" and self.config.forget_states == "trajectory" and every > 0 and self.step % every == 0
 
+    def _remember_due(self) -> bool:
+        every = self.config.remember_refresh
+        return self.config.method == "ours" and self.config.remember_loss == "distill" and every > 0 and self.step % every == 0 and bool(self.sets.remember_plan)
+
+    def _refresh_remember_states(self) -> None:
+        self.denoiser.eval()
+        self.sets.remember_states = record_remember_states(self.model, self.sets.remember_plan, self.config.generation_steps, self.config.guidance_scale)
+        self.denoiser.train()
+
     def _fixed(self) -> bool:
         """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
         return self.config.stop_at_r > 0 and self.toward_surrogate is not None and self.toward_surrogate >= self.config.stop_at_r
@@ -279,13 +288,7 @@ class UnlearnTrainer(BaselineLosses):
     def _remember_loss_distill(self):
         """Match the frozen model's prediction at its own sampling states of other seeds and prompts
         (conditional and unconditional), in the same space and with weight 1 − λ(s)."""
-        pool = self.sets.remember_states
-        index, x_t, a, b, s, teacher, _, prediction = self._predict_on_pool(pool, self.config.remember_batch_size)
-        if pool.guided:
-            timesteps = pool.timesteps[index].to(self.model.device)
-            with self._autocast():
-                unconditional = self.model.predict(self.denoiser, x_t, timesteps, pool.unconditional(index, self.model.device)).float()
-            prediction = objectives.guided_prediction(unconditional, prediction, self.config.guidance_scale)
+        _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
         return self.config.remember_weight * ((1 - self._lambda(s)) * error).mean()
 
@@ -333,6 +336,8 @@ class UnlearnTrainer(BaselineLosses):
         self.step += 1
         if self._trajectory_due():
             self._refresh_target_states()
+        if self._remember_due():
+            self._refresh_remember_states()
         report = StepReport(self.step, self.config.steps, float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate)
         self.log.append(report.to_dict())
         return report
