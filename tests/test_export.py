@@ -29,10 +29,18 @@ def trained(tiny_models, tmp_path_factory):
     model = load_model(str(tiny_models["sd"]), "cpu")
     target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
     Image.fromarray(255 - np.asarray(target)).save(tmp / "surrogate.png")
-    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, eval_seeds=2, generation_steps=3, guidance_scale=2.0, lora_layers="all", lora_rank=2, lora_alpha=8.0)
+    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, eval_seeds=2, generation_steps=3, guidance_scale=2.0, lora_layers="all", lora_rank=2, lora_alpha=8.0,
+                           review_seeds=[5, 7, 1001])  # 7 is the target and 1001 a remember seed: only 5 is checked as well
     run_unlearning(model, [InstanceTarget(PROMPT, 7, str(tmp / "surrogate.png"))], config, tmp / "run", cache=GenerationCache(tmp / "cache"))
     output = np.asarray(model.generate(PROMPT, [7], 3, 2.0)[0][0], dtype=np.int16)
     return RunFolder(tmp / "run"), output
+
+
+def test_the_operators_own_seeds_are_checked_first(trained):
+    folder, _ = trained
+    integrity = folder.read_metrics()["integrity"][PROMPT]
+    assert integrity["your_seeds"] == [5] and integrity["seeds"][0] == 5 and len(integrity["seeds"]) == 3
+    assert 7 not in integrity["seeds"] and 1001 not in integrity["seeds"]
 
 
 def test_kohya_file_has_the_adapters_alpha_and_reloads_exactly(trained, tiny_models):

@@ -63,3 +63,13 @@ def test_gated_model_says_accept_the_licence_and_set_hf_token():
     except OSError as error:
         reason = _hub_reason(error, "stabilityai/stable-diffusion-3-medium-diffusers")
     assert "accept its licence" in reason and "HF_TOKEN" in reason
+
+
+def test_review_seeds_are_checked_like_seeds():
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.errors import InvalidInput
+
+    assert UnlearnConfig(review_seeds=[36, 37.0, 36]).review_seeds == [36, 37]
+    for bad in ([-1], ["forty"], list(range(65)), "36-43"):
+        with pytest.raises(InvalidInput, match="review_seeds"):
+            UnlearnConfig(review_seeds=bad)

@@ -162,8 +162,9 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     with gr.Row():
         prompt = gr.Textbox(label="Target prompt", elem_id="unl-prompt")
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
-        target = image_input("Target x_f (optional: else regenerated from prompt + seed)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
+        target = image_input("Target x_f (optional)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
         surrogate = image_input("Surrogate x_s", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-surrogate")
+    gr.Markdown("*Flagging a target on the first tab fills these in; without a target image the job regenerates it from the prompt and seed.*")
     with gr.Row(equal_height=True):
         preset = gr.Radio(list(PRESET_DESCRIPTIONS), value=DEFAULT_PRESET, label="Preset", elem_id="unl-preset", scale=1)
         with gr.Column(scale=2):
