@@ -147,3 +147,20 @@ def test_a_forged_or_wrong_sscd_file_is_unavailable_not_trusted(network, usable,
         assert pinned.available is False and "SHA-256" in pinned.reason
     finally:
         metrics.load_sscd.forget()
+
+
+def test_a_forged_alexnet_file_leaves_lpips_unavailable(tmp_path, monkeypatch):
+    """A file in torch's cache under torchvision's AlexNet name that is not torchvision's file (its
+    SHA-256 does not start with the digits in the name) is never loaded."""
+    from torchvision.models import AlexNet_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name = AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "torch" / "hub" / "checkpoints" / name)
+    metrics.load_lpips.forget()
+    try:
+        result = metrics.lpips_distance([_image(0)], [_image(1)])
+        assert result.available is False and "published hash" in result.reason
+    finally:
+        metrics.load_lpips.forget()

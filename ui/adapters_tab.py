@@ -46,7 +46,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             seeds = gr.Textbox("0-3", label="Seeds", elem_id="ada-seeds")
             steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="ada-steps")
             compare = gr.Button("Compare base vs adapter", elem_id="ada-compare")
-    gallery = gr.Gallery(label="base | adapter", columns=2, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
+    gallery = gr.Gallery(label="pairs of base | adapter, seed by seed", columns=8, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
     verdict = gr.Markdown("", elem_id="ada-info")
 
     def choices(current, request: gr.Request):

@@ -164,6 +164,9 @@ def _load_lpips():
         cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
         if not cached.is_file():
             _download(url, cached)
+        published = torch.hub.HASH_REGEX.search(cached.name).group(1)  # torchvision names its files by their SHA-256's first digits
+        if not _sha256(cached).startswith(published):
+            return None, "LPIPS weights unavailable (the AlexNet file does not match torchvision's published hash); delete it to download it again"
         return lpips.LPIPS(net="alex", verbose=False).eval(), ""
     except OSError:
         return None, "LPIPS needs the AlexNet weights, which this server could not download (offline?)"
