@@ -45,7 +45,7 @@ def plot_similarity(result: ProbeResult, path: Path) -> Path:
     names = list(result.variants)
     vs = [result.variants[n] for n in names]
     x = np.arange(len(names))
-    fig = _figure(12, 3.6)
+    fig = _figure(12, 4.4)
     axes = fig.subplots(1, 3)
     ax = axes[0]
     ax.bar(x - 0.2, [v.text.cosine_mean for v in vs], 0.4, label="mean over word tokens (what SD's denoiser reads)")
@@ -53,13 +53,13 @@ def plot_similarity(result: ProbeResult, path: Path) -> Path:
     low = min([v.text.cosine for v in vs] + [v.text.cosine_mean for v in vs])
     ax.set_ylim(min(0.0, low - 0.05), 1.02)
     ax.set_title(f"(a) text cosine to anchor\n'{result.anchor_prompt}'", fontsize=11)
-    ax.legend(fontsize=9, loc="lower left")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the axes: no bar hidden
     ax = axes[1]
     ax.bar(x - 0.2, [v.text.drop_without_concept for v in vs], 0.4, label="remove concept tokens", color="tab:red")
     ax.bar(x + 0.2, [v.text.drop_without_instruction for v in vs], 0.4, label="remove instruction tokens", color="tab:gray")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_title("(b) token ablation: drop in pooled cosine", fontsize=11)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     ax = axes[2]
     if result.image_similarity_reason is None:
         means = [float(np.mean(v.image_similarity)) for v in vs]
