@@ -56,11 +56,13 @@ NOISE_PERTURBATIONS = (0.05, 0.15)
 
 # Baselines use our LoRA (rank 8 on all layers) and learning rate, with their own losses and step
 # counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
+# "previous defaults" are this tool's settings before the remember loss was weighted 4x.
 BASELINES: dict[str, dict] = {
-    "NegGrad": {"method": "neggrad"},
+    "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
-    "EraseDiff": {"method": "erasediff"},
+    "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
+    "previous defaults": {"remember_weight": 1.0, "steps": 60, "trajectory_refresh": 10, "stop_at_r": 0.85},
 }
 ABLATIONS: dict[str, dict] = {
     "λ(s)=s^γ (paper's direction)": {"lambda_schedule": "timestep"},

@@ -130,6 +130,7 @@ def test_operator_flow(page, server, tmp_path):
     assert page.locator("#unl-prompt textarea, #unl-prompt input").first.input_value() == PROMPT
     assert page.locator("#unl-seed input").first.input_value() == str(TARGET_SEED)
     wait_text(page, "#unl-preset-info", "balanced")
+    assert page.locator("#cfg-review-seeds textarea, #cfg-review-seeds input").first.input_value() == "36, 37, 38, 39, 41, 42, 43"  # the rest of the grid, checked after the job
     assert page.locator("#cfg-steps").is_visible() and page.locator("#cfg-stop-at-r").is_visible()
     assert not page.locator("#cfg-siss-mixture").is_visible() and not page.locator("#cfg-lora-rank").is_visible()  # SISS only for SISS; Advanced closed
     pick(page, "#cfg-method", "siss")
@@ -154,6 +155,7 @@ def test_operator_flow(page, server, tmp_path):
     heading = re.search(r"(Fixed|Partly fixed|Not fixed)", verdict)
     assert heading, verdict
     assert "changed visibly" in verdict.lower()  # which seeds changed (or that none did)
+    assert re.search(r"\d+/7 of the seeds you generated", verdict), verdict  # the operator's own grid, besides the fixed set
     assert page.locator("#res-rerun").is_visible() == (heading.group(1) != "Fixed")  # one click to the 'strong' preset when not fixed
     for name in ("target", "surrogate", "after"):
         page.wait_for_selector(f"#res-{name} img")

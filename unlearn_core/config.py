@@ -49,7 +49,7 @@ class UnlearnConfig:
     checks in `__post_init__`."""
 
     method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS, level="basic"))
-    steps: int = field(default=60, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000, level="basic"))
+    steps: int = field(default=90, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000, level="basic"))
     batch_size: int = field(default=4, metadata=_meta("forget samples per step (NegGrad, SISS and EraseDiff: also their remember samples)", min=1, max=256))
     learning_rate: float = field(default=1e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0, level="basic"))
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
@@ -64,10 +64,10 @@ class UnlearnConfig:
     loss_space: str = field(default="x0", metadata=_meta("x0: losses measured on the implied clean image, so λ(s) decides where forgetting acts; native: in the prediction's own space (ε, v), dominated by small t", choices=LOSS_SPACES, method="ours"))
     forget_states: str = field(default="trajectory", metadata=_meta("trajectory: forget at the target seed's own guided sampling states, re-recorded as the model changes; random: x_t drawn from the target at random t (the paper's form)", choices=FORGET_STATES, method="ours"))
     forget_target: str = field(default="painted", metadata=_meta("painted: aim x̂0 at the surrogate on the painted pixels and at the frozen model's own estimate elsewhere; surrogate: at the whole surrogate (the paper's Eq. 9–11)", choices=FORGET_TARGETS, method="ours"))
-    trajectory_refresh: int = field(default=10, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
-    stop_at_r: float = field(default=0.85, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
+    trajectory_refresh: int = field(default=5, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
+    stop_at_r: float = field(default=0.8, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
-    remember_weight: float = field(default=1.0, metadata=_meta("multiplier of the remember loss against the forget loss", min=0.0, max=1e4, method="ours"))
+    remember_weight: float = field(default=4.0, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_refresh: int = field(default=0, metadata=_meta("distillation: re-record the remember trajectories with the adapter as trained so far every N steps (0 = never)", min=0, max=100000, method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="all", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; all: also the ResNet convolutions and feed-forward layers (more capacity, more risk)", choices=LORA_LAYERS))
@@ -231,16 +231,16 @@ def _coerce(name: str, kind, value):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "gentle": {"learning_rate": 7e-4, "stop_at_r": 0.75},
+    "gentle": {"learning_rate": 7e-4, "remember_weight": 8.0, "stop_at_r": 0.75},
     "balanced": {},
-    "strong": {"steps": 120, "learning_rate": 1.5e-3, "stop_at_r": 0.92},
+    "strong": {"steps": 150, "learning_rate": 1.5e-3, "remember_weight": 1.0, "stop_at_r": 0.9},
     "paper": {"lambda_schedule": "timestep", "loss_space": "native", "forget_states": "random", "forget_target": "surrogate", "remember_loss": "denoise", "seed_noise_fraction": 0.0, "steps": 240, "batch_size": 8, "remember_count": 100, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16.0},
 }
 PRESETS["quick"] = PRESETS["balanced"]  # the old name of the defaults, still accepted (API, CLI)
 PRESET_DESCRIPTIONS: dict[str, str] = {  # what the web form offers, in this order
-    "gentle": "changes the least: a lower learning rate, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
-    "balanced": "the defaults: up to 60 steps, stops once the target moved 85 % of the way; about 20 s per job on the demo model (CPU)",
-    "strong": "for a fix that stayed partial: up to 120 steps, a higher learning rate, stops at 92 %; other seeds change more, so check the integrity grid",
+    "gentle": "changes the least: a lower learning rate, a heavier remember loss, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
+    "balanced": "the defaults: up to 90 steps, stops once the target moved 80 % of the way; about 30 s per job on the demo model (CPU)",
+    "strong": "for a fix that stayed partial: up to 150 steps, a higher learning rate and a lighter remember loss, stops at 90 %; other seeds change more, so check the integrity grid",
     "paper": "the paper's original recipe (random noise levels, a denoising remember loss, 240 steps): for comparison; slower and less precise",
 }
 
