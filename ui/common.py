@@ -34,9 +34,9 @@ PIXELS = ["pixels"]  # elem_classes of components that show model images (see PA
 PAGE_CSS = """
 .pixels img { image-rendering: pixelated; }
 .pixels .image-frame img { object-fit: contain; }
-.pixels .thumbnail-item { flex-direction: column; }
-.pixels .thumbnail-item img { min-height: 0; flex: 1 1 auto; }
-.pixels .thumbnail-item .caption-label { position: static; max-width: 100%; opacity: 1; border: none; background: none; padding: 2px 0 0 0; }
+.pixels .thumbnail-item { flex-direction: column; justify-content: flex-start; }
+.pixels .thumbnail-item img { height: calc(100% - 1.6em) !important; width: 100%; object-fit: contain; }
+.pixels .thumbnail-item .caption-label { position: static; max-width: 100%; opacity: 1; border: none; background: none; padding: 2px 0 0 0; line-height: 1.4em; }
 """
 OPERATOR_ERRORS = (OperatorError,)  # anything else is a bug: Gradio shows it as one
 
