@@ -351,6 +351,7 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--cases", default=",".join(case.name for case in CASES))
     parser.add_argument("--ablation-cases", default="chad-40-stripe,italy-77-stripe,japan-61-disc-blue", help="cases of the ablations (the default and baselines run on --cases)")
+    parser.add_argument("--few", default="", help="comma-separated variants (e.g. a slow baseline) that run on --ablation-cases only")
     parser.add_argument("--train-seeds", default="0,1,2", help="training seeds of the default variant")
     parser.add_argument("--other-train-seeds", default="0", help="training seeds of every other variant")
     parser.add_argument("--quick", action="store_true", help="default settings only, training seed 0")
@@ -395,7 +396,8 @@ def main(args) -> list[Measured]:
     csv_path = out / "results.csv"
     for variant in args.variants.split(","):
         seeds = args.train_seeds if variant == "default" else args.other_train_seeds
-        for case in [c for c in chosen if variant not in ABLATIONS or c.name in args.ablation_cases.split(",")]:
+        few = variant in ABLATIONS or variant in args.few.split(",")
+        for case in [c for c in chosen if not few or c.name in args.ablation_cases.split(",")]:
             for seed in [int(s) for s in seeds.split(",")]:
                 measured, images = run_one(model, case, files[case.name], variant, VARIANTS[variant], seed, cache, judge, out)
                 results.append(measured)

@@ -88,14 +88,6 @@ def with_frozen_outputs(model: DiffusionModel, record: SamplingRecord) -> Sampli
         return dataclasses.replace(record, out_cond=predict(record.cond), out_uncond=predict(record.uncond) if record.out_uncond is not None else None)
 
 
-def record_remember_states(model: DiffusionModel, plan: list[tuple[str, list[int]]], steps: int, guidance: float) -> StatePool:
-    """The remember seeds sampled with the model as it is now, with the frozen model's predictions
-    there as the teacher: distillation at the states the adapted model really visits, where its
-    own small errors have already moved the trajectory."""
-    records = [with_frozen_outputs(model, model.record_sampling(prompt, seeds, steps, guidance)) for prompt, seeds in plan]
-    return remember_pool(records)
-
-
 def record_target_states(model: DiffusionModel, targets: list[tuple[str, int]], steps: int, guidance: float) -> StatePool:
     """Each target's (prompt, seed) sampled and recorded with the model as it is now, plus the
     frozen model's guided prediction at every recorded state (`StatePool.frozen`) and the image
@@ -125,7 +117,6 @@ class FixedSets:
     targets: list[tuple[str, int]] | None = None  # (prompt, seed) of each target, to re-record its trajectory
     paint_mask: torch.Tensor | None = None  # (targets, 1, h, w) at x0's resolution: where x_s differs from x_f
     pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
-    remember_plan: list[tuple[str, list[int]]] | None = None  # (prompt, seeds) of the remember trajectories, to re-record them
 
 
 def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:

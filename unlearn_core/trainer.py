@@ -35,7 +35,7 @@ from unlearn_core.config import UnlearnConfig
 from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.sets import FixedSets, StatePool, record_remember_states, record_target_states
+from unlearn_core.sets import FixedSets, StatePool, record_target_states
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,15 +260,6 @@ class UnlearnTrainer(BaselineLosses):
         every = self.config.trajectory_refresh
         return self.config.method == "ours" and self.config.forget_states == "trajectory" and every > 0 and self.step % every == 0
 
-    def _remember_due(self) -> bool:
-        every = self.config.remember_refresh
-        return self.config.method == "ours" and self.config.remember_loss == "distill" and every > 0 and self.step % every == 0 and bool(self.sets.remember_plan)
-
-    def _refresh_remember_states(self) -> None:
-        self.denoiser.eval()
-        self.sets.remember_states = record_remember_states(self.model, self.sets.remember_plan, self.config.generation_steps, self.config.guidance_scale)
-        self.denoiser.train()
-
     def _fixed(self) -> bool:
         """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
         return self.config.stop_at_r > 0 and self.toward_surrogate is not None and self.toward_surrogate >= self.config.stop_at_r
@@ -336,8 +327,6 @@ class UnlearnTrainer(BaselineLosses):
         self.step += 1
         if self._trajectory_due():
             self._refresh_target_states()
-        if self._remember_due():
-            self._refresh_remember_states()
         report = StepReport(self.step, self.config.steps, float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate)
         self.log.append(report.to_dict())
         return report
