@@ -3,7 +3,8 @@
     .venv/bin/python -m scripts.reliability_report            # HOTFIX_SLOW=1: includes the load test
     .venv/bin/python -m scripts.reliability_report --no-slow  # without it
 
-Runs `pytest tests/test_hardening.py tests/test_restart.py` with `--junitxml` (outcomes and
+Runs `pytest` on `SUITE` (the hardening table, restarts, accounts, metric weights, two-process
+training) with `--junitxml` (outcomes and
 durations) and `HOTFIX_HARDENING_STATS` (figures the tests record: each case's message, faults
 injected, jobs and their end, load answered / errors), then writes the report. Exit code: pytest's.
 """
@@ -26,7 +27,9 @@ from tests.hardening_cases import CASES, STATS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SUITE = ["tests/test_hardening.py", "tests/test_restart.py"]
+# The hardening table and durability tests, plus the classes that live beside their subjects:
+# sign-in owners (accounts), forged metric weights (metrics), two-process training (DDP).
+SUITE = ["tests/test_hardening.py", "tests/test_restart.py", "tests/test_accounts.py", "tests/test_metrics_images.py", "tests/test_ddp.py"]
 
 
 def machine() -> str:
@@ -126,7 +129,7 @@ def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float
         "After every case the live server still answers, the finished job's folder (every file's size and mtime) and",
         "the list of job folders are unchanged; at the end the server still generates.",
         "",
-        "## Durability, access and load",
+        "## Durability, access, sign-in, verified weights, two processes and load",
         "",
         "| test | outcome | seconds |",
         "|---|---|---|",
