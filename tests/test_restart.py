@@ -12,6 +12,8 @@ from tests.test_api import AppServer, wait_for_job
 
 LOGIN = ("operator", "s3cret-Pa55")
 LONG_CONFIG = {"steps": 40, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every": 5, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
+# Long enough that a second server comes up while it still trains, on a loaded machine too.
+LONGER_CONFIG = {**LONG_CONFIG, "steps": 150, "checkpoint_every": 50, "trajectory_refresh": 0}
 
 
 def test_kill_restart_resume(tmp_path, monkeypatch):
@@ -82,7 +84,7 @@ def test_a_second_server_on_the_same_runs_folder_leaves_the_first_ones_job_alone
     second = None
     try:
         client = Client(first.url, auth=LOGIN, verbose=False)
-        job_id, _ = client.predict("flag of japan", 2, handle_file(str(surrogate)), None, json.dumps(LONG_CONFIG), api_name="/start_unlearning")
+        job_id, _ = client.predict("flag of japan", 2, handle_file(str(surrogate)), None, json.dumps(LONGER_CONFIG), api_name="/start_unlearning")
         deadline = time.monotonic() + 400
         while (status := client.predict(job_id, api_name="/job_status"))["state"] != "running" or status["step"] < 2:
             assert status["state"] in ("queued", "running") and time.monotonic() < deadline, status
@@ -91,7 +93,7 @@ def test_a_second_server_on_the_same_runs_folder_leaves_the_first_ones_job_alone
         other = Client(second.url, auth=LOGIN, verbose=False)
         assert other.predict(job_id, api_name="/job_status")["state"] == "running"  # not "interrupted"
         done = wait_for_job(client, job_id, server=first)
-        assert done["step"] == LONG_CONFIG["steps"]
+        assert done["step"] == LONGER_CONFIG["steps"]
         assert other.predict(job_id, api_name="/job_status")["state"] == "done"
     finally:
         first.stop()
@@ -99,6 +101,6 @@ def test_a_second_server_on_the_same_runs_folder_leaves_the_first_ones_job_alone
             second.stop()
     with open(runs / "jobs" / job_id / "loss_log.csv", newline="") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
-    assert steps == list(range(1, LONG_CONFIG["steps"] + 1)), "the job ran twice or restarted"
+    assert steps == list(range(1, LONGER_CONFIG["steps"] + 1)), "the job ran twice or restarted"
     log = (runs / "jobs" / job_id / "worker.log").read_text()
     assert log.count("$ ") == 1, "more than one job process ran the job"
