@@ -36,7 +36,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     """Run the request in `folder` to its end; `status.json` follows every phase and step.
 
     `display` (a `RunCallbacks`) also sees each phase and step, e.g. the CLI's progress bar. `web`:
-    the job came from the web, so its model name follows the web's rules (`models.from_hub_only`).
+    the job came from the web, so its model name follows the web's rules (`models.check_web_model`).
     Raises what ended the run (after recording it): `TrainingCancelled`, `TrainingDiverged`, an
     `OperatorError`, or a bug.
     """
