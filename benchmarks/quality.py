@@ -325,9 +325,14 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         ]
     if two:
         lines += ["## Two targets in one job (default settings)", "", table(["case", "r", "same ≥ 0.9", "other ≥ 0.9"], [[name, f"{two[name]['r']:.2f}", f"{two[name]['same_09'] * 16:.0f}/16", f"{two[name]['other_09'] * 16:.0f}/16"] for name in two["cases"]]), f"\nJob: {two['seconds']:.0f} s.", ""]
+    job_seconds = [r.seconds for r in results if r.variant == "default"]
+    loaded = len(job_seconds) > 1 and statistics.stdev(job_seconds) > statistics.mean(job_seconds)
     lines += [
         "## Reading it",
         "",
+        *(["- **Job times of this run are not timings.** Their spread is larger than their mean: other work shared the two "
+           f"cores for part of the run (the slowest default job took {max(job_seconds):.0f} s, the fastest {min(job_seconds):.0f} s). "
+           "`docs/PERFORMANCE.md` times jobs on an otherwise idle machine."] if loaded else []),
         "- **The remember loss was too light.** With the previous defaults the seeds of the remember set itself lost their "
         "image as often as unseen seeds (belgium-40: 10/16 of both kept SSIM ≥ 0.9), so the shortfall was not a gap between "
         "trained and unseen seeds but a remember term too weak against the forget term. Weighting it 4× (`remember_weight`) "
