@@ -116,8 +116,7 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     steps, guidance = config.generation_steps, config.guidance_scale
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)]
-            sets.remember_states = remember_pool(records)
+            sets.remember_states = remember_pool([model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)])
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, steps, guidance)
     return sets
