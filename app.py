@@ -76,7 +76,7 @@ def main() -> None:
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted by the last shutdown: {', '.join(interrupted)}")
     device = settings.device
-    worker = JobWorker(store, device).start()
+    worker = JobWorker(store, device, warm=settings.warm_worker).start()
     atexit.register(worker.stop)  # a running job's process is stopped and its job marked interrupted
     signal.signal(signal.SIGTERM, _interrupt)
     demo = build(Services(store, worker, device))

@@ -232,7 +232,9 @@ Medians of {repeats} (generation) / {steps} (steps) timed repeats after warm-up;
 the same process. The job rows run the real CLI in a fresh process (imports and model loading
 included); the browser row starts the same job on a running `app.py` through `/start_unlearning`
 (what the Unlearn tab's button calls) and times it to the state `done`, alternating with the CLI
-(medians of 2 each).
+(medians of 2 each). The server hands each job to a job process it started ahead, which has
+already imported torch/diffusers and loaded the demo model (`HOTFIX_WARM_WORKER`, on by
+default), so the browser's job skips the start-up that the CLI pays.
 
 {table}
 

@@ -203,12 +203,13 @@ KILL_CONFIG = {"steps": 24, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every
 
 
 def job_process(server: AppServer, job_id: str) -> int | None:
-    """The pid of the job's process (a child of the server: `python -m unlearn_core.worker <its run folder>`)."""
+    """The pid of the job's process: the server's child `python -m unlearn_core.worker --wait` that was
+    handed this job (its output goes to the job's worker.log), not the one waiting for the next job."""
     import psutil
 
     for child in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            if any(job_id in part for part in child.cmdline()) and "unlearn_core.worker" in child.cmdline():
+            if "unlearn_core.worker" in child.cmdline() and any(f"{job_id}/worker.log" in file.path for file in child.open_files()):
                 return child.pid
         except psutil.NoSuchProcess:
             continue

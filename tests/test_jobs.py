@@ -132,7 +132,7 @@ def test_the_run_folder_carries_the_whole_request(store):
     config = UnlearnConfig(steps=9, seed=4, method="siss", remember_prompts=["flag of japan", "-flag starting with a dash"],
                            eval_prompts=["flag of france"], gradient_checkpointing=True, lambda_schedule="constant")
     job = store.create("assets/demo-model", config, [instance(11)])
-    assert job_command(job, "cpu") == [sys.executable, "-m", "unlearn_core.worker", job.run_dir, "--device=cpu"]  # nothing else on argv
+    assert job_command("cpu", None) == [sys.executable, "-m", "unlearn_core.worker", "--wait", "--device=cpu"]  # the run folder comes on stdin, nothing else is needed
     request = job.folder.read_request()
     assert UnlearnConfig.from_dict(request["config"]) == config  # the job process trains with exactly the stored settings
     assert request["model"] == "assets/demo-model"
@@ -143,7 +143,7 @@ def test_the_run_folder_carries_the_whole_request(store):
 
 STAND_IN = """
 import json, os, sys, time
-out = sys.argv[1]
+out = sys.stdin.readline().strip()  # as the real job process, it learns its run folder once it is handed the job
 for step in range(1, 1000):
     json.dump({"state": "running", "step": step, "total": 1000}, open(os.path.join(out, "status.tmp"), "w"))
     os.replace(os.path.join(out, "status.tmp"), os.path.join(out, "status.json"))
@@ -151,7 +151,7 @@ for step in range(1, 1000):
         json.dump({"state": "cancelled", "step": step, "total": 1000}, open(os.path.join(out, "status.json"), "w"))
         sys.exit(1)
     if MODE == "finish" and step == 3:
-        json.dump({"state": "done", "step": 3, "total": 3}, open(os.path.join(out, "status.json"), "w"))
+        json.dump({"state": "done", "step": 3, "total": 3, "pid": os.getpid()}, open(os.path.join(out, "status.json"), "w"))
         sys.exit(0)
     if MODE == "crash" and step == 2:
         print("error: something broke", file=sys.stderr)
@@ -162,7 +162,7 @@ for step in range(1, 1000):
 
 @pytest.mark.parametrize("mode, cancel, expected", [("finish", False, "done"), ("crash", False, "failed"), ("obey", True, "cancelled"), ("ignore", True, "cancelled")])
 def test_worker_runs_subprocesses_to_their_end(store, monkeypatch, mode, cancel, expected):
-    monkeypatch.setattr(worker_module, "job_command", lambda job, device: [sys.executable, "-c", f"MODE = {mode!r}\n" + STAND_IN, job.run_dir])
+    monkeypatch.setattr(worker_module, "job_command", lambda device, preload: [sys.executable, "-c", f"MODE = {mode!r}\n" + STAND_IN])
     monkeypatch.setattr(worker_module, "CANCEL_GRACE_S", 0.5)
     worker = JobWorker(store, poll_s=0.05).start()
     try:
@@ -185,6 +185,37 @@ def test_worker_runs_subprocesses_to_their_end(store, monkeypatch, mode, cancel,
         assert "something broke" in final.error
     assert progress(final)["state"] == expected
     assert os.path.isfile(os.path.join(final.run_dir, "worker.log"))
+
+
+def test_each_job_runs_in_the_process_that_waited_for_it(store, monkeypatch):
+    """A warm worker starts the next job's process ahead (at start and after each job) and hands it
+    the run folder when the job comes; every job still has a process of its own, and stopping the
+    worker ends the one left waiting."""
+    monkeypatch.setattr(worker_module, "job_command", lambda device, preload: [sys.executable, "-c", "MODE = 'finish'\n" + STAND_IN])
+    worker = JobWorker(store, poll_s=0.05).start()
+    handed = []
+    try:
+        for seed in (1, 2):
+            deadline = time.monotonic() + 60
+            while worker._waiting is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            waiting = worker._waiting
+            assert waiting is not None and waiting.poll() is None, "no process was waiting for the next job"
+            job = store.create("m", UnlearnConfig(steps=3), [instance(seed)])
+            worker.wake()
+            while store.get(job.id).state != "done" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert store.get(job.id).state == "done"
+            assert job.folder.read_status()["pid"] == waiting.pid
+            handed.append(waiting.pid)
+        deadline = time.monotonic() + 60
+        while worker._waiting is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last_waiting = worker._waiting
+    finally:
+        worker.stop()
+    assert handed[0] != handed[1]
+    assert last_waiting.poll() is not None, "the process waiting for a next job outlived the worker"
 
 
 def test_another_owner_sees_nothing_and_can_do_nothing(store):

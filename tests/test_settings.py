@@ -22,6 +22,7 @@ def test_loading_options_and_zero_gpu_come_from_the_environment():
     assert (settings.dtype, settings.without_t5, settings.zero_gpu, settings.model_allowlist) == ("bf16", True, True, ("a/b", "c"))
     with pytest.raises(ValueError, match="HOTFIX_DTYPE"):
         Settings.from_env({"HOTFIX_DTYPE": "fp8"})
+    assert Settings.from_env({}).warm_worker and not Settings.from_env({"HOTFIX_WARM_WORKER": "0"}).warm_worker
 
 
 def test_auto_precision_is_full_on_the_cpu_and_half_on_request(tiny_models):

@@ -52,6 +52,7 @@ class Settings:
     max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 6,000, the paper preset 26,000)
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
     hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
+    warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
 
     @classmethod
@@ -76,6 +77,7 @@ class Settings:
             sscd_sha256=env.get("HOTFIX_SSCD_SHA256") or None,
             clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
             download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
+            warm_worker=_flag(env.get("HOTFIX_WARM_WORKER")) is not False,
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),

@@ -4,11 +4,17 @@
   `config.json`, loads the model, trains, saves and evaluates (`unlearn_core.run`), and records its
   state in the folder's `status.json` (it is the only writer of that file). The CLI's `unlearn`
   verb calls the same `execute`.
+- The warm job process, `python -m unlearn_core.worker --wait [--preload MODEL]`: the same, but it
+  imports torch/diffusers and loads the model *before* it is given a job, then reads the run folder
+  from stdin. The server keeps one waiting between jobs, so a job from the browser does not pay
+  start-up and model loading (28 % of a default job), and every job still has a process of its own:
+  nothing of one user's job (its adapter, its images) can stay in memory for the next one's.
 - `JobWorker`, in the server: one background thread per device. It claims queued jobs in order and
-  runs each as a job process, so a crash or a hung model never takes the server down; it copies
-  step/total into the store and turns the process's end into the job's state. Cancelling sets the
-  folder's cancel flag (the process checkpoints and stops); a process that does not stop within
-  `CANCEL_GRACE_S` is killed.
+  hands each to the waiting job process (or starts one), so a crash or a hung model never takes
+  the server down; it copies step/total into the store and turns the process's end into the job's
+  state. Cancelling sets the folder's cancel flag (the process checkpoints and stops); a process
+  that does not stop within `CANCEL_GRACE_S` is killed. After each job it starts the next waiting
+  process, while the device is idle.
 
 Never imports gradio.
 """
@@ -16,12 +22,14 @@ Never imports gradio.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+from unlearn_core.config import DEMO_MODEL
 from unlearn_core.distributed import is_main_process
 from unlearn_core.errors import OperatorError, without_server_paths
 from unlearn_core.runfolder import RunFolder
@@ -67,7 +75,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     on_phase("loading")
     callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested).then(display)
     try:
-        model = load_model(request["model"], device, web=web)
+        model = _take_preloaded(request["model"], device, web) or load_model(request["model"], device, web=web)
         result = run_unlearning(model, targets, config, folder, callbacks)
     except TrainingCancelled as error:
         record("cancelled", error=str(error), **steps)
@@ -79,13 +87,59 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     return result
 
 
+_preloaded: dict[tuple[str, str], object] = {}  # (model name, device) → the model a waiting job process loaded
+
+
+def _take_preloaded(name: str, device: str, web: bool):
+    """The model this process loaded while it waited, if the job asks for that one (under the same
+    web rules as `load_model`); None otherwise. Taken once: one job per process."""
+    from unlearn_core.models import check_web_model
+
+    model = _preloaded.pop((name, device), None)
+    if model is not None and web:
+        check_web_model(name)
+    return model
+
+
+def _warm_up(preload: str | None, device: str) -> None:
+    """What every job needs before its run folder is known: the heavy imports and, when given, the
+    server's default model. A model that fails to load here is loaded (and its error reported) by the job."""
+    import unlearn_core.run  # noqa: F401  (torch, diffusers, peft, accelerate and the trainer)
+    from unlearn_core.models import ModelLoadError, load_model
+
+    if preload:
+        try:
+            _preloaded[(preload, device)] = load_model(preload, device)
+        except ModelLoadError as error:
+            print(f"not preloaded: {error}", file=sys.stderr, flush=True)
+
+
+def _write_output_to(path) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so library output too) to the job's log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+
+
 def main(argv=None) -> int:
     from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
 
     parser = argparse.ArgumentParser(prog="python -m unlearn_core.worker", description="Run one job's run folder (written by the job store).")
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", nargs="?", help="the run folder (with --wait: read from stdin instead)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--wait", action="store_true", help="import and load the model first, then read the run folder from stdin")
+    parser.add_argument("--preload", default=None, help="with --wait: the model to load while waiting")
     args = parser.parse_args(argv)
+    if args.wait:
+        _warm_up(args.preload, args.device)
+        args.run_dir = sys.stdin.readline().strip()
+        if not args.run_dir:
+            return 0  # the server stopped before it had a job for this process
+        _write_output_to(RunFolder(args.run_dir).worker_log)
+    if not args.run_dir:
+        parser.error("give the run folder")
     try:
         execute(RunFolder(args.run_dir), args.device, web=True)  # the server's jobs: every one came from the web
     except TrainingCancelled as error:
@@ -98,27 +152,54 @@ def main(argv=None) -> int:
 
 
 # -- the server's worker thread -------------------------------------------------------------------
-def job_command(job: Job, device: str) -> list[str]:
-    """The job process for one job: everything else it reads from the run folder."""
-    return [sys.executable, "-m", "unlearn_core.worker", job.run_dir, f"--device={device}"]
+def job_command(device: str, preload: str | None) -> list[str]:
+    """A job process that warms up, then reads its run folder from stdin (nothing else on argv)."""
+    return [sys.executable, "-m", "unlearn_core.worker", "--wait", f"--device={device}"] + ([f"--preload={preload}"] if preload else [])
 
 
 class JobWorker:
-    """One background thread per device; runs queued jobs one at a time, each in a subprocess."""
+    """One background thread per device; runs queued jobs one at a time, each in a job process of
+    its own, started ahead and waiting (`job_command`). `warm=False` starts each at its job instead."""
 
-    def __init__(self, store: JobStore, device: str = "auto", poll_s: float = 0.5, env: dict | None = None):
+    def __init__(self, store: JobStore, device: str = "auto", poll_s: float = 0.5, env: dict | None = None, warm: bool = True, preload: str | None = DEMO_MODEL):
         self.store = store
         self.device = device
         self.poll_s = poll_s
         self.env = env
+        self.warm = warm
+        self.preload = preload
         self._die_with_parent = _parent_death_signal()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"job-worker-{device}", daemon=True)
+        self._waiting: subprocess.Popen | None = None  # the next job's process, warming up or ready
+        # Output of a job process before it has a job (import warnings, a failed start-up); one file per worker thread.
+        self._waiting_log = store.runs_dir / "workers" / f"{os.getpid()}-{device.replace('/', '_')}.log"
 
     def start(self) -> "JobWorker":
+        if self.warm:
+            self._start_waiting()
         self._thread.start()
         return self
+
+    def _start_waiting(self) -> None:
+        self._waiting_log.parent.mkdir(parents=True, exist_ok=True)
+        env = None if self.env is None else {**self.env, "PYTHONUNBUFFERED": "1"}
+        with open(self._waiting_log, "wb") as log:
+            self._waiting = subprocess.Popen(job_command(self.device, self.preload), env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._die_with_parent)
+
+    def _hand_over(self, folder: RunFolder) -> subprocess.Popen:
+        """Give the run folder to the waiting job process (starting one if none waits); that process
+        is now the job's. If it died while waiting, the job's end reports why (`_finish`)."""
+        if self._waiting is None:
+            self._start_waiting()
+        process, self._waiting = self._waiting, None
+        try:
+            process.stdin.write(f"{folder.path}\n".encode())
+            process.stdin.close()
+        except OSError:  # BrokenPipeError: it died while waiting
+            process.wait()
+        return process
 
     def wake(self) -> None:
         """Look for queued jobs now (called after a submit or resume)."""
@@ -128,6 +209,9 @@ class JobWorker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and waiting.poll() is None:
+            _terminate(waiting)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -140,17 +224,16 @@ class JobWorker:
                 self.run_job(job)
             except Exception as error:  # keep the worker alive whatever one job does
                 self.store.update(job.id, state="failed", error=f"worker error: {type(error).__name__}: {error}")
+            if self.warm and not self._stop.is_set():
+                self._start_waiting()  # the next job's process warms up while the device is idle
 
     def run_job(self, job: Job) -> str:
         """Run one claimed job to its end; return its final state."""
         folder = job.folder.create()
         folder.clear_cancel()
-        command = job_command(job, self.device)
         with open(folder.worker_log, "ab") as log:  # an append-only stream: the one file not written atomically
-            log.write(f"\n$ {' '.join(command)}\n".encode())
-            log.flush()
-            env = None if self.env is None else {**self.env, "PYTHONUNBUFFERED": "1"}
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self._die_with_parent)
+            log.write(f"\n$ {' '.join(job_command(self.device, self.preload))} < {folder.path}\n".encode())
+        process = self._hand_over(folder)
         cancel_seen = None
         last = (job.step, job.total)
         while process.poll() is None:
@@ -178,7 +261,7 @@ class JobWorker:
         if cancelled or status.get("state") == "cancelled":
             self.store.update(job.id, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             return "cancelled"
-        reason = status.get("error") or _killed_reason(returncode) or _log_tail(folder.worker_log) or f"exit code {returncode}"
+        reason = status.get("error") or _killed_reason(returncode) or _log_tail(folder.worker_log) or _log_tail(self._waiting_log) or f"exit code {returncode}"
         self.store.update(job.id, state="failed", step=step, error=without_server_paths(str(reason))[-2000:])
         return "failed"
 
@@ -234,7 +317,7 @@ def _log_tail(path) -> str:
     except OSError:
         return ""
     lines = [line.split("\r")[-1].strip() for line in text.split("\n")]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not line.startswith("$ ")]  # not the server's own header lines
     errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines or [""])[-1]
 
