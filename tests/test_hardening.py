@@ -515,7 +515,7 @@ def test_eight_clients_generating_while_a_job_trains(server, client, files, fini
         own = Client(server.url, verbose=False)
         while not stop.is_set():
             try:
-                gallery, provenance = own.predict(f"flag of japan", f"{index}", 2, 5.0, api_name="/generate")
+                gallery, provenance = own.predict("flag of japan", f"{index}", 2, 5.0, api_name="/generate")
                 assert len(gallery) == 1 and provenance[0]["seed"] == index
                 answered.append(index)
             except Exception as error:  # counted, then asserted on

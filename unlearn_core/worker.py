@@ -104,8 +104,11 @@ def _take_preloaded(name: str, device: str, web: bool):
 def _warm_up(preload: str | None, device: str) -> None:
     """What every job needs before its run folder is known: the heavy imports and, when given, the
     server's default model. A model that fails to load here is loaded (and its error reported) by the job."""
-    import unlearn_core.run  # noqa: F401  (torch, diffusers, peft, accelerate and the trainer)
+    import importlib
+
     from unlearn_core.models import ModelLoadError, load_model
+
+    importlib.import_module("unlearn_core.run")  # torch, diffusers, peft, accelerate and the trainer
 
     if preload:
         try:
