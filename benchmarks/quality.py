@@ -56,13 +56,13 @@ NOISE_PERTURBATIONS = (0.05, 0.15)
 
 # Baselines use our LoRA (rank 8 on all layers) and learning rate, with their own losses and step
 # counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
-# "previous defaults" are this tool's settings before the remember loss was weighted 4x.
+# "previous defaults" are this tool's settings before the remember loss was held hardest at large t.
 BASELINES: dict[str, dict] = {
     "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
     "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
-    "previous defaults": {"remember_weight": 1.0, "steps": 60, "trajectory_refresh": 10, "stop_at_r": 0.85},
+    "previous defaults": {"remember_weight": 4.0, "remember_large_t_boost": 0.0},
 }
 ABLATIONS: dict[str, dict] = {
     "λ(s)=s^γ (paper's direction)": {"lambda_schedule": "timestep"},
@@ -75,6 +75,7 @@ ABLATIONS: dict[str, dict] = {
     "denoise remember": {"remember_loss": "denoise"},
     "attention-only LoRA": {"lora_layers": "attention"},
     "no early stop": {"stop_at_r": 0.0},
+    "no large-t remember boost": {"remember_large_t_boost": 0.0},
 }
 VARIANTS: dict[str, dict] = {"default": {}, **BASELINES, **ABLATIONS}
 
@@ -387,6 +388,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-extras", action="store_true", help="skip robustness and the two-target job")
     parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
+    parser.add_argument("--reuse", default="", help="comma-separated variants whose rows are copied from --reuse-from instead of trained again "
+                        "(only for variants the changed code or defaults do not reach, e.g. the baselines)")
+    parser.add_argument("--reuse-from", default=str(ROOT / "runs" / "quality-previous" / "results.csv"))
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -396,12 +400,16 @@ def parse_args(argv=None):
     return args
 
 
+def read_results(path: Path) -> list[Measured]:
+    numbers = {f for f in Measured.__dataclass_fields__ if f not in ("variant", "case", "kind", "train_seed", "extra")}
+    with open(path, newline="") as handle:
+        return [Measured(**{k: float(v) if k in numbers else int(v) if k == "train_seed" else v for k, v in row.items()}) for row in csv.DictReader(handle)]
+
+
 def report_from_files(args) -> None:
     """Rewrite docs/QUALITY.md and the plot from a finished run's files (no training)."""
     out = Path(args.out)
-    numbers = {f for f in Measured.__dataclass_fields__ if f not in ("variant", "case", "kind", "train_seed", "extra")}
-    with open(out / "results.csv", newline="") as handle:
-        results = [Measured(**{k: float(v) if k in numbers else int(v) if k == "train_seed" else v for k, v in row.items()}) for row in csv.DictReader(handle)]
+    results = read_results(out / "results.csv")
     extras = json.loads((out / "extras.json").read_text())
     args.argv = extras["argv"]
     report = Path(args.report)
@@ -420,9 +428,10 @@ def main(args) -> list[Measured]:
     judge = load_classifier(JUDGE)
     chosen = [case for case in CASES if case.name in args.cases.split(",")]
     files = {case.name: prepare_case(model, case, cache, out / "cases" / case.name) for case in chosen}
-    results, robust, pictures = [], {}, {}
+    reused = [v for v in args.reuse.split(",") if v]
+    results, robust, pictures = [row for row in read_results(Path(args.reuse_from)) if row.variant in reused] if reused else [], {}, {}
     csv_path = out / "results.csv"
-    for variant in args.variants.split(","):
+    for variant in [v for v in args.variants.split(",") if v not in reused]:
         seeds = args.train_seeds if variant == "default" else args.other_train_seeds
         few = variant in ABLATIONS or variant in args.few.split(",")
         for case in [c for c in chosen if not few or c.name in args.ablation_cases.split(",")]:
@@ -438,6 +447,8 @@ def main(args) -> list[Measured]:
                     writer = csv.DictWriter(handle, fieldnames=[f for f in Measured.__dataclass_fields__ if f != "extra"])
                     writer.writeheader()
                     writer.writerows({k: v for k, v in vars(row).items() if k != "extra"} for row in results)
+    order = args.variants.split(",")
+    results.sort(key=lambda row: order.index(row.variant) if row.variant in order else len(order))  # stable: the reused rows take their variant's place
     two = None
     if not args.no_extras and "default" in args.variants.split(",") and len(chosen) >= 2:
         two = two_target_job(model, chosen[:2], files, cache, judge, out)

@@ -278,10 +278,14 @@ class UnlearnTrainer(BaselineLosses):
 
     def _remember_loss_distill(self):
         """Match the frozen model's prediction at its own sampling states of other seeds and prompts
-        (conditional and unconditional), in the same space and with weight 1 − λ(s)."""
+        (conditional and unconditional), in the same space and with weight w·(1 − λ(s))·(1 + k·s).
+
+        The factor (1 + k·s) holds the large-t predictions hardest: there every seed of the prompt
+        decides its layout, and a small change shifts the whole flag of seeds the operator never
+        flagged, while the target's colours are still free to change at mid and small t."""
         _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
-        return self.config.remember_weight * ((1 - self._lambda(s)) * error).mean()
+        return self.config.remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
 
     def _predict_on_pool(self, pool: StatePool, batch: int):
         """A random batch of a state pool, its noise levels (a, b shaped for broadcasting, s flat)
