@@ -54,15 +54,18 @@ SAME_PROMPT_SEEDS = 16
 PARAPHRASES = ("the flag of {name}", "{name} flag", "a picture of the flag of {name}")
 NOISE_PERTURBATIONS = (0.05, 0.15)
 
-# Baselines use our LoRA (rank 8 on all layers) and learning rate, with their own losses and step
+# Baselines use our LoRA (rank 8, on the decoder) and learning rate, with their own losses and step
 # counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
-# "previous defaults" are this tool's settings before the remember loss was held hardest at large t.
+# "previous defaults" are this tool's settings before the remember loss was held hardest at large t
+# and the LoRA moved to the decoder.
 BASELINES: dict[str, dict] = {
     "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
     "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
-    "previous defaults": {"remember_weight": 4.0, "remember_large_t_boost": 0.0},
+    "previous defaults": {"remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
+    "gentle preset": dict(PRESETS["gentle"]),
+    "strong preset": dict(PRESETS["strong"]),
 }
 ABLATIONS: dict[str, dict] = {
     "λ(s)=s^γ (paper's direction)": {"lambda_schedule": "timestep"},
@@ -74,6 +77,7 @@ ABLATIONS: dict[str, dict] = {
     "whole-surrogate target": {"forget_target": "surrogate"},
     "denoise remember": {"remember_loss": "denoise"},
     "attention-only LoRA": {"lora_layers": "attention"},
+    "LoRA on every layer": {"lora_layers": "all"},
     "no early stop": {"stop_at_r": 0.0},
     "no large-t remember boost": {"remember_large_t_boost": 0.0},
 }

@@ -68,17 +68,25 @@ def sdedit_steps(strength: float, steps: int) -> int:
     return max(int(steps), int(np.ceil(1.0 / max(strength, 1e-3))))
 
 
+# A U-Net's up (decoder) blocks: where each seed's details and colours are drawn; the down and mid
+# blocks, which decide every seed's layout, stay frozen. Measured in docs/QUALITY.md.
+UP_BLOCKS = r".*up_blocks\..*\.(to_q|to_k|to_v|to_out\.0|conv1|conv2)"
+
+
 class DiffusionModel:
     """The interface. Subclasses wrap one pipeline family."""
 
     family = "base"
     conditional = True
     # LoRA placement per `UnlearnConfig.lora_layers`: the attention projections diffusers' training
-    # scripts use, or those plus the family's ResNet convolutions and feed-forward layers.
-    lora_layer_sets: dict[str, tuple[str, ...]] = {
+    # scripts use, or those plus the family's ResNet convolutions and feed-forward layers, or (a
+    # U-Net's decoder) the attention projections and convolutions of the up blocks only: a regex,
+    # which peft matches against whole module names.
+    lora_layer_sets: dict[str, tuple[str, ...] | str] = {
         "text-kv": ("attn2.to_k", "attn2.to_v"),
         "attention": ("to_q", "to_k", "to_v", "to_out.0"),
         "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"),
+        "decoder": UP_BLOCKS,
     }
     adapter_name = "hotfix"
 
@@ -214,7 +222,8 @@ class DiffusionModel:
 
         if layers not in self.lora_layer_sets:
             raise InvalidInput(f"lora_layers must be one of {', '.join(self.lora_layer_sets)}; got {layers!r}")
-        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(self.lora_layer_sets[layers]))
+        targets = self.lora_layer_sets[layers]
+        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets if isinstance(targets, str) else list(targets))
 
     def add_lora(self, rank: int, alpha: float, layers: str = "attention") -> list[torch.nn.Parameter]:
         """Attach a fresh LoRA to the denoiser; return its trainable parameters (all else frozen)."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 from unlearn_core import objectives
 from unlearn_core.files import write_json_atomic
-from unlearn_core.models.base import DiffusionModel, sdedit_steps, seeded_generators
+from unlearn_core.models.base import UP_BLOCKS, DiffusionModel, sdedit_steps, seeded_generators
 from unlearn_core.runfolder import LORA_WEIGHT_NAME_SAFE, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
 
@@ -103,6 +103,7 @@ class StableDiffusion3Model(TextToImageModel):
         "attention": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
         "all": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
     }
+    lora_layer_sets["decoder"] = lora_layer_sets["all"]  # a transformer has no decoder blocks: every layer (not measured on SD3 here)
 
 
     def encode_prompts(self, prompts):
@@ -190,7 +191,7 @@ class PixelDDPMModel(DiffusionModel):
 
     family = "ddpm"
     conditional = False
-    lora_layer_sets = {"attention": ("to_q", "to_k", "to_v", "to_out.0"), "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")}
+    lora_layer_sets = {"attention": ("to_q", "to_k", "to_v", "to_out.0"), "all": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"), "decoder": UP_BLOCKS}
 
     @property
     def image_size(self):
@@ -260,7 +261,8 @@ class PixelDDPMModel(DiffusionModel):
         folder = Path(folder)
         config = self._lora_config.to_dict()
         config["base_model_name_or_path"] = self.source
-        config["target_modules"] = sorted(config["target_modules"])
+        if not isinstance(config["target_modules"], str):  # a set of names (JSON needs a list); a regex stays as it is
+            config["target_modules"] = sorted(config["target_modules"])
         write_json_atomic(folder / PEFT_CONFIG_NAME, config)
         state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()}
         save_file(state, str(folder / PEFT_WEIGHTS_NAME))
