@@ -68,6 +68,19 @@ class AppServer:
         except OSError:
             return ""
 
+    def job_process(self, job_id: str) -> int | None:
+        """The pid of the job's process: the server's child `python -m unlearn_core.worker --wait` that
+        was handed this job (its output goes to the job's worker.log), not the one waiting for the next."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "unlearn_core.worker" in child.cmdline() and any(f"{job_id}/worker.log" in file.path for file in child.open_files()):
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (the server and its job subprocesses)."""
         if self.process and self.process.poll() is None:

@@ -60,6 +60,30 @@ def test_kohya_file_has_the_adapters_alpha_and_reloads_exactly(trained, tiny_mod
     assert np.abs(reloaded - output).max() <= 1
 
 
+def test_the_default_decoder_adapter_reloads_exactly_from_both_files(tiny_models, tmp_path):
+    """The default placement (the U-Net's up blocks, a regex target) touches no down or mid block and
+    loads in plain diffusers from the diffusers file and from the kohya file, giving the trained output."""
+    from diffusers import DiffusionPipeline
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
+    Image.fromarray(255 - np.asarray(target)).save(tmp_path / "surrogate.png")
+    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, eval_seeds=1, generation_steps=3, guidance_scale=2.0, lora_rank=2)
+    assert config.lora_layers == "decoder"
+    run_unlearning(model, [InstanceTarget(PROMPT, 7, str(tmp_path / "surrogate.png"))], config, tmp_path / "run", cache=GenerationCache(tmp_path / "cache"))
+    folder = RunFolder(tmp_path / "run")
+    trained = np.asarray(model.generate(PROMPT, [7], 3, 2.0)[0][0], dtype=np.int16)
+    modules = {key.split(".lora")[0] for key in load_file(str(folder.adapter_weights()))}
+    assert modules and all(".up_blocks." in f".{name}" for name in modules), sorted(modules)[:3]
+    assert any("conv1" in name for name in modules) and any("to_q" in name for name in modules)
+    for weight_name in (folder.adapter_weights().name, folder.kohya_weights.name):
+        pipe = DiffusionPipeline.from_pretrained(str(tiny_models["sd"]))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(folder.path), weight_name=weight_name)
+        reloaded = np.asarray(pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(7)).images[0], dtype=np.int16)
+        assert np.abs(reloaded - trained).max() <= 1, weight_name
+
+
 def test_model_card_has_hub_front_matter_and_no_flagged_image(trained):
     folder, _ = trained
     card = ModelCard.load(folder.model_card)

@@ -202,20 +202,6 @@ def test_server_still_generates_after_the_abuse(server, client, finished_job):
 KILL_CONFIG = {"steps": 24, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every": 4, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
 
 
-def job_process(server: AppServer, job_id: str) -> int | None:
-    """The pid of the job's process: the server's child `python -m unlearn_core.worker --wait` that was
-    handed this job (its output goes to the job's worker.log), not the one waiting for the next job."""
-    import psutil
-
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if "unlearn_core.worker" in child.cmdline() and any(f"{job_id}/worker.log" in file.path for file in child.open_files()):
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 def test_kill_the_job_process_then_resume(server, client, files):
     """kill -9 the worker subprocess (not the server) at a random step after the first checkpoint:
     the job ends failed with the reason, resumes from its checkpoint and finishes with an adapter."""
@@ -233,7 +219,7 @@ def test_kill_the_job_process_then_resume(server, client, files):
         time.sleep(0.3)
     else:
         raise TimeoutError(f"the job never reached step {kill_at}: {status}\n{server.tail()}")
-    pid = job_process(server, job_id)
+    pid = server.job_process(job_id)
     assert pid, "no worker subprocess found for the job"
     os.kill(pid, signal.SIGKILL)
     record("fault", what="SIGKILL job process", step=status["step"])
@@ -268,7 +254,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
         running, _ = client.predict("flag of japan", 5, handle_file(str(files["good"])), None, config, api_name="/start_unlearning")
         queued, _ = client.predict("flag of chad", 6, handle_file(str(files["good"])), None, config, api_name="/start_unlearning")
         deadline = time.monotonic() + 120
-        while (pid := job_process(first, running)) is None and time.monotonic() < deadline:
+        while (pid := first.job_process(running)) is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pid, first.tail()
         time.sleep(random.Random().uniform(0.5, 4.0))  # somewhere in loading / preparing / training

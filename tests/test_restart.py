@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +14,6 @@ from tests.test_api import AppServer, wait_for_job
 
 LOGIN = ("operator", "s3cret-Pa55")
 LONG_CONFIG = {"steps": 40, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every": 5, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}
-# Long enough that a second server comes up while it still trains, on a loaded machine too.
 LONGER_CONFIG = {**LONG_CONFIG, "steps": 150, "checkpoint_every": 50, "trajectory_refresh": 0}
 
 
@@ -89,9 +90,15 @@ def test_a_second_server_on_the_same_runs_folder_leaves_the_first_ones_job_alone
         while (status := client.predict(job_id, api_name="/job_status"))["state"] != "running" or status["step"] < 2:
             assert status["state"] in ("queued", "running") and time.monotonic() < deadline, status
             time.sleep(0.5)
-        second = AppServer(runs, cache).start()
-        other = Client(second.url, auth=LOGIN, verbose=False)
-        assert other.predict(job_id, api_name="/job_status")["state"] == "running"  # not "interrupted"
+        paused = first.job_process(job_id)
+        assert paused, first.tail()
+        os.kill(paused, signal.SIGSTOP)  # the job waits (alive, mid-training) while the second server starts, however fast it trains
+        try:
+            second = AppServer(runs, cache).start()
+            other = Client(second.url, auth=LOGIN, verbose=False)
+            assert other.predict(job_id, api_name="/job_status")["state"] == "running"  # not "interrupted"
+        finally:
+            os.kill(paused, signal.SIGCONT)
         done = wait_for_job(client, job_id, server=first)
         assert done["step"] == LONGER_CONFIG["steps"]
         assert other.predict(job_id, api_name="/job_status")["state"] == "done"
