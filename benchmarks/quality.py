@@ -401,9 +401,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-extras", action="store_true", help="skip robustness and the two-target job")
     parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
-    parser.add_argument("--reuse", default="", help="comma-separated variants whose rows are copied from --reuse-from instead of trained again "
-                        "(only for variants the changed code or defaults do not reach, e.g. the baselines)")
-    parser.add_argument("--reuse-from", default=str(ROOT / "runs" / "quality-previous" / "results.csv"))
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -441,10 +438,9 @@ def main(args) -> list[Measured]:
     judge = load_classifier(JUDGE)
     chosen = [case for case in CASES if case.name in args.cases.split(",")]
     files = {case.name: prepare_case(model, case, cache, out / "cases" / case.name) for case in chosen}
-    reused = [v for v in args.reuse.split(",") if v]
-    results, robust, pictures = [row for row in read_results(Path(args.reuse_from)) if row.variant in reused] if reused else [], {}, {}
+    results, robust, pictures = [], {}, {}
     csv_path = out / "results.csv"
-    for variant in [v for v in args.variants.split(",") if v not in reused]:
+    for variant in args.variants.split(","):
         seeds = args.train_seeds if variant == "default" else args.other_train_seeds
         few = variant in ABLATIONS or variant in args.few.split(",")
         for case in [c for c in chosen if not few or c.name in args.ablation_cases.split(",")]:
@@ -460,8 +456,6 @@ def main(args) -> list[Measured]:
                     writer = csv.DictWriter(handle, fieldnames=[f for f in Measured.__dataclass_fields__ if f != "extra"])
                     writer.writeheader()
                     writer.writerows({k: v for k, v in vars(row).items() if k != "extra"} for row in results)
-    order = args.variants.split(",")
-    results.sort(key=lambda row: order.index(row.variant) if row.variant in order else len(order))  # stable: the reused rows take their variant's place
     two = None
     if not args.no_extras and "default" in args.variants.split(",") and len(chosen) >= 2:
         two = two_target_job(model, chosen[:2], files, cache, judge, out)
