@@ -357,7 +357,9 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "step 30 to 90 (a balance between the two losses, not too few steps). The painted colours are darker and more "
         "saturated than any the model draws for these flags, and pulling the target further moves every seed's stripe "
         "with it. Seed 77's noise gives odd colours for every prompt, and bending it to a normal flag still shifts a few "
-        "other seeds (11/16 kept, from 4/16). The `strong` preset trades integrity for r on such cases.",
+        "other seeds (11/16 kept, from 4/16). The `strong` preset (training seed 0, run apart: `--variants 'strong preset' "
+        "--cases belgium-40-stripe,romania-79-stripe,belgium-77-two-stripes --train-seeds 0`) lifts belgium-40 to r 0.88 "
+        "(12/16 kept) and belgium-77 to 0.65 (7/16); romania stays at 0.65 with every setting tried.",
         "- **Where λ(s) puts forgetting.** With the losses stated on the implied clean image (x0-space), λ(s) really "
         "decides where along t each term acts (in ε-space the forget gradient is SNR(t) times larger at small t, whatever λ says). "
         "The paper's direction, λ(s)=s^γ (forgetting at large t), is compared with the default's `timestep-late` "
