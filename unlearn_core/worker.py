@@ -109,7 +109,6 @@ def _warm_up(preload: str | None, device: str) -> None:
     from unlearn_core.models import ModelLoadError, load_model
 
     importlib.import_module("unlearn_core.run")  # torch, diffusers, peft, accelerate and the trainer
-
     if preload:
         try:
             _preloaded[(preload, device)] = load_model(preload, device)
