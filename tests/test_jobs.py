@@ -218,6 +218,21 @@ def test_each_job_runs_in_the_process_that_waited_for_it(store, monkeypatch):
     assert last_waiting.poll() is not None, "the process waiting for a next job outlived the worker"
 
 
+def test_a_preloaded_model_serves_one_job_of_its_name_and_device_under_the_web_rules(monkeypatch):
+    from unlearn_core import settings
+    from unlearn_core.errors import ModelLoadError
+
+    loaded, other = object(), object()
+    monkeypatch.setitem(worker_module._preloaded, ("assets/demo-model", "cpu"), loaded)
+    monkeypatch.setitem(worker_module._preloaded, ("/models/private", "cpu"), other)
+    monkeypatch.setattr(settings, "_current", settings.Settings(host="0.0.0.0"))  # a server others reach
+    assert worker_module._take_preloaded("assets/demo-model", "cuda", web=True) is None  # another device: the job loads its own
+    assert worker_module._take_preloaded("assets/demo-model", "cpu", web=True) is loaded
+    assert worker_module._take_preloaded("assets/demo-model", "cpu", web=True) is None  # one job per process
+    with pytest.raises(ModelLoadError, match="offers the demo model"):
+        worker_module._take_preloaded("/models/private", "cpu", web=True)  # preloaded or not, the web's rules hold
+
+
 def test_another_owner_sees_nothing_and_can_do_nothing(store):
     mine = store.create("m", UnlearnConfig(), [instance(1)], owner="alice")
     store.create("m", UnlearnConfig(), [instance(2)], owner="bob")
