@@ -48,7 +48,9 @@ from unlearn_core.run import run_unlearning
 
 ROOT = Path(__file__).resolve().parent.parent
 JUDGE = ROOT / "assets" / "flag-classifier.safetensors"
-OTHER_PROMPTS = ("flag of romania", "flag of italy")  # confusable neighbours of several cases
+# Confusable neighbours of several cases; a case is measured on the first two that are not its own prompt.
+OTHER_PROMPTS = ("flag of romania", "flag of italy", "flag of chad")
+OTHER_PROMPTS_PER_CASE = 2
 OTHER_SEEDS_PER_PROMPT = 8
 SAME_PROMPT_SEEDS = 16
 PARAPHRASES = ("the flag of {name}", "{name} flag", "a picture of the flag of {name}")
@@ -56,14 +58,16 @@ NOISE_PERTURBATIONS = (0.05, 0.15)
 
 # Baselines use our LoRA (rank 8, on the decoder) and learning rate, with their own losses and step
 # counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
-# "previous defaults" are this tool's settings before the remember loss was held hardest at large t
-# and the LoRA moved to the decoder.
+# "forget loss on latents" is the default before the forget loss moved to decoded pixels; "previous
+# defaults" are this tool's settings before that, the remember loss held hardest at large t and the
+# LoRA moved to the decoder.
 BASELINES: dict[str, dict] = {
     "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
     "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
-    "previous defaults": {"remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
+    "forget loss on latents": {"loss_space": "x0"},
+    "previous defaults": {"loss_space": "x0", "remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
     "gentle preset": dict(PRESETS["gentle"]),
     "strong preset": dict(PRESETS["strong"]),
 }
@@ -129,6 +133,11 @@ def judge_kept(judge, images: list[Image.Image], prompts: list[str]) -> float:
     return float(np.mean([name == flag_name(prompt) for name, prompt in zip(names, prompts)]))
 
 
+def other_prompts_of(case: Case) -> list[str]:
+    """The other-prompt integrity set of a case: never the case's own prompt, whose seeds are the same-prompt set."""
+    return [prompt for prompt in OTHER_PROMPTS if prompt != case.prompt][:OTHER_PROMPTS_PER_CASE]
+
+
 def measure(model: DiffusionModel, case: Case, target: Image.Image, surrogate: Image.Image, cache: GenerationCache, judge, config: UnlearnConfig) -> dict:
     """Forgetting and integrity of the adapter the model now carries."""
     steps, guidance = config.generation_steps, config.guidance_scale
@@ -139,7 +148,7 @@ def measure(model: DiffusionModel, case: Case, target: Image.Image, surrogate: I
     same_before = cache.get_or_generate(model, case.prompt, seeds, steps, guidance)[0]
     same_after = [image for image, _ in model.generate(case.prompt, seeds, steps, guidance)]
     other_before, other_after, other_prompts = [], [], []
-    for prompt in OTHER_PROMPTS:
+    for prompt in other_prompts_of(case):
         other_before += cache.get_or_generate(model, prompt, seeds[:OTHER_SEEDS_PER_PROMPT], steps, guidance)[0]
         other_after += [image for image, _ in model.generate(prompt, seeds[:OTHER_SEEDS_PER_PROMPT], steps, guidance)]
         other_prompts += [prompt] * OTHER_SEEDS_PER_PROMPT

@@ -186,3 +186,63 @@ def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_mod
             losses[boost] = float(UnlearnTrainer(model, config, sets)._remember_loss_distill())
     assert losses[0.0] > 0
     assert 1.05 < losses[3.0] / losses[0.0] < 4.0, losses
+
+
+# -- the forget loss on decoded pixels ----------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_decode_x0_gives_the_pipelines_image_and_passes_gradients(kind, tiny_models):
+    """decode_x0 is the pipeline's own decoding of the final latents, with the graph kept."""
+    model = load_model(str(tiny_models[kind]), "cpu")
+    call = dict(num_inference_steps=3, guidance_scale=2.0, width=16, height=16)
+    latents = model.pipe(PROMPT, generator=torch.Generator().manual_seed(1), output_type="latent", **call).images
+    image = model.pipe(PROMPT, generator=torch.Generator().manual_seed(1), output_type="np", **call).images[0]
+    x0 = latents.clone().requires_grad_(True)
+    decoded = model.decode_x0(x0)
+    np.testing.assert_allclose((decoded[0].detach().permute(1, 2, 0).clamp(-1, 1).numpy() + 1) / 2, image, atol=1e-5)
+    decoded.square().sum().backward()
+    assert x0.grad is not None and float(x0.grad.abs().sum()) > 0
+
+
+def _pixel_trainer(model, target, surrogate, forget_target="painted"):
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import EvalTarget, paint_masks
+    from unlearn_core.sets import encode_sets, record_target_states
+    from unlearn_core.trainer import UnlearnTrainer
+
+    sets = encode_sets(model, [target], [surrogate], [PROMPT], [target], [PROMPT], [0])
+    sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, [EvalTarget(PROMPT, 0, target, surrogate)])
+    with model.adapter_disabled():
+        sets.target_states = record_target_states(model, sets.targets, 4, 2.0)
+    config = UnlearnConfig(remember_loss="denoise", forget_target=forget_target, generation_steps=4, guidance_scale=2.0, seed=1)
+    return UnlearnTrainer(model, config, sets)
+
+
+def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapter(tiny_models):
+    """The box holds every painted pixel and its cells map onto its pixels; the whole-surrogate
+    target decodes everything; the loss reaches the LoRA weights through the VAE decoder."""
+    from unlearn_core import trainer as trainer_module
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    target = _picture((0, 0, 200))
+    painted = np.asarray(target).copy()
+    painted[2:5, 12:15] = (200, 0, 40)  # a small patch in the top-right corner
+    trainer = _pixel_trainer(model, target, Image.fromarray(painted))
+    cells, pixels = trainer._painted_box()
+    mask = trainer.sets.paint_mask_pixels
+    assert float(mask[pixels].sum()) == float(mask.sum()) > 0, "every painted pixel is inside the box"
+    latent_box = torch.zeros(model.x0_shape)[cells[1:]]
+    assert latent_box.shape[-1] * model.pixels_per_x0_cell == mask[pixels].shape[-1]
+    margin = trainer_module.PAINTED_BOX_MARGIN
+    trainer_module.PAINTED_BOX_MARGIN = 0
+    try:
+        tight_cells, tight_pixels = trainer._painted_box()
+        assert mask[tight_pixels].numel() < mask.numel(), "an unpainted border is not decoded"
+    finally:
+        trainer_module.PAINTED_BOX_MARGIN = margin
+    whole = _pixel_trainer(model, target, Image.fromarray(painted), forget_target="surrogate")
+    assert whole._painted_box()[1] == (slice(None),) * 4
+    loss = trainer._forget_loss_trajectory()
+    loss.backward()
+    grads = [p.grad for name, p in model.denoiser.named_parameters() if "lora_B" in name]
+    assert torch.isfinite(loss) and any(g is not None and float(g.abs().sum()) > 0 for g in grads)

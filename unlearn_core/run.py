@@ -92,13 +92,13 @@ def remember_prompts_for(model: DiffusionModel, targets: list[EvalTarget], confi
     return list(dict.fromkeys(prompts))
 
 
-def paint_mask(model: DiffusionModel, targets: list[EvalTarget]) -> torch.Tensor:
-    """Where each surrogate differs from its target, at x0's resolution: a latent cell counts as
-    painted when any of its pixels is (max-pooling keeps thin strokes and edges)."""
+def paint_masks(model: DiffusionModel, targets: list[EvalTarget]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each surrogate differs from its target: at the images' resolution, and at x0's, where
+    a latent cell counts as painted when any of its pixels is (max-pooling keeps thin strokes and edges)."""
     from unlearn_core.metrics import painted_mask
 
     masks = torch.stack([torch.from_numpy(painted_mask(t.target, t.surrogate)).float()[None] for t in targets])
-    return torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
+    return masks.to(model.device), torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
 
 
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
@@ -109,7 +109,7 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     sets = encode_sets(model, [t.target for t in targets], [t.surrogate for t in targets], [t.prompt for t in targets], images, prompts, [t.seed for t in targets])
     if config.method != "ours":
         return sets
-    sets.paint_mask = paint_mask(model, targets)
+    sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, targets)
     sets.pictures = [(t.target, t.surrogate) for t in targets]
     target_seeds = {t.seed for t in targets}  # a target's own trajectory must not be a teacher
     seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]

@@ -116,6 +116,8 @@ class FixedSets:
     target_states: StatePool | None = None
     targets: list[tuple[str, int]] | None = None  # (prompt, seed) of each target, to re-record its trajectory
     paint_mask: torch.Tensor | None = None  # (targets, 1, h, w) at x0's resolution: where x_s differs from x_f
+    paint_mask_pixels: torch.Tensor | None = None  # (targets, 1, H, W): the same at the images' resolution
+    surrogate_pixels: torch.Tensor | None = None  # (targets, 3, H, W) in [-1, 1]: x_s as painted, for the pixel-space forget loss
     pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
 
 
@@ -126,10 +128,12 @@ def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, reme
     def cond_for(prompts):
         return model.encode_prompts(prompts) if model.conditional else {}
 
+    surrogate_pixels = to_tensor(surrogates)
     with torch.no_grad():
         return FixedSets(
             target_x0=model.encode_images(to_tensor(targets)),
-            surrogate_x0=model.encode_images(to_tensor(surrogates)),
+            surrogate_x0=model.encode_images(surrogate_pixels),
+            surrogate_pixels=surrogate_pixels.to(model.device),
             target_cond=cond_for(target_prompts),
             remember_x0=model.encode_images(to_tensor(remember_images)) if remember_images else None,
             remember_cond=cond_for(remember_prompts) if remember_images else None,

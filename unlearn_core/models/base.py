@@ -123,6 +123,15 @@ class DiffusionModel:
         """Images in [-1, 1] (B, 3, H, W) → x0 the denoiser works on (scaled latents or pixels)."""
         return images.to(self.device)
 
+    def decode_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 the denoiser works on → images in [-1, 1], differentiable (pixel models: x0 itself)."""
+        return x0
+
+    @property
+    def pixels_per_x0_cell(self) -> int:
+        """Image pixels per x0 cell along each side (the VAE's downscale; 1 for pixel models)."""
+        return self.image_size[0] // self.x0_shape[2]
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Conditioning tensors for the denoiser, batch-first, computed once for fixed sets."""
         return {}

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -40,6 +41,17 @@ class TextToImageModel(DiffusionModel):
             latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mode().float()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+    def decode_x0(self, x0):
+        """Scaled latents → images in [-1, 1] through the VAE decoder, keeping the graph (the
+        forget loss is measured on the decoded pixels, where the operator painted)."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with self._vae_precision():
+            return vae.decode((x0 / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+
+    def _vae_precision(self):
+        return contextlib.nullcontext()
 
     def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
         import diffusers
@@ -164,14 +176,20 @@ class StableDiffusionXLModel(TextToImageModel):
         return ids.to(self.device).repeat(batch, 1)
 
     def encode_images(self, images):
-        """SDXL's original VAE overflows in fp16 (`force_upcast` in its config): it then encodes in
-        fp32, as the SDXL pipelines do."""
+        with self._vae_precision():
+            return super().encode_images(images)
+
+    @contextlib.contextmanager
+    def _vae_precision(self):
+        """SDXL's original VAE overflows in fp16 (`force_upcast` in its config): it then encodes and
+        decodes in fp32, as the SDXL pipelines do."""
         vae = self.pipe.vae
         if vae.dtype != torch.float16 or not vae.config.get("force_upcast", False):
-            return super().encode_images(images)
+            yield
+            return
         vae.to(torch.float32)
         try:
-            return super().encode_images(images)
+            yield
         finally:
             vae.to(torch.float16)
 
