@@ -18,6 +18,9 @@ def test_help_lists_the_verbs():
     out = subprocess.run([sys.executable, "-m", "unlearn_core", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for verb in ("generate", "surrogate", "unlearn", "evaluate", "probe"):
         assert verb in out
+    for verb in ("generate", "surrogate", "unlearn", "evaluate", "probe"):  # each verb's own help, with every setting's text
+        own = subprocess.run([sys.executable, "-m", "unlearn_core", verb, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert own.returncode == 0 and "usage:" in own.stdout, own.stderr[-300:]
 
 
 def test_generate_surrogate_unlearn_evaluate(tiny_models, tmp_path, monkeypatch, capsys):

@@ -85,7 +85,7 @@ def _add_config_options(parser):
     """One option per `UnlearnConfig` field, with its help text (None = preset/default)."""
     for spec in fields(UnlearnConfig):
         option = "--" + RENAMED_OPTIONS.get(spec.name, spec.name).replace("_", "-")
-        help_text = spec.metadata.get("help", "")
+        help_text = spec.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if spec.name in ("remember_prompts", "eval_prompts"):
             parser.add_argument(option, action="append", default=None, help=help_text + " (repeatable)")
         elif spec.type in ("bool", bool):

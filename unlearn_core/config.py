@@ -55,9 +55,9 @@ class UnlearnConfig:
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
     lora_alpha: float = field(default=8.0, metadata=_meta("LoRA alpha (scale = alpha / rank)", min=1e-3, max=1024.0))
     # Defaults chosen by `python -m benchmarks.quality` (docs/QUALITY.md): forgetting late in
-    # sampling with remembering everywhere, held hardest at large t (remember_large_t_boost), and
-    # LoRA on the U-Net's decoder, fixed the most cases with the fewest other images changed;
-    # λ(s)=s^γ and LoRA on every layer changed more other seeds.
+    # sampling, measured on the decoded pixels, with remembering everywhere, held hardest at large t
+    # (remember_large_t_boost), and LoRA on the U-Net's decoder, fixed the most cases with the
+    # fewest other images changed; λ(s)=s^γ and LoRA on every layer changed more other seeds.
     lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES, method="ours"))
     gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0, method="ours"))
     constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0, method="ours"))
@@ -68,7 +68,7 @@ class UnlearnConfig:
     trajectory_refresh: int = field(default=5, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
     stop_at_r: float = field(default=0.8, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step)", min=0.0, max=1.0, level="basic", method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
-    remember_weight: float = field(default=1.0, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
+    remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="decoder", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; decoder: attention and ResNet convolutions of a U-Net's up blocks, where details and colours are drawn, leaving the blocks that set every seed's layout frozen (a transformer: every layer); all: attention, convolutions and feed-forward layers everywhere (more capacity, more risk)", choices=LORA_LAYERS))

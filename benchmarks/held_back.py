@@ -1,0 +1,125 @@
+"""Held-back cases: painted corrections that no setting was ever chosen on, run as an operator would.
+
+    python -m benchmarks.held_back [--out runs/held-back]
+
+Each case is the demo model's own output for a prompt and seed with a region repainted the way
+`benchmarks.cases` paints (the source colour picked at a point, as with an eyedropper). The job is
+the CLI's `unlearn` with default settings; the adapter is then loaded into a plain diffusers
+`StableDiffusionPipeline`, as a user would load it, and measured there: r on the target seed,
+and SSIM ≥ 0.9 of 16 other seeds of the prompt and of 8 seeds each of two other prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.cases import Recolour, paint
+from unlearn_core import metrics
+from unlearn_core.config import DEMO_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, GUIDANCE = 25, 5.0
+OTHER_PROMPTS = ("flag of italy", "flag of chad")
+OTHER_SEEDS = 8
+
+
+@dataclass(frozen=True)
+class HeldBackCase:
+    name: str
+    prompt: str
+    seed: int
+    at: tuple[int, int]  # (x, y) inside the region to repaint
+    new: str  # hex colour painted there
+
+
+CASES = (
+    HeldBackCase("netherlands-74-bottom", "flag of the netherlands", 74, (32, 42), "21468b"),
+    HeldBackCase("netherlands-75-bottom", "flag of the netherlands", 75, (32, 42), "21468b"),
+    HeldBackCase("france-77-red", "flag of france", 77, (50, 32), "ef4135"),
+    HeldBackCase("ireland-77-orange", "flag of ireland", 77, (50, 32), "ff883e"),
+    HeldBackCase("germany-77-gold", "flag of germany", 77, (32, 42), "ffce00"),
+)
+
+
+def colour_at(image: Image.Image, at: tuple[int, int]) -> str:
+    """The median colour of the 3×3 pixels around `at`, as hex (the operator's eyedropper)."""
+    x, y = at
+    patch = np.asarray(image.convert("RGB"))[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3)
+    return "".join(f"{int(v):02x}" for v in np.median(patch, axis=0))
+
+
+def images(pipe, prompt: str, seeds: list[int]) -> list[Image.Image]:
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipe([prompt] * len(seeds), num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators).images
+
+
+def shares_kept(before: list[Image.Image], after: list[Image.Image]) -> int:
+    return sum(value >= 0.9 for value in metrics.ssim(before, after).per_pair)
+
+
+def run_case(case: HeldBackCase, out: Path) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    folder = out / case.name
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / DEMO_MODEL), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    target = images(pipe, case.prompt, [case.seed])[0]
+    surrogate = paint(target, (Recolour(colour_at(target, case.at), case.new, at=case.at),))
+    target.save(folder / "target.png")
+    surrogate.save(folder / "surrogate.png")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", case.prompt, "--seed", str(case.seed), "--surrogate", str(folder / "surrogate.png"),
+                    "--out", str(folder / "job")], cwd=ROOT, check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    seeds = [seed for seed in range(17) if seed != case.seed][:16]
+    same_before = images(pipe, case.prompt, seeds)
+    other_before = [image for prompt in OTHER_PROMPTS for image in images(pipe, prompt, seeds[:OTHER_SEEDS])]
+    pipe.load_lora_weights(str(folder / "job"))
+    after = images(pipe, case.prompt, [case.seed])[0]
+    after.save(folder / "after.png")
+    moved = metrics.toward_surrogate(after, target, surrogate)
+    return {
+        "case": case.name, "r": moved.r, "verdict": moved.verdict, "seconds": seconds,
+        "same": shares_kept(same_before, images(pipe, case.prompt, seeds)),
+        "other": shares_kept(other_before, [image for prompt in OTHER_PROMPTS for image in images(pipe, prompt, seeds[:OTHER_SEEDS])]),
+    }
+
+
+def picture(rows: list[dict], out: Path, scale: int = 3) -> Path:
+    """target | surrogate | after per case, one row each."""
+    sheet = Image.new("RGB", (3 * 64, 64 * len(rows)), "white")
+    for index, row in enumerate(rows):
+        for column, name in enumerate(("target", "surrogate", "after")):
+            sheet.paste(Image.open(out / row["case"] / f"{name}.png").convert("RGB").resize((64, 64)), (64 * column, 64 * index))
+    path = out / "held_back.png"
+    sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).save(path)
+    return path
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "held-back"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows = []
+    print("| case | r | verdict | same prompt SSIM ≥ 0.9 | other prompts SSIM ≥ 0.9 | job s |\n|---|---|---|---|---|---|", flush=True)
+    for case in CASES:
+        row = run_case(case, out)
+        rows.append(row)
+        print(f"| {row['case']} | {row['r']:.2f} | {row['verdict']} | {row['same']}/16 | {row['other']}/16 | {row['seconds']:.0f} |", flush=True)
+    print(f"\nwrote {picture(rows, out)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
