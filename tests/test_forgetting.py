@@ -228,7 +228,7 @@ def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapt
     painted = np.asarray(target).copy()
     painted[2:5, 12:15] = (200, 0, 40)  # a small patch in the top-right corner
     trainer = _pixel_trainer(model, target, Image.fromarray(painted))
-    cells, pixels = trainer._painted_box()
+    cells, pixels = trainer.painted_box
     mask = trainer.sets.paint_mask_pixels
     assert float(mask[pixels].sum()) == float(mask.sum()) > 0, "every painted pixel is inside the box"
     latent_box = torch.zeros(model.x0_shape)[cells[1:]]
@@ -236,12 +236,12 @@ def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapt
     margin = trainer_module.PAINTED_BOX_MARGIN
     trainer_module.PAINTED_BOX_MARGIN = 0
     try:
-        tight_cells, tight_pixels = trainer._painted_box()
+        tight_cells, tight_pixels = _pixel_trainer(model, target, Image.fromarray(painted)).painted_box
         assert mask[tight_pixels].numel() < mask.numel(), "an unpainted border is not decoded"
     finally:
         trainer_module.PAINTED_BOX_MARGIN = margin
     whole = _pixel_trainer(model, target, Image.fromarray(painted), forget_target="surrogate")
-    assert whole._painted_box()[1] == (slice(None),) * 4
+    assert whole.painted_box[1] == (slice(None),) * 4
     loss = trainer._forget_loss_trajectory()
     loss.backward()
     grads = [p.grad for name, p in model.denoiser.named_parameters() if "lora_B" in name]

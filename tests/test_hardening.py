@@ -291,7 +291,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
 
 def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     """No real config makes the demo model's loss NaN (lr 1.0, alpha/rank 1024, no clipping, bf16 all
-    stay finite), so the fault is injected in the data: the surrogate latents turn NaN after step 5."""
+    stay finite), so the fault is injected in the data: the surrogate (latents and pixels) turns NaN after step 5."""
     import torch
     from PIL import Image
 
@@ -312,6 +312,7 @@ def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     def poison(report):
         if report.step == 5:
             sets.surrogate_x0.fill_(float("nan"))
+            sets.surrogate_pixels.fill_(float("nan"))
 
     trainer = UnlearnTrainer(model, config, sets, run, on_step=poison)
     with pytest.raises(TrainingDiverged, match=r"(?i)nan.*step 6.*last good checkpoint"):
@@ -321,7 +322,9 @@ def test_training_that_diverges_stops_and_keeps_the_last_good_checkpoint(tmp_pat
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["weights"].values())
     # and it resumes from there once the data is good again
-    sets.surrogate_x0.copy_(encode_sets(model, pictures[:1], pictures[1:2], ["x"], pictures, ["x"] * 3, [0]).surrogate_x0)
+    fresh = encode_sets(model, pictures[:1], pictures[1:2], ["x"], pictures, ["x"] * 3, [0])
+    sets.surrogate_x0.copy_(fresh.surrogate_x0)
+    sets.surrogate_pixels.copy_(fresh.surrogate_pixels)
     again = UnlearnTrainer(model, config, sets, run)
     log = again.train()
     assert again.step == 12 and [row["step"] for row in log] == list(range(1, 13))

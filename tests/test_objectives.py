@@ -103,6 +103,16 @@ def test_projection_random_vectors_orthogonal_after():
             assert not projected and torch.equal(new_f, g_f)
 
 
+def test_a_remember_gradient_of_rounding_noise_is_dropped():
+    """Before the adapter moves, the remember loss is ~1e-12 of rounding and its gradient points
+    anywhere: it is dropped, so neither projection nor Adam acts on it; a real one is kept."""
+    g_f = torch.tensor([1.0, 1.0, 0.0])
+    noise = torch.tensor([-1e-6, 0.0, 1e-6])
+    assert torch.equal(objectives.without_rounding_noise(noise, g_f), torch.zeros(3))
+    real = noise * 1e5
+    assert torch.equal(objectives.without_rounding_noise(real, g_f), real)
+
+
 def test_projection_leaves_agreeing_gradients_alone():
     g_f, g_r = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.1])
     for mode in ("none", "forget", "both"):

@@ -89,6 +89,19 @@ def forget_weight(s: torch.Tensor, schedule: str = "timestep", gamma: float = 1.
     raise ValueError(f"unknown λ schedule {schedule!r}; expected 'timestep', 'timestep-late' or 'constant'")
 
 
+ROUNDING_NOISE = 1e-3  # a remember gradient below this share of g_f's norm is rounding, not a signal
+
+
+def without_rounding_noise(g_remember: torch.Tensor, g_forget: torch.Tensor) -> torch.Tensor:
+    """g_r, or zeros when it is below ROUNDING_NOISE of g_f's norm.
+
+    Before the adapter moves, the distilled remember loss is the rounding between the recorded
+    teacher and the same forward on another batch (~1e-12; exactly 0 when the batches match). Its
+    gradient points anywhere, yet projection would remove g_f's component along it, and Adam would
+    turn it into full-size steps of the weights g_f leaves at zero (LoRA's A while B is 0)."""
+    return torch.zeros_like(g_remember) if g_remember.norm() <= ROUNDING_NOISE * g_forget.norm() else g_remember
+
+
 def project_conflicting(g_forget: torch.Tensor, g_remember: torch.Tensor, mode: str = "forget") -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Gradient surgery on flat gradients (Eq. 12–13).
 

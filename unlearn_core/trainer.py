@@ -23,6 +23,7 @@ and on one CPU.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +39,6 @@ from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, StatePool, record_target_states
-
 
 PAINTED_BOX_MARGIN = 8  # x0 cells of context around the painted region that the pixel forget loss decodes
 
@@ -240,10 +240,10 @@ class UnlearnTrainer(BaselineLosses):
         latents to 86 % left the painted stripe of the demo's romania case only 66 % of the way to
         the surrogate's colour, and the one-pixel brush edge of a correction is finer than a latent
         cell. Decoding x̂0 (the VAE's own decoder, gradients flowing through it) lets the loss see
-        what the operator painted. Only the painted box is decoded (`_painted_box`), so the cost
+        what the operator painted. Only the painted box is decoded (`painted_box`), so the cost
         follows the correction's size, not the image's."""
         pt = self.model.prediction_type
-        cells, pixels = self._painted_box()
+        cells, pixels = self.painted_box
         decoded = self.model.decode_x0(objectives.implied_x0(pt, x_t, prediction, a, b)[cells])
         aim = self.sets.surrogate_pixels[label][pixels]
         if frozen is not None:
@@ -252,10 +252,11 @@ class UnlearnTrainer(BaselineLosses):
             aim = objectives.painted_aim(frozen_pixels, aim, self.sets.paint_mask_pixels[label][pixels])
         return objectives.per_sample_mse(decoded, aim)
 
-    def _painted_box(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    @functools.cached_property
+    def painted_box(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         """Index of x0 cells and of image pixels to decode: the painted cells of every target,
         widened by PAINTED_BOX_MARGIN cells (the decoder's context), or everything when forgetting
-        aims at the whole surrogate."""
+        aims at the whole surrogate. The masks are fixed, so it is found once."""
         everything = (slice(None),) * 4
         if self.config.forget_target != "painted":
             return everything, everything
@@ -365,6 +366,7 @@ class UnlearnTrainer(BaselineLosses):
         cos = objectives.cosine(g_forget, g_remember)
         projected = False
         if self.config.method == "ours":  # the baselines combine their gradients as published, unprojected
+            g_remember = objectives.without_rounding_noise(g_remember, g_forget)
             g_forget, g_remember, projected = objectives.project_conflicting(g_forget, g_remember, self.config.projection)
         total = g_forget + g_remember
         if not torch.isfinite(total).all():

@@ -94,6 +94,8 @@ class DiffusionModel:
         self.pipe = pipe.to(device)
         self.source = source
         self.device = device
+        if getattr(pipe, "vae", None) is not None:
+            pipe.vae.requires_grad_(False)  # the pixel forget loss backpropagates through it, into the LoRA only
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
 
