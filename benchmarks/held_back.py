@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from benchmarks.cases import Recolour, paint
+from benchmarks.quality import cases_picture, ssim_shares
 from unlearn_core import metrics
 from unlearn_core.config import DEMO_MODEL
 
@@ -62,8 +63,9 @@ def images(pipe, prompt: str, seeds: list[int]) -> list[Image.Image]:
     return pipe([prompt] * len(seeds), num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generators).images
 
 
-def shares_kept(before: list[Image.Image], after: list[Image.Image]) -> int:
-    return sum(value >= 0.9 for value in metrics.ssim(before, after).per_pair)
+def kept(before: list[Image.Image], after: list[Image.Image]) -> int:
+    """How many of the pairs keep SSIM ≥ 0.9."""
+    return round(ssim_shares(before, after)[0] * len(before))
 
 
 def run_case(case: HeldBackCase, out: Path) -> dict:
@@ -89,21 +91,10 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
     after.save(folder / "after.png")
     moved = metrics.toward_surrogate(after, target, surrogate)
     return {
-        "case": case.name, "r": moved.r, "verdict": moved.verdict, "seconds": seconds,
-        "same": shares_kept(same_before, images(pipe, case.prompt, seeds)),
-        "other": shares_kept(other_before, [image for prompt in OTHER_PROMPTS for image in images(pipe, prompt, seeds[:OTHER_SEEDS])]),
+        "case": case.name, "r": moved.r, "pictures": {"target": target, "surrogate": surrogate, "after": after}, "verdict": moved.verdict, "seconds": seconds,
+        "same": kept(same_before, images(pipe, case.prompt, seeds)),
+        "other": kept(other_before, [image for prompt in OTHER_PROMPTS for image in images(pipe, prompt, seeds[:OTHER_SEEDS])]),
     }
-
-
-def picture(rows: list[dict], out: Path, scale: int = 3) -> Path:
-    """target | surrogate | after per case, one row each."""
-    sheet = Image.new("RGB", (3 * 64, 64 * len(rows)), "white")
-    for index, row in enumerate(rows):
-        for column, name in enumerate(("target", "surrogate", "after")):
-            sheet.paste(Image.open(out / row["case"] / f"{name}.png").convert("RGB").resize((64, 64)), (64 * column, 64 * index))
-    path = out / "held_back.png"
-    sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).save(path)
-    return path
 
 
 def main(argv=None) -> list[dict]:
@@ -117,7 +108,8 @@ def main(argv=None) -> list[dict]:
         row = run_case(case, out)
         rows.append(row)
         print(f"| {row['case']} | {row['r']:.2f} | {row['verdict']} | {row['same']}/16 | {row['other']}/16 | {row['seconds']:.0f} |", flush=True)
-    print(f"\nwrote {picture(rows, out)}")
+    cases_picture({row["case"]: row["pictures"] for row in rows}, out / "held_back.png", scale=3)
+    print(f"\nwrote {out / 'held_back.png'}")
     return rows
 
 
