@@ -246,3 +246,34 @@ def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapt
     loss.backward()
     grads = [p.grad for name, p in model.denoiser.named_parameters() if "lora_B" in name]
     assert torch.isfinite(loss) and any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_a_job_with_several_targets_spends_its_forget_batch_on_the_unfixed_ones(tiny_models):
+    """Once one target has reached stop_at_r and another has not, forget samples come only from
+    the unfixed target's states; with every target fixed or none, or no early stop, from all."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.sets import encode_sets, record_target_states
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    pictures = [_picture((0, 0, 200)), _picture((200, 0, 0))]
+    sets = encode_sets(model, pictures, pictures, [PROMPT, PROMPT], pictures, [PROMPT, PROMPT], [0, 1])
+    with model.adapter_disabled():
+        sets.target_states = record_target_states(model, sets.targets, 4, 2.0)
+
+    def trainer(stop_at_r=0.8):
+        config = UnlearnConfig(remember_loss="denoise", forget_target="surrogate", generation_steps=4, guidance_scale=2.0, stop_at_r=stop_at_r, batch_size=16, seed=2)
+        return UnlearnTrainer(model, config, sets)
+
+    focused = trainer()
+    focused.target_r = [0.85, 0.3]
+    rows = focused._unfixed_target_rows()
+    labels = sets.target_states.label
+    assert rows is not None and set(labels[rows].tolist()) == {1} and len(rows) == int((labels == 1).sum())
+    drawn = focused._predict_on_pool(sets.target_states, 16, rows)[6]
+    assert set(drawn.tolist()) == {1}
+    for target_r, stop_at_r in (([0.85, 0.9], 0.8), ([0.1, 0.3], 0.8), ([0.85, 0.3], 0.0), ([], 0.8)):
+        unfocused = trainer(stop_at_r)
+        unfocused.target_r = target_r
+        assert unfocused._unfixed_target_rows() is None

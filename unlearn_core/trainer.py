@@ -126,7 +126,8 @@ class UnlearnTrainer(BaselineLosses):
         self.generator = torch.Generator("cpu").manual_seed(config.seed * 1000)
         self.step = 0
         self.log: list[dict] = []
-        self.toward_surrogate: float | None = None
+        self.toward_surrogate: float | None = None  # the least r of the targets, at the last refresh
+        self.target_r: list[float | None] = []  # each target's r at the last refresh
         self._siss_norm: float | None = None
 
     def _missing_sets(self) -> str:
@@ -285,10 +286,23 @@ class UnlearnTrainer(BaselineLosses):
         target prompt's conditional branch, which only that prompt's images use.
         """
         pool = self.sets.target_states
-        index, x_t, a, b, s, unconditional, label, conditional = self._predict_on_pool(pool, self.config.batch_size)
+        index, x_t, a, b, s, unconditional, label, conditional = self._predict_on_pool(pool, self.config.batch_size, self._unfixed_target_rows())
         guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if pool.guided else conditional
         frozen = pool.frozen[index].to(x_t.device) if self.config.forget_target == "painted" else None
         return (self._lambda(s) * self._forget_error(guided, x_t, a, b, label, frozen)).mean()
+
+    def _unfixed_target_rows(self) -> torch.Tensor | None:
+        """Rows of the target pool whose target is not yet fixed, when some targets are fixed and
+        others not: a job with several targets spends its forget batch on the ones still short of
+        `stop_at_r` (it stops only once all are fixed). A target that slips back is drawn again.
+        None: every row."""
+        moved = self.target_r
+        if self.config.stop_at_r <= 0 or not moved or len(moved) < 2:
+            return None
+        unfixed = [index for index, r in enumerate(moved) if r is None or r < self.config.stop_at_r]
+        if not unfixed or len(unfixed) == len(moved):
+            return None
+        return torch.nonzero(torch.isin(self.sets.target_states.label, torch.tensor(unfixed)), as_tuple=True)[0]
 
     def _refresh_target_states(self) -> None:
         """Re-record the targets' trajectories with the adapter as trained so far: the states the
@@ -301,8 +315,8 @@ class UnlearnTrainer(BaselineLosses):
         self.sets.target_states = record_target_states(self.model, self.sets.targets, config.generation_steps, config.guidance_scale)
         self.denoiser.train()
         if self.sets.pictures:
-            moved = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
-            self.toward_surrogate = min((r for r in moved if r is not None), default=None)
+            self.target_r = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
+            self.toward_surrogate = min((r for r in self.target_r if r is not None), default=None)
 
     def _trajectory_due(self) -> bool:
         every = self.config.trajectory_refresh
@@ -335,10 +349,11 @@ class UnlearnTrainer(BaselineLosses):
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
         return self.config.remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
 
-    def _predict_on_pool(self, pool: StatePool, batch: int):
-        """A random batch of a state pool, its noise levels (a, b shaped for broadcasting, s flat)
-        and the model's prediction there: (index, x_t, a, b, s, reference, label, prediction)."""
-        index = self._draw(len(pool), batch)
+    def _predict_on_pool(self, pool: StatePool, batch: int, rows: torch.Tensor | None = None):
+        """A random batch of a state pool (of its `rows` only, if given), its noise levels (a, b
+        shaped for broadcasting, s flat) and the model's prediction there: (index, x_t, a, b, s,
+        reference, label, prediction)."""
+        index = self._draw(len(pool), batch) if rows is None else rows[self._draw(len(rows), batch)]
         x_t, t, cond, reference, label = pool.take(index, self.model.device)
         a, b, s = self.model.noise_levels_at(t)
         with self._autocast():
