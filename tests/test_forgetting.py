@@ -277,3 +277,42 @@ def test_a_job_with_several_targets_spends_its_forget_batch_on_the_unfixed_ones(
         unfocused = trainer(stop_at_r)
         unfocused.target_r = target_r
         assert unfocused._unfixed_target_rows() is None
+
+
+def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny_models):
+    """After `steps`, a target short of r 0.7 gets up to `extend_until_fixed` more steps (the
+    reported total says so); one already fixed, a run that never measures r and a run with
+    stop_at_r 0 stop at `steps`."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import EvalTarget, paint_masks
+    from unlearn_core.sets import encode_sets, record_target_states
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    target, surrogate = TARGET, SURROGATE
+    sets = encode_sets(model, [target], [surrogate], [PROMPT], [target], [PROMPT], [0])
+    sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, [EvalTarget(PROMPT, 0, target, surrogate)])
+    sets.pictures = [(target, surrogate)]
+    with model.adapter_disabled():
+        sets.target_states = record_target_states(model, sets.targets, 3, 2.0)
+
+    def trainer(**settings):
+        config = UnlearnConfig(**{"remember_loss": "denoise", "generation_steps": 3, "guidance_scale": 2.0, "steps": 2, "trajectory_refresh": 1, "extend_until_fixed": 3, "seed": 1, **settings})
+        return UnlearnTrainer(model, config, sets)
+
+    log = trainer().train()  # two steps of a tiny random model cannot move the target to r 0.7
+    assert log[1]["toward_surrogate"] < 0.7
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [2, 5, 5, 5, 5]
+    model.remove_lora()
+    model.add_lora(2, 2.0)
+    assert len(trainer(extend_until_fixed=0).train()) == 2
+    fixed = trainer()
+    fixed.step, fixed.toward_surrogate = 2, 0.75
+    assert fixed.step_budget == 2
+    fixed.toward_surrogate = 0.5
+    assert fixed.step_budget == 5
+    for settings in ({"forget_states": "random"}, {"stop_at_r": 0.0}):  # r never measured, or exactly `steps` asked for
+        unextended = trainer(**settings)
+        unextended.step, unextended.toward_surrogate = 2, 0.5
+        assert unextended.step_budget == 2

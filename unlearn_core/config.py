@@ -49,7 +49,7 @@ class UnlearnConfig:
     checks in `__post_init__`."""
 
     method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS, level="basic"))
-    steps: int = field(default=90, metadata=_meta("optimisation steps (at most, when stop_at_r ends training earlier)", min=1, max=20000, level="basic"))
+    steps: int = field(default=90, metadata=_meta("optimisation steps (fewer when stop_at_r ends training earlier; up to extend_until_fixed more while the target is not yet fixed)", min=1, max=20000, level="basic"))
     batch_size: int = field(default=4, metadata=_meta("forget samples per step (NegGrad, SISS and EraseDiff: also their remember samples)", min=1, max=256))
     learning_rate: float = field(default=1.5e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0, level="basic"))
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
@@ -67,6 +67,7 @@ class UnlearnConfig:
     forget_target: str = field(default="painted", metadata=_meta("painted: aim x̂0 at the surrogate on the painted pixels and at the frozen model's own estimate elsewhere; surrogate: at the whole surrogate (the paper's Eq. 9–11)", choices=FORGET_TARGETS, method="ours"))
     trajectory_refresh: int = field(default=5, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
     stop_at_r: float = field(default=0.8, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step). With several targets: once every one has, the forget batch meanwhile drawn from those not yet there", min=0.0, max=1.0, level="basic", method="ours"))
+    extend_until_fixed: int = field(default=90, metadata=_meta("trajectory forgetting: if the target is not yet fixed (r < 0.7) after `steps`, train up to this many more steps, stopping once it is (0 = never; stop_at_r 0 also turns it off: exactly `steps`)", min=0, max=20000, method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
@@ -149,8 +150,9 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
     prompts = targets + len(config.remember_prompts) + 1
     remember = config.remember_count * prompts * sampling
-    refreshes = config.steps // config.trajectory_refresh if config.trajectory_refresh else 0
-    training = config.steps * (config.batch_size + config.remember_batch_size) * 3 + (refreshes + 1) * targets * sampling * 2
+    steps = config.steps + (config.extend_until_fixed if config.method == "ours" else 0)
+    refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
+    training = steps * (config.batch_size + config.remember_batch_size) * 3 + (refreshes + 1) * targets * sampling * 2
     evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
 
