@@ -319,12 +319,12 @@ class UnlearnTrainer(BaselineLosses):
             self.target_r = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
             self.toward_surrogate = min((r for r in self.target_r if r is not None), default=None)
 
-    def _trajectory_due_ever(self) -> bool:
+    def _measures_r_while_training(self) -> bool:
         """Whether this run re-records the targets' trajectories (and so measures r while training)."""
         return self.config.method == "ours" and self.config.forget_states == "trajectory" and self.config.trajectory_refresh > 0
 
     def _trajectory_due(self) -> bool:
-        return self._trajectory_due_ever() and self.step % self.config.trajectory_refresh == 0
+        return self._measures_r_while_training() and self.step % self.config.trajectory_refresh == 0
 
     def _fixed(self) -> bool:
         """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
@@ -413,7 +413,7 @@ class UnlearnTrainer(BaselineLosses):
         from unlearn_core.metrics import FIXED_AT
 
         config = self.config
-        measured = self._trajectory_due_ever() and config.stop_at_r > 0  # stop_at_r 0 asks for exactly `steps`
+        measured = self._measures_r_while_training() and config.stop_at_r > 0  # stop_at_r 0 asks for exactly `steps`
         short = measured and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
         return config.steps + config.extend_until_fixed if self.step >= config.steps and short else config.steps
 
