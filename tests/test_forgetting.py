@@ -308,11 +308,11 @@ def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny
     model.add_lora(2, 2.0)
     assert len(trainer(extend_until_fixed=0).train()) == 2
     fixed = trainer()
-    fixed.step, fixed.toward_surrogate = 2, 0.75
+    fixed.step, fixed.target_r = 2, [0.75]
     assert fixed.step_budget == 2
-    fixed.toward_surrogate = 0.5
+    fixed.target_r = [0.5]
     assert fixed.step_budget == 5
     for settings in ({"forget_states": "random"}, {"stop_at_r": 0.0}):  # r never measured, or exactly `steps` asked for
         unextended = trainer(**settings)
-        unextended.step, unextended.toward_surrogate = 2, 0.5
+        unextended.step, unextended.target_r = 2, [0.5]
         assert unextended.step_budget == 2

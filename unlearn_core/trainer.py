@@ -127,7 +127,6 @@ class UnlearnTrainer(BaselineLosses):
         self.generator = torch.Generator("cpu").manual_seed(config.seed * 1000)
         self.step = 0
         self.log: list[dict] = []
-        self.toward_surrogate: float | None = None  # the least r of the targets, at the last refresh
         self.target_r: list[float | None] = []  # each target's r at the last refresh
         self._siss_norm: float | None = None
 
@@ -317,7 +316,11 @@ class UnlearnTrainer(BaselineLosses):
         self.denoiser.train()
         if self.sets.pictures:
             self.target_r = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
-            self.toward_surrogate = min((r for r in self.target_r if r is not None), default=None)
+
+    @property
+    def toward_surrogate(self) -> float | None:
+        """The least r of the targets at the last refresh (None before one)."""
+        return min((r for r in self.target_r if r is not None), default=None)
 
     def _measures_r_while_training(self) -> bool:
         """Whether this run re-records the targets' trajectories (and so measures r while training)."""
