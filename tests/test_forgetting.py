@@ -279,10 +279,9 @@ def test_a_job_with_several_targets_spends_its_forget_batch_on_the_unfixed_ones(
         assert unfocused._unfixed_target_rows() is None
 
 
-def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny_models):
-    """After `steps`, a target short of r 0.7 gets up to `extend_until_fixed` more steps (the
-    reported total says so); one already fixed, a run that never measures r and a run with
-    stop_at_r 0 stop at `steps`."""
+def _tiny_trajectory_trainer(tiny_models):
+    """A tiny real SD with a LoRA and the sets of trajectory forgetting, and a maker of trainers on
+    them (two steps, the trajectory re-recorded every step, up to three more steps while not fixed)."""
     from unlearn_core.config import UnlearnConfig
     from unlearn_core.run import EvalTarget, paint_masks
     from unlearn_core.sets import encode_sets, record_target_states
@@ -290,17 +289,24 @@ def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny
 
     model = load_model(str(tiny_models["sd"]), "cpu")
     model.add_lora(2, 2.0)
-    target, surrogate = TARGET, SURROGATE
-    sets = encode_sets(model, [target], [surrogate], [PROMPT], [target], [PROMPT], [0])
-    sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, [EvalTarget(PROMPT, 0, target, surrogate)])
-    sets.pictures = [(target, surrogate)]
+    sets = encode_sets(model, [TARGET], [SURROGATE], [PROMPT], [TARGET], [PROMPT], [0])
+    sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, [EvalTarget(PROMPT, 0, TARGET, SURROGATE)])
+    sets.pictures = [(TARGET, SURROGATE)]
     with model.adapter_disabled():
         sets.target_states = record_target_states(model, sets.targets, 3, 2.0)
 
-    def trainer(**settings):
+    def trainer(folder=None, **settings):
         config = UnlearnConfig(**{"remember_loss": "denoise", "generation_steps": 3, "guidance_scale": 2.0, "steps": 2, "trajectory_refresh": 1, "extend_until_fixed": 3, "seed": 1, **settings})
-        return UnlearnTrainer(model, config, sets)
+        return UnlearnTrainer(model, config, sets, folder)
 
+    return model, trainer
+
+
+def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny_models):
+    """After `steps`, a target short of r 0.7 gets up to `extend_until_fixed` more steps (the
+    reported total says so); one already fixed, a run that never measures r and a run with
+    stop_at_r 0 stop at `steps`."""
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
     log = trainer().train()  # two steps of a tiny random model cannot move the target to r 0.7
     assert log[1]["toward_surrogate"] < 0.7
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [2, 5, 5, 5, 5]
@@ -316,3 +322,16 @@ def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny
         unextended = trainer(**settings)
         unextended.step, unextended.target_r = 2, [0.5]
         assert unextended.step_budget == 2
+
+
+def test_a_fresh_run_in_a_used_folder_starts_its_loss_log_anew(tiny_models, tmp_path):
+    """The same --out twice (as the README's demo command may well be run) gives the second run's
+    steps only, not both runs' one after the other; a resumed run still continues its log (the
+    kill-and-resume tests)."""
+    import csv
+
+    _, trainer = _tiny_trajectory_trainer(tiny_models)
+    for _ in range(2):
+        trainer(tmp_path, extend_until_fixed=0, checkpoint_every=0).train()
+        with open(tmp_path / "loss_log.csv", newline="") as handle:
+            assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]

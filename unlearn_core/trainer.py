@@ -422,8 +422,8 @@ class UnlearnTrainer(BaselineLosses):
 
     def train(self) -> list[dict]:
         """Run to `step_budget`, resuming from the run folder's checkpoint if there is one."""
-        if self.folder:
-            self.load_checkpoint()
+        if self.folder and not self.load_checkpoint() and self.accelerator.is_main_process:
+            self._rewrite_log()  # a fresh start: the log of an earlier run in this folder (the same --out twice) is replaced, not continued
         while self.step < self.step_budget:
             if self._anywhere(self.should_stop()):
                 if self.folder:
