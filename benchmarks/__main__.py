@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.app_server import AppServer
 from unlearn_core import objectives
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
 from unlearn_core.models import load_model
@@ -101,40 +102,6 @@ def cli_job_seconds(out: Path, cache: Path, quick: bool) -> float:
     return time.perf_counter() - started
 
 
-class Server:
-    """`python app.py` on a free port with its own runs folder: the browser's path to a job."""
-
-    def __init__(self, runs: Path, cache: Path):
-        import os
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        env = {**os.environ, "HOTFIX_RUNS_DIR": str(runs), "HOTFIX_CACHE": str(cache), "HOTFIX_HOST": "127.0.0.1", "HOTFIX_PORT": str(self.port),
-               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}/"
-
-    def __enter__(self):
-        import urllib.request
-
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(self.url, timeout=5):
-                    return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("the app did not start")
-
-    def __exit__(self, *exc):
-        import os
-        import signal
-
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(30)
-
-
 def browser_job_seconds(client, quick: bool) -> float:
     """The default job as the browser starts it (/start_unlearning, then the server's worker runs
     it), from the click to the state 'done' (polled every 0.5 s: each poll is a request the server
@@ -171,7 +138,7 @@ def bench_job(quick: bool) -> dict:
     results = {"cold cache": cli_job_seconds(runs / "cli", cache, quick), "warm cache": cli_job_seconds(runs / "cli", cache, quick)}
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     cli, browser = [], []
-    with Server(runs / "server", cache) as server:
+    with AppServer(runs / "server", cache) as server:
         client = Client(server.url, verbose=False)
         for _ in range(2):
             time.sleep(IDLE_BETWEEN_JOBS_S)

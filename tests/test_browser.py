@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_api import AppServer
+from benchmarks.app_server import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "screenshots"

@@ -2,7 +2,6 @@
 same global batch, and the run folder is written once."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,15 +10,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from benchmarks.app_server import free_port
 from unlearn_core.models import load_model
 
 PROMPT = "flag of japan"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _unlearn_args(model: str, surrogate: str, out: str, per_process_batch: int) -> list[str]:
@@ -38,7 +32,7 @@ def test_two_processes_train_what_one_process_trains(tiny_models, tmp_path):
     single = subprocess.run([sys.executable, "-m", "unlearn_core", *_unlearn_args(model_dir, str(surrogate), str(tmp_path / "one"), 4)],
                             env=env, capture_output=True, text=True, timeout=500)
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "unlearn_core"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "unlearn_core"]
     double = subprocess.run([*torchrun, *_unlearn_args(model_dir, str(surrogate), str(tmp_path / "two"), 2)], env=env, capture_output=True, text=True, timeout=500)
     assert double.returncode == 0, double.stderr[-3000:]
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.app_server import AppServer
 from tests.hardening_cases import CASES, File, make_files, make_other_model_lora, record
-from tests.test_api import SHORT_CONFIG, AppServer, wait_for_job
+from tests.test_api import SHORT_CONFIG, wait_for_job
 from unlearn_core.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.test_api import AppServer, wait_for_job
+from benchmarks.app_server import AppServer
+from tests.test_api import wait_for_job
 
 LOGIN = ("operator", "s3cret-Pa55")
 LONG_CONFIG = {"steps": 40, "stop_at_r": 0.0, "batch_size": 1, "checkpoint_every": 5, "remember_count": 2, "eval_seeds": 1, "generation_steps": 4}

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from tests.test_api import AppServer
+from benchmarks.app_server import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
