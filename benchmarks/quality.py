@@ -393,8 +393,8 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "adapter, so it was not adopted. The gentle preset (a lower learning rate and a heavier remember loss, carried on "
         "to r 0.7 by the extension), three training seeds: belgium-77 kept 5.7/16 (5, 5, 7) at r 0.71, belgium-40 13.7/16 "
         "at r 0.75. On belgium-77, every setting tried that reaches r 0.7 keeps at most 10 of 16. An update confined to "
-        "the null space of the other seeds' layer inputs (as knowledge editing does) cannot help either. At every decoder layer the target seed's inputs lie in the span of the remember "
-        "seeds' inputs nearly as fully as the evaluation seeds' inputs do: outside the subspace that holds 99.9 % of the "
+        "the null space of the other seeds' layer inputs (as knowledge editing does) cannot help either. At every "
+        "decoder layer the target seed's inputs lie in the span of the remember seeds' inputs nearly as fully as the evaluation seeds' inputs do: outside the subspace that holds 99.9 % of the "
         "remember seeds' energy lies at most 4.3 % of the target's, 1 to 2.9 times the evaluation seeds' share. Such an "
         "update would remove the fix together with the drift."),
         "- **What stays hard.** belgium-77 (seed 77's noise gives odd colours for every prompt) ends fixed (r 0.72) but keeps "
