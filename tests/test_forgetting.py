@@ -181,7 +181,7 @@ def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_mod
         sets = encode_sets(model, [picture], [picture], ["x"], [], [], [0])
         with model.adapter_disabled():
             sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
-        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_batch_size=12, remember_large_t_boost=boost, seed=3)
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_batch_size=12, remember_renoised=0, remember_large_t_boost=boost, seed=3)
         with torch.no_grad():
             losses[boost] = float(UnlearnTrainer(model, config, sets)._remember_loss_distill())
     assert losses[0.0] > 0
@@ -335,3 +335,36 @@ def test_a_fresh_run_in_a_used_folder_starts_its_loss_log_anew(tiny_models, tmp_
         trainer(tmp_path, extend_until_fixed=0, checkpoint_every=0).train()
         with open(tmp_path / "loss_log.csv", newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]
+
+
+def test_renoised_remember_distils_the_frozen_model_at_fresh_noisings(tiny_models):
+    """remember_renoised: the remember seeds' final images, each with its own prompt's conditioning
+    (the empty prompt's record gives the unconditional rows), noised afresh; the frozen model's
+    prediction there is the teacher, so an adapter that has not moved has exactly zero error and
+    one that has moved does not."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import renoise_sources
+    from unlearn_core.sets import encode_sets, remember_pool
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    sets = encode_sets(model, [TARGET], [SURROGATE], [PROMPT], [], [], [0])
+    with model.adapter_disabled():
+        records = [model.record_sampling(prompt, [1, 2, 3], 3, 2.0) for prompt in (PROMPT, "")]
+    sets.remember_states = remember_pool(records)
+    sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
+    assert sets.remember_x0.shape[0] == 6
+    embeds = sets.remember_cond["encoder_hidden_states"]
+    assert torch.allclose(embeds[:3], model.encode_prompts([PROMPT] * 3)["encoder_hidden_states"], atol=1e-5)  # batched text encoding rounds differently
+    assert torch.allclose(embeds[3:], model.encode_prompts([""] * 3)["encoder_hidden_states"], atol=1e-5)
+    assert not torch.allclose(embeds[:3], embeds[3:], atol=1e-2)
+    config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=5, seed=2)
+    with torch.no_grad():
+        _, unmoved = UnlearnTrainer(model, config, sets)._renoised_remember_error(5)
+        for name, parameter in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+        s, moved = UnlearnTrainer(model, config, sets)._renoised_remember_error(5)
+    assert unmoved.shape == moved.shape == s.shape == (5,)
+    assert torch.all(unmoved == 0) and torch.all(moved > 0), (unmoved, moved)

@@ -101,6 +101,17 @@ def paint_masks(model: DiffusionModel, targets: list[EvalTarget]) -> tuple[torch
     return masks.to(model.device), torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
 
 
+def renoise_sources(model: DiffusionModel, records) -> tuple[torch.Tensor, dict]:
+    """The remember seeds' final images as x0, each with its prompt's conditioning (the empty
+    prompt's record gives the unconditional rows)."""
+    from unlearn_core.images import to_tensor
+
+    with torch.no_grad():
+        x0 = torch.cat([model.encode_images(to_tensor(record.images)) for record in records])
+    conds = [{key: value[:1].expand(len(record.images), *value.shape[1:]) for key, value in record.cond.items()} for record in records]
+    return x0, {key: torch.cat([c[key] for c in conds]).to(model.device) for key in conds[0]}
+
+
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
     """Everything training reads, made once with the frozen model: encoded targets and surrogates;
     sampling states of the target seeds (trajectory forgetting) and of the remember seeds
@@ -116,7 +127,10 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     steps, guidance = config.generation_steps, config.guidance_scale
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            sets.remember_states = remember_pool([model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)])
+            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)]
+            sets.remember_states = remember_pool(records)
+            if config.remember_renoised:
+                sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, steps, guidance)
     return sets

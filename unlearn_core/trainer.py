@@ -7,7 +7,8 @@ Methods (`UnlearnConfig.method`):
   * forgetting at the target seed's own guided sampling states, re-recorded every few steps,
     with x̂0 aimed at the surrogate on the painted pixels and at the frozen model elsewhere;
   * remembering by distillation: the frozen model's predictions at its sampling states of other
-    seeds of the target prompt and of the empty prompt;
+    seeds of the target prompt and of the empty prompt, and at fresh noisings of those seeds'
+    final images;
   * both losses stated on the clean image x̂0 they imply, so λ(s) (not SNR(t)) decides where
     along t each acts; the forget loss on x̂0 decoded to pixels (a latent model's VAE decoder),
     where the operator painted;
@@ -138,7 +139,7 @@ class UnlearnTrainer(BaselineLosses):
             "the target seeds' sampling states": config.forget_states == "trajectory" and sets.target_states is None,
             "the painted mask": config.forget_target == "painted" and (sets.paint_mask is None or sets.paint_mask_pixels is None),
             "remember sampling states": config.remember_loss == "distill" and sets.remember_states is None,
-            "remember images": config.remember_loss == "denoise" and sets.remember_x0 is None,
+            "remember images": (config.remember_loss == "denoise" or config.remember_renoised > 0) and sets.remember_x0 is None,
         }
         return ", ".join(name for name, lacking in needs.items() if lacking)
 
@@ -347,14 +348,35 @@ class UnlearnTrainer(BaselineLosses):
 
     def _remember_loss_distill(self):
         """Match the frozen model's prediction at its own sampling states of other seeds and prompts
-        (conditional and unconditional), in the same space and with weight w·(1 − λ(s))·(1 + k·s).
+        (conditional and unconditional), and at `remember_renoised` fresh noisings of their images,
+        in the same space and with weight w·(1 − λ(s))·(1 + k·s).
 
         The factor (1 + k·s) holds the large-t predictions hardest: there every seed of the prompt
         decides its layout, and a small change shifts the whole flag of seeds the operator never
         flagged, while the target's colours are still free to change at mid and small t."""
         _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
+        if self.config.remember_renoised:
+            more_s, more_error = self._renoised_remember_error(self.config.remember_renoised)
+            s, error = torch.cat([s, more_s]), torch.cat([error, more_error])
         return self.config.remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
+
+    def _renoised_remember_error(self, batch: int):
+        """Distillation at fresh noisings x_t = a·x0 + b·ε of remember images, at random t: the
+        frozen model's prediction there, computed now, is the teacher. (s, per-sample error)
+
+        The recorded states are a few hundred fixed points, each seen once or twice in a job: the
+        adapter learns to leave *them* alone (belgium-77: its 16 remember seeds kept 14/16 at SSIM
+        ≥ 0.9, 16 unseen seeds of the prompt 8/16). Fresh noise at every step covers the
+        neighbourhood of the prompt's images instead (docs/QUALITY.md, `no renoised remember`)."""
+        t, a, b, s = self._levels(batch)
+        x0, cond = self._remember_batch(batch)
+        x_t = objectives.noisy_sample(x0, self._noise_like(x0), a, b)
+        with torch.no_grad(), self.model.adapter_disabled(), self._autocast():
+            teacher = self.model.predict(self.denoiser, x_t, t, cond).float()
+        with self._autocast():
+            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
+        return s, self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
 
     def _predict_on_pool(self, pool: StatePool, batch: int, rows: torch.Tensor | None = None):
         """A random batch of a state pool (of its `rows` only, if given), its noise levels (a, b
@@ -410,8 +432,8 @@ class UnlearnTrainer(BaselineLosses):
     def step_budget(self) -> int:
         """`config.steps`, or up to `extend_until_fixed` more once there while a target is still
         short of the verdict 'fixed' (r < FIXED_AT at the last refresh): the operator came for
-        the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.55 at
-        step 90, fixed at step 175). A target already fixed but short of `stop_at_r` stops at
+        the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.62 at
+        step 90, fixed at step 155). A target already fixed but short of `stop_at_r` stops at
         `steps`, so the other seeds pay no more for it, and so does a run with stop_at_r 0."""
         from unlearn_core.metrics import FIXED_AT
 
