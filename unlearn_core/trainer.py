@@ -371,11 +371,9 @@ class UnlearnTrainer(BaselineLosses):
         neighbourhood of the prompt's images instead (docs/QUALITY.md, `no renoised remember`)."""
         t, a, b, s = self._levels(batch)
         x0, cond = self._remember_batch(batch)
-        x_t = objectives.noisy_sample(x0, self._noise_like(x0), a, b)
+        x_t, prediction = self._forward(x0, cond, t, a, b, self._noise_like(x0))
         with torch.no_grad(), self.model.adapter_disabled(), self._autocast():
             teacher = self.model.predict(self.denoiser, x_t, t, cond).float()
-        with self._autocast():
-            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
         return s, self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
 
     def _predict_on_pool(self, pool: StatePool, batch: int, rows: torch.Tensor | None = None):
