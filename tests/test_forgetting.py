@@ -368,3 +368,33 @@ def test_renoised_remember_distils_the_frozen_model_at_fresh_noisings(tiny_model
         s, moved = UnlearnTrainer(model, config, sets)._renoised_remember_error(5)
     assert unmoved.shape == moved.shape == s.shape == (5,)
     assert torch.all(unmoved == 0) and torch.all(moved > 0), (unmoved, moved)
+
+
+def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_models, tmp_path):
+    """renoised_seed_multiple > 1: each remember prompt's next seeds (the target's skipped)
+    are generated into the cache and renoised with that prompt's conditioning; evaluation never
+    uses them; preparation inside adapter_disabled leaves a resumed adapter's layers off throughout."""
+    from unlearn_core.cache import GenerationCache
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.images import to_tensor
+    from unlearn_core.run import EvalTarget, prepare_sets
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    config = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0, trajectory_refresh=0)
+    cache = GenerationCache(tmp_path / "cache")
+    sets = prepare_sets(model, [EvalTarget(PROMPT, 13, TARGET, SURROGATE)], config, cache)
+    assert list(config.remember_seeds) == [10, 11, 12, 13, 14, 15]
+    assert sets.remember_x0.shape[0] == 2 * 5  # (PROMPT, "") × (seeds 10, 11 recorded; 12, 14, 15 from the cache)
+    for row, prompt in ((2, PROMPT), (7, "")):
+        extra, generated = cache.get_or_generate(model, prompt, [12, 14, 15], 3, 2.0)
+        assert generated == 0
+        assert torch.allclose(sets.remember_x0[row : row + 3], model.encode_images(to_tensor(extra)), atol=1e-5)
+    embeds = sets.remember_cond["encoder_hidden_states"]
+    assert torch.allclose(embeds[:5], model.encode_prompts([PROMPT] * 5)["encoder_hidden_states"], atol=1e-5)
+    assert torch.allclose(embeds[5:], model.encode_prompts([""] * 5)["encoder_hidden_states"], atol=1e-5)
+    with model.adapter_disabled():
+        with model.adapter_disabled():
+            pass
+        assert all(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
+    assert not any(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))

@@ -56,9 +56,10 @@ class UnlearnConfig:
     lora_alpha: float = field(default=8.0, metadata=_meta("LoRA alpha (scale = alpha / rank)", min=1e-3, max=1024.0))
     # Defaults chosen by `python -m benchmarks.quality` (docs/QUALITY.md): forgetting late in
     # sampling, measured on the decoded pixels, with remembering everywhere, held hardest at large t
-    # (remember_large_t_boost) and also distilled at fresh noisings of the remember images
-    # (remember_renoised), and LoRA on the U-Net's decoder, fixed the most cases with the fewest
-    # other images changed; λ(s)=s^γ and LoRA on every layer changed more other seeds.
+    # (remember_large_t_boost) and also distilled at fresh noisings of three times as many of the
+    # prompt's images (remember_renoised, renoised_seed_multiple), and LoRA on the U-Net's decoder,
+    # fixed the most cases with the fewest other images changed; λ(s)=s^γ and LoRA on every layer
+    # changed more other seeds.
     lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES, method="ours"))
     gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0, method="ours"))
     constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0, method="ours"))
@@ -73,6 +74,7 @@ class UnlearnConfig:
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
     remember_renoised: int = field(default=4, metadata=_meta("distill remembering: remember samples per step, besides remember_batch_size, at fresh noisings x_t = a·x0 + b·ε of the remember seeds' final images, the frozen model's prediction there computed on the fly: states no recorded trajectory holds, so the adapter learns to leave the prompt's images alone, not only the recorded states (0 = recorded states only)", min=0, max=256, method="ours"))
+    renoised_seed_multiple: int = field(default=3, metadata=_meta("distill remembering: the renoised samples are drawn from the images of remember_count × this many seeds per remember prompt: the remember seeds' own final images, then the next seeds' from the generation cache (generated once; more of the prompt's neighbourhood held), 1 = the remember seeds' only", min=1, max=64, method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="decoder", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; decoder: attention and ResNet convolutions of a U-Net's up blocks, where details and colours are drawn, leaving the blocks that set every seed's layout frozen (a transformer: every layer); all: attention, convolutions and feed-forward layers everywhere (more capacity, more risk)", choices=LORA_LAYERS))
     seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))
@@ -120,8 +122,14 @@ class UnlearnConfig:
 
     @property
     def remember_seeds(self) -> range:
-        """Seeds of the remember set (never used for evaluation)."""
-        return range(self.remember_seed_offset, self.remember_seed_offset + self.remember_count)
+        """Seeds of the remember set, renoised images included (never used for evaluation)."""
+        return range(self.remember_seed_offset, self.remember_seed_offset + max(self.remember_count, self.renoised_seed_count))
+
+    @property
+    def renoised_seed_count(self) -> int:
+        """Seeds per remember prompt whose images renoised remembering draws from (0 when it is off)."""
+        renoising = self.method == "ours" and self.remember_loss == "distill" and self.remember_renoised > 0
+        return self.remember_count * self.renoised_seed_multiple if renoising else 0
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides) -> "UnlearnConfig":
@@ -151,7 +159,7 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     and backward of every sample, and re-recording the targets' trajectories) and evaluation."""
     sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
     prompts = targets + len(config.remember_prompts) + 1
-    remember = config.remember_count * prompts * sampling
+    remember = max(config.remember_count, config.renoised_seed_count) * prompts * sampling  # a cold cache generates the extra renoised images
     steps = config.steps + (config.extend_until_fixed if config.method == "ours" else 0)
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
     renoised = config.remember_renoised * 4 if config.method == "ours" and config.remember_loss == "distill" else 0  # the teacher's forward, then forward and backward

@@ -101,15 +101,27 @@ def paint_masks(model: DiffusionModel, targets: list[EvalTarget]) -> tuple[torch
     return masks.to(model.device), torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
 
 
-def renoise_sources(model: DiffusionModel, records) -> tuple[torch.Tensor, dict]:
-    """The remember seeds' final images as x0, each with its prompt's conditioning (the empty
-    prompt's record gives the unconditional rows)."""
+def renoise_sources(model: DiffusionModel, records, more_images: list[list[Image.Image]] | None = None) -> tuple[torch.Tensor, dict]:
+    """The remember seeds' final images (and `more_images` of the same prompts, one list per record)
+    as x0, each with its prompt's conditioning (the empty prompt's record gives the unconditional rows)."""
     from unlearn_core.images import to_tensor
 
+    more_images = more_images or [[] for _ in records]
+    per_prompt = [record.images + more for record, more in zip(records, more_images)]
     with torch.no_grad():
-        x0 = torch.cat([model.encode_images(to_tensor(record.images)) for record in records])
-    conds = [{key: value[:1].expand(len(record.images), *value.shape[1:]) for key, value in record.cond.items()} for record in records]
+        x0 = torch.cat([model.encode_images(to_tensor(images)) for images in per_prompt])
+    conds = [{key: value[:1].expand(len(images), *value.shape[1:]) for key, value in record.cond.items()} for record, images in zip(records, per_prompt)]
     return x0, {key: torch.cat([c[key] for c in conds]).to(model.device) for key in conds[0]}
+
+
+def more_renoised_images(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list[list[Image.Image]]:
+    """Each remember prompt's images of the seeds after the remember seeds, up to renoised_seed_count
+    (target seeds skipped), from the generation cache: generated once, then read back."""
+    start = config.remember_seed_offset + config.remember_count
+    seeds = [seed for seed in range(start, config.remember_seed_offset + config.renoised_seed_count) if seed not in target_seeds]
+    if not seeds:
+        return [[] for _ in prompts]
+    return [cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)[0] for prompt in prompts]
 
 
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
@@ -127,10 +139,12 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     steps, guidance = config.generation_steps, config.guidance_scale
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in remember_prompts_for(model, targets, config)]
+            prompts = remember_prompts_for(model, targets, config)
+            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in prompts]
             sets.remember_states = remember_pool(records)
             if config.remember_renoised:
-                sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
+                more = more_renoised_images(model, prompts, config, target_seeds, cache)
+                sets.remember_x0, sets.remember_cond = renoise_sources(model, records, more)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, steps, guidance)
     return sets

@@ -279,10 +279,11 @@ class DiffusionModel:
 
     @contextlib.contextmanager
     def adapter_disabled(self):
-        """Run the base model: every LoRA layer off inside the block, back on after."""
+        """Run the base model: every LoRA layer off inside the block, back on after (only those that
+        were on, so a nested block leaves the outer one's layers off)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
         for layer in layers:
             layer.enable_adapters(False)
         try:
