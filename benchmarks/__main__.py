@@ -229,7 +229,11 @@ run before that change and the next (two runs, so ±10 %), ratio a rose from 1.7
 warm-cache default job from 20.0 s to 33.5 s. The default job now also distils the frozen model at
 4 fresh noisings of remember images per step (`remember_renoised`; the step rows above use the
 denoising remember loss and do not include it); the chad job still stops at step 40, and its time
-stayed within the noise (33.5 s before, this run's row after).
+stayed within the noise (33.5 s before, 27.9 s after). Those noisings are drawn from 48 images per
+remember prompt (`renoised_seed_multiple` 3): a cold cache generates the 64 beyond the remember
+seeds' own (the job's prompt and the empty prompt) once, most of the cold row's rise from 32.2 s in
+the run before to this run's row; this run's generation row is also 22 % slower than that run's
+(1.09 s), so the machine was slower throughout.
 
 ## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
 
