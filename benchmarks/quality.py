@@ -405,7 +405,9 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "belgium-40 6/16, italy 10/16); Min-SNR-5 weighting of the forget loss (belgium-40 10/16) or of both losses (romania "
         "0.65); constant λ (romania 0.59). Earlier sessions: forgetting only at s ≤ 0.5, a lower remember weight with a "
         "larger boost, distilling the guided prediction, on-policy remember trajectories, 32 remember seeds, 16 remember "
-        "samples per step.",
+        "samples per step. For speed: re-recording the target's trajectory every 10 steps instead of 5 (each refresh "
+        "samples the target seed again, about 0.6 s here), training seeds 0 and 1 on chad-40, belgium-40, japan-77 and "
+        "belgium-77, paired with the default: job time −1.2 ± 1.8 s, r −0.02 ± 0.03, same prompt −0.3 ± 0.9 seeds.",
         ("- **Why belgium-77's other seeds change, and what did not stop it** (training seed 0, on belgium-77, belgium-40 and "
         "japan-77; scratch runs of the study with a variant defined by `--define`). Switching the trained adapter on only "
         "inside a window of timesteps while sampling belgium-77's 16 other seeds shows the drift comes from every part of "
