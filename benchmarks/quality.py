@@ -407,7 +407,10 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "larger boost, distilling the guided prediction, on-policy remember trajectories, 32 remember seeds, 16 remember "
         "samples per step. For speed: re-recording the target's trajectory every 10 steps instead of 5 (each refresh "
         "samples the target seed again, about 0.6 s here), training seeds 0 and 1 on chad-40, belgium-40, japan-77 and "
-        "belgium-77, paired with the default: job time −1.2 ± 1.8 s, r −0.02 ± 0.03, same prompt −0.3 ± 0.9 seeds.",
+        "belgium-77, paired with the default: job time −1.2 ± 1.8 s, r −0.02 ± 0.03, same prompt −0.3 ± 0.9 seeds. "
+        "LoRA on fewer decoder blocks (scratch layer sets, training seed 0): the two finest up blocks only kept "
+        "belgium-77 6/16 at r 0.70 (default 13 at 0.73); the finest only left chad, belgium-40 and japan-77 not fixed "
+        "after 180 steps (r 0.65–0.68, about 60 s each) and kept belgium-77 12/16 at r 0.71.",
         ("- **Why belgium-77's other seeds change, and what did not stop it** (training seed 0, on belgium-77, belgium-40 and "
         "japan-77; scratch runs of the study with a variant defined by `--define`). Switching the trained adapter on only "
         "inside a window of timesteps while sampling belgium-77's 16 other seeds shows the drift comes from every part of "
