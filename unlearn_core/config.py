@@ -162,7 +162,7 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     remember = max(config.remember_count, config.renoised_seed_count) * prompts * sampling  # a cold cache generates the extra renoised images
     steps = config.steps + (config.extend_until_fixed if config.method == "ours" else 0)
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
-    renoised = config.remember_renoised * 4 if config.method == "ours" and config.remember_loss == "distill" else 0  # the teacher's forward, then forward and backward
+    renoised = config.remember_renoised * 4 if config.renoised_seed_count else 0  # the teacher's forward, then forward and backward
     training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2
     evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
