@@ -362,7 +362,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "from 48 per remember prompt, the 32 more generated once into the generation cache (a cold cache's first job pays "
         "for them: 64 images on the demo model). Over the whole suite, this run's default against the previous run's (the "
         "same 10 cases and 3 training seeds, nothing else changed; runs are deterministic): same prompt +0.2 ± 0.9 seeds "
-        "per run at SSIM ≥ 0.9 and +0.8 ± 1.5 at ≥ 0.95, r −0.00 ± 0.02, other prompts −0.1 ± 0.6, job time −1.0 ± 5.0 s. "
+        "per run at SSIM ≥ 0.9 and +0.8 ± 1.5 at ≥ 0.95, r −0.003 ± 0.024, other prompts −0.1 ± 0.6, job time −1.0 ± 5.0 s. "
         "belgium-40 keeps 14.3/16 (15, 14, 14; was 14, 13, 14), over the bar; belgium-77 10.7 (13, 9, 10; was 11, 10, 7); "
         "japan-77 15.3 (16, 15, 15; was 16, 14, 14). Scratch runs before it, on belgium-77 and belgium-40 (three training "
         "seeds each): 96 images per prompt kept 9.7 and 14.7/16, 48 images with 8 renoised samples per step 10.3 and "
