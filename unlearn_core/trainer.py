@@ -139,7 +139,7 @@ class UnlearnTrainer(BaselineLosses):
             "the target seeds' sampling states": config.forget_states == "trajectory" and sets.target_states is None,
             "the painted mask": config.forget_target == "painted" and (sets.paint_mask is None or sets.paint_mask_pixels is None),
             "remember sampling states": config.remember_loss == "distill" and sets.remember_states is None,
-            "remember images": (config.remember_loss == "denoise" or config.remember_renoised > 0) and sets.remember_x0 is None,
+            "remember images": (config.remember_loss == "denoise" or config.renoised_seed_count > 0) and sets.remember_x0 is None,
         }
         return ", ".join(name for name, lacking in needs.items() if lacking)
 
@@ -430,7 +430,7 @@ class UnlearnTrainer(BaselineLosses):
     def step_budget(self) -> int:
         """`config.steps`, or up to `extend_until_fixed` more once there while a target is still
         short of the verdict 'fixed' (r < FIXED_AT at the last refresh): the operator came for
-        the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.62 at
+        the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.57 at
         step 90, fixed at step 155). A target already fixed but short of `stop_at_r` stops at
         `steps`, so the other seeds pay no more for it, and so does a run with stop_at_r 0."""
         from unlearn_core.metrics import FIXED_AT
