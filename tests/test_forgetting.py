@@ -188,6 +188,37 @@ def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_mod
     assert 1.05 < losses[3.0] / losses[0.0] < 4.0, losses
 
 
+
+def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(tiny_models):
+    """Training past `steps` (only while a target is not yet fixed) holds the other seeds with
+    extend_remember_factor × remember_weight; before that, with the full weight."""
+    from PIL import Image as PILImage
+
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.sets import encode_sets, remember_pool
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    picture = PILImage.new("RGB", (16, 16), (200, 40, 40))
+    sets = encode_sets(model, [picture], [picture], ["x"], [], [], [0])
+    with model.adapter_disabled():
+        sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
+    losses = {}
+    for step in (9, 10, 14):
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=0, steps=10, extend_remember_factor=0.25, seed=3)
+        trainer = UnlearnTrainer(model, config, sets)
+        trainer.step = step  # steps done so far: the next is step + 1
+        with torch.no_grad():
+            losses[step] = float(trainer._remember_loss_distill())
+    assert losses[9] > 0
+    assert losses[10] == pytest.approx(0.25 * losses[9], rel=1e-5) and losses[14] == pytest.approx(losses[10], rel=1e-5), losses
+
 # -- the forget loss on decoded pixels ----------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
 def test_decode_x0_gives_the_pipelines_image_and_passes_gradients(kind, tiny_models):
@@ -398,3 +429,39 @@ def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_mode
             pass
         assert all(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
     assert not any(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
+
+
+def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(tiny_models, tmp_path):
+    """A second job on the same prompt and seeds reads the frozen model's recorded states from the
+    cache (the denoiser is not run) and gets exactly the states the first recorded, with the
+    adapter off whatever it holds; a torn file is recorded again."""
+    from unlearn_core.cache import GenerationCache
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    for name, parameter in model.denoiser.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)  # an adapter that changes every prediction
+    cache = GenerationCache(tmp_path / "cache")
+    calls = []
+    handle = model.denoiser.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        first = cache.get_or_record(model, PROMPT, [3, 4, 5], 3, 2.0)
+        sampled = len(calls)
+        again = cache.get_or_record(model, PROMPT, [3, 4, 5], 3, 2.0)
+        assert sampled == 3 and len(calls) == sampled, "the second call must read the record, not sample"
+    finally:
+        handle.remove()
+    with model.adapter_disabled():
+        frozen = model.record_sampling(PROMPT, [3, 4, 5], 3, 2.0)
+    for record in (first, again):
+        for name in ("x_t", "timesteps", "out_cond", "out_uncond"):
+            assert torch.equal(getattr(record, name), getattr(frozen, name)), name
+        assert torch.equal(record.cond["encoder_hidden_states"], frozen.cond["encoder_hidden_states"])
+        assert torch.equal(record.uncond["encoder_hidden_states"], frozen.uncond["encoder_hidden_states"])
+        assert [np.asarray(image).tolist() for image in record.images] == [np.asarray(image).tolist() for image in frozen.images]
+    assert again.prompt == PROMPT
+    (stored,) = list((tmp_path / "cache").rglob("states_*.safetensors"))
+    stored.write_bytes(stored.read_bytes()[:100])
+    assert torch.equal(cache.get_or_record(model, PROMPT, [3, 4, 5], 3, 2.0).x_t, frozen.x_t)
+    assert cache.get_or_record(model, PROMPT, [3, 4], 3, 2.0).x_t.shape[0] == 2 * 3, "other seeds are another record"

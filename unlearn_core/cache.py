@@ -1,7 +1,8 @@
-"""A disk cache of pretrained-model generations (remember sets, 'before' images).
+"""A disk cache of pretrained-model generations (remember sets, 'before' images) and of recorded
+sampling trajectories (the distilled remember set's states).
 
 Keyed by model fingerprint, prompt, seed, steps and guidance: a second job on the same model and
-prompt reuses the images instead of regenerating them.
+prompt reuses the images and states instead of sampling them again.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from unlearn_core import settings
-from unlearn_core.files import save_image_atomic
+from unlearn_core.files import save_image_atomic, write_bytes_atomic
 from unlearn_core.models import DiffusionModel
+from unlearn_core.models.base import SamplingRecord
+
+RECORD_CACHE_LIMIT = 512 * 2**20  # bytes: a larger record (a big model's many states) is sampled again each job rather than kept
 
 
 def model_fingerprint(model: DiffusionModel) -> str:
@@ -58,3 +66,42 @@ class GenerationCache:
                 images[provenance.seed] = image
                 save_image_atomic(image, folder / f"seed_{provenance.seed}.png")
         return [images[seed] for seed in seeds], len(missing)
+
+    def get_or_record(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> SamplingRecord:
+        """The frozen model's recorded sampling of `seeds` (`DiffusionModel.record_sampling`, adapter
+        disabled), read back from disk when an earlier job recorded the same seeds; a new record is
+        written there. Stored in float32, so a read-back record equals the one sampled."""
+        file = self._folder(model, prompt, steps, guidance) / f"states_{hashlib.sha256(json.dumps(seeds).encode()).hexdigest()[:16]}.safetensors"
+        if file.is_file():
+            try:
+                return _record_from_tensors(load_file(file), prompt)
+            except (SafetensorError, OSError, KeyError, ValueError):
+                file.unlink(missing_ok=True)  # a torn or foreign file: record again
+        with model.adapter_disabled():
+            record = model.record_sampling(prompt, seeds, steps, guidance)
+        tensors = _record_tensors(record)
+        if sum(t.numel() * t.element_size() for t in tensors.values()) <= RECORD_CACHE_LIMIT:
+            write_bytes_atomic(file, save(tensors))
+        return record
+
+
+def _record_tensors(record: SamplingRecord) -> dict[str, torch.Tensor]:
+    """A record as named tensors (safetensors stores no Python objects): states, predictions,
+    conditioning rows, and the final images as uint8."""
+    tensors = {"x_t": record.x_t, "timesteps": record.timesteps, "out_cond": record.out_cond, "images": torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in record.images]))}
+    if record.out_uncond is not None:
+        tensors["out_uncond"] = record.out_uncond
+    tensors |= {f"cond.{key}": value for key, value in record.cond.items()}
+    tensors |= {f"uncond.{key}": value for key, value in (record.uncond or {}).items()}
+    return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+
+def _record_from_tensors(tensors: dict[str, torch.Tensor], prompt: str) -> SamplingRecord:
+    def group(prefix):
+        return {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)}
+
+    return SamplingRecord(
+        x_t=tensors["x_t"], timesteps=tensors["timesteps"], out_cond=tensors["out_cond"], out_uncond=tensors.get("out_uncond"),
+        cond=group("cond."), uncond=group("uncond.") or None, images=[Image.fromarray(array) for array in tensors["images"].numpy()], prompt=prompt,
+    )
+

@@ -124,6 +124,13 @@ def more_renoised_images(model: DiffusionModel, prompts: list[str], config: Unle
     return [cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)[0] for prompt in prompts]
 
 
+def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list:
+    """The frozen model's recorded sampling of the remember seeds (target seeds skipped: a target's
+    own trajectory must not be a teacher), one record per prompt, from the cache when recorded before."""
+    seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]
+    return [cache.get_or_record(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts]
+
+
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
     """Everything training reads, made once with the frozen model: encoded targets and surrogates;
     sampling states of the target seeds (trajectory forgetting) and of the remember seeds
@@ -134,19 +141,17 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
         return sets
     sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, targets)
     sets.pictures = [(t.target, t.surrogate) for t in targets]
-    target_seeds = {t.seed for t in targets}  # a target's own trajectory must not be a teacher
-    seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]
-    steps, guidance = config.generation_steps, config.guidance_scale
+    target_seeds = {t.seed for t in targets}
     with model.adapter_disabled():
         if config.remember_loss == "distill":
             prompts = remember_prompts_for(model, targets, config)
-            records = [model.record_sampling(prompt, seeds, steps, guidance) for prompt in prompts]
+            records = remember_records(model, prompts, config, target_seeds, cache)
             sets.remember_states = remember_pool(records)
             if config.remember_renoised:
                 more = more_renoised_images(model, prompts, config, target_seeds, cache)
                 sets.remember_x0, sets.remember_cond = renoise_sources(model, records, more)
         if config.forget_states == "trajectory":
-            sets.target_states = record_target_states(model, sets.targets, steps, guidance)
+            sets.target_states = record_target_states(model, sets.targets, config.generation_steps, config.guidance_scale)
     return sets
 
 
