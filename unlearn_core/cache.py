@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from unlearn_core import settings
 from unlearn_core.files import save_image_atomic, write_bytes_atomic
@@ -74,7 +74,7 @@ class GenerationCache:
         file = self._folder(model, prompt, steps, guidance) / f"states_{hashlib.sha256(json.dumps(seeds).encode()).hexdigest()[:16]}.safetensors"
         if file.is_file():
             try:
-                return _record_from_tensors(load_file(file), prompt)
+                return _record_from_tensors(load(file.read_bytes()), prompt)  # read into memory, not mapped: a later job may replace the file
             except (SafetensorError, OSError, KeyError, ValueError):
                 file.unlink(missing_ok=True)  # a torn or foreign file: record again
         with model.adapter_disabled():

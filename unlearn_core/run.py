@@ -21,6 +21,7 @@ from unlearn_core.export import adapter_card, save_kohya, write_cards
 from unlearn_core.files import save_image_atomic
 from unlearn_core.images import load_for_model
 from unlearn_core.models import DiffusionModel
+from unlearn_core.models.base import SamplingRecord
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, encode_sets, record_target_states, remember_pool
 from unlearn_core.trainer import StepReport, UnlearnTrainer
@@ -124,7 +125,7 @@ def more_renoised_images(model: DiffusionModel, prompts: list[str], config: Unle
     return [cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)[0] for prompt in prompts]
 
 
-def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list:
+def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list[SamplingRecord]:
     """The frozen model's recorded sampling of the remember seeds (target seeds skipped: a target's
     own trajectory must not be a teacher), one record per prompt, from the cache when recorded before."""
     seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]

@@ -13,7 +13,8 @@ Methods (`UnlearnConfig.method`):
     along t each acts; the forget loss on x̂0 decoded to pixels (a latent model's VAE decoder),
     where the operator painted;
   * training stops once the target seed's output has moved `stop_at_r` toward the surrogate, and
-    goes on past `steps` (up to `extend_until_fixed` more) while it is not yet fixed.
+    goes on past `steps` (up to `extend_until_fixed` more, the remember loss weighted
+    `extend_remember_factor` meanwhile) while it is not yet fixed.
 - neggrad: gradient ascent on the target's diffusion loss plus descent on the remember loss;
 - siss: SISS's importance-sampled mixture, deletion gradient rescaled to a fixed norm;
 - erasediff: EraseDiff's uniform-noise forget target, step g_r + λ·g_f.
@@ -364,10 +365,10 @@ class UnlearnTrainer(BaselineLosses):
     @property
     def _remember_weight(self) -> float:
         """remember_weight, times extend_remember_factor once training runs past `steps`, which it
-        does only while a target is not yet fixed (`step_budget`): held-back netherlands-75 and the
-        scratch cases netherlands-62 and -81 settle near r 0.65–0.7 under the full weight and take
-        140–170 steps to reach 'fixed'; at half the weight they are fixed by step 100–130, keeping
-        every other seed (docs/QUALITY.md)."""
+        does only while a target is not yet fixed (`step_budget`): netherlands-62 (in the quality
+        suite), -75 (held back) and -81 (scratch) settle near r 0.65–0.7 under the full weight and
+        take 140–170 steps to reach 'fixed'; at half the weight they are fixed by step 100–135,
+        keeping every other seed (docs/QUALITY.md)."""
         config = self.config
         return config.remember_weight * (config.extend_remember_factor if self.step >= config.steps else 1.0)
 
@@ -441,8 +442,9 @@ class UnlearnTrainer(BaselineLosses):
         """`config.steps`, or up to `extend_until_fixed` more once there while a target is still
         short of the verdict 'fixed' (r < FIXED_AT at the last refresh): the operator came for
         the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.57 at
-        step 90, fixed at step 155). A target already fixed but short of `stop_at_r` stops at
-        `steps`, so the other seeds pay no more for it, and so does a run with stop_at_r 0."""
+        step 90, fixed at step 130, the remember weight halved meanwhile: `_remember_weight`). A
+        target already fixed but short of `stop_at_r` stops at `steps`, so the other seeds pay no
+        more for it, and so does a run with stop_at_r 0."""
         from unlearn_core.metrics import FIXED_AT
 
         config = self.config
