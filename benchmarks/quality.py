@@ -434,7 +434,12 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "belgium-77, paired with the default: job time −1.2 ± 1.8 s, r −0.02 ± 0.03, same prompt −0.3 ± 0.9 seeds. "
         "LoRA on fewer decoder blocks (scratch layer sets, training seed 0): the two finest up blocks only kept "
         "belgium-77 6/16 at r 0.70 (default 13 at 0.73); the finest only left chad, belgium-40 and japan-77 not fixed "
-        "after 180 steps (r 0.65–0.68, about 60 s each) and kept belgium-77 12/16 at r 0.71.",
+        "after 180 steps (r 0.65–0.68, about 60 s each) and kept belgium-77 12/16 at r 0.71. With this change's "
+        "defaults (scratch, training seeds 0 and 1 on belgium-77 and belgium-40; the default kept 12, 9 and 15, 14/16): "
+        "forgetting at large t, where x_t is still mostly the seed's own noise (λ(s)=s^γ, the paper's direction), was not "
+        "more specific to the seed: 11, 3 and 14, 7/16 at r 0.75–0.81; forgetting nearer the end of sampling (γ 2 or 3 of "
+        "`timestep-late`, carried to r 0.7 by the extension) kept 10, 13 and 12, 10/16 on belgium-77 and 15, 14 and "
+        "15, 15 on belgium-40 at r 0.70–0.75, the gentle trade again, γ 3 taking 150 steps (46 s) on belgium-77.",
         ("- **Why belgium-77's other seeds change, and what did not stop it** (training seed 0, on belgium-77, belgium-40 and "
         "japan-77; scratch runs of the study with a variant defined by `--define`). Switching the trained adapter on only "
         "inside a window of timesteps while sampling belgium-77's 16 other seeds shows the drift comes from every part of "
