@@ -158,45 +158,12 @@ def test_a_fix_that_also_changes_the_rest_is_flagged():
     assert metrics.toward_surrogate(SURROGATE, TARGET, SURROGATE).unpainted_change == 0.0
 
 
-def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_models):
-    """remember_large_t_boost k weights each remember sample by (1 + k·s): over a batch of sampling
-    states at every noise level the loss grows by more than 1× and less than (1 + k)×, and not at
-    all with k = 0 (the same draw, the same adapter)."""
+def _moved_adapter_and_remember_states(tiny_models):
+    """A tiny SD model whose LoRA has moved away from the frozen model, and fixed sets holding the
+    frozen model's sampling states of two seeds as the remember pool."""
     from PIL import Image as PILImage
 
-    from unlearn_core.config import UnlearnConfig
     from unlearn_core.sets import encode_sets, remember_pool
-    from unlearn_core.trainer import UnlearnTrainer
-
-    model = load_model(str(tiny_models["sd"]), "cpu")
-    model.add_lora(2, 2.0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.denoiser.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # an adapter that has moved away from the frozen model
-    picture = PILImage.new("RGB", (16, 16), (200, 40, 40))
-    losses = {}
-    for boost in (0.0, 3.0):
-        sets = encode_sets(model, [picture], [picture], ["x"], [], [], [0])
-        with model.adapter_disabled():
-            sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
-        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_batch_size=12, remember_renoised=0, remember_large_t_boost=boost, seed=3)
-        with torch.no_grad():
-            losses[boost] = float(UnlearnTrainer(model, config, sets)._remember_loss_distill())
-    assert losses[0.0] > 0
-    assert 1.05 < losses[3.0] / losses[0.0] < 4.0, losses
-
-
-
-def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(tiny_models):
-    """Training past `steps` (only while a target is not yet fixed) holds the other seeds with
-    extend_remember_factor × remember_weight; before that, with the full weight."""
-    from PIL import Image as PILImage
-
-    from unlearn_core.config import UnlearnConfig
-    from unlearn_core.sets import encode_sets, remember_pool
-    from unlearn_core.trainer import UnlearnTrainer
 
     model = load_model(str(tiny_models["sd"]), "cpu")
     model.add_lora(2, 2.0)
@@ -209,6 +176,32 @@ def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(
     sets = encode_sets(model, [picture], [picture], ["x"], [], [], [0])
     with model.adapter_disabled():
         sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
+    return model, sets
+
+def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_models):
+    """remember_large_t_boost k weights each remember sample by (1 + k·s): over a batch of sampling
+    states at every noise level the loss grows by more than 1× and less than (1 + k)×, and not at
+    all with k = 0 (the same draw, the same adapter)."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model, sets = _moved_adapter_and_remember_states(tiny_models)
+    losses = {}
+    for boost in (0.0, 3.0):
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_batch_size=12, remember_renoised=0, remember_large_t_boost=boost, seed=3)
+        with torch.no_grad():
+            losses[boost] = float(UnlearnTrainer(model, config, sets)._remember_loss_distill())
+    assert losses[0.0] > 0
+    assert 1.05 < losses[3.0] / losses[0.0] < 4.0, losses
+
+
+def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(tiny_models):
+    """Training past `steps` (only while a target is not yet fixed) holds the other seeds with
+    extend_remember_factor × remember_weight; before that, with the full weight."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model, sets = _moved_adapter_and_remember_states(tiny_models)
     losses = {}
     for step in (9, 10, 14):
         config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=0, steps=10, extend_remember_factor=0.25, seed=3)
