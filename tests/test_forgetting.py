@@ -178,6 +178,7 @@ def _moved_adapter_and_remember_states(tiny_models):
         sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
     return model, sets
 
+
 def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_models):
     """remember_large_t_boost k weights each remember sample by (1 + k·s): over a batch of sampling
     states at every noise level the loss grows by more than 1× and less than (1 + k)×, and not at
@@ -211,6 +212,7 @@ def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(
             losses[step] = float(trainer._remember_loss_distill())
     assert losses[9] > 0
     assert losses[10] == pytest.approx(0.25 * losses[9], rel=1e-5) and losses[14] == pytest.approx(losses[10], rel=1e-5), losses
+
 
 # -- the forget loss on decoded pixels ----------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd", "sd3"])

@@ -104,4 +104,3 @@ def _record_from_tensors(tensors: dict[str, torch.Tensor], prompt: str) -> Sampl
         x_t=tensors["x_t"], timesteps=tensors["timesteps"], out_cond=tensors["out_cond"], out_uncond=tensors.get("out_uncond"),
         cond=group("cond."), uncond=group("uncond.") or None, images=[Image.fromarray(array) for array in tensors["images"].numpy()], prompt=prompt,
     )
-
