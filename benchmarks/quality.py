@@ -471,7 +471,11 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "yellow grows more saturated; one background changes). With the forget loss on latents it kept 12/16 because its "
         "colours hardly moved (r 0.58). It is the one correction of the suite below the bar of 14. Removing the Swedish or "
         "Swiss cross, an edit against what every seed draws, still changes about half the prompt's seeds (8.7 and 9.3/16; "
-        "3.7 and 8.0 before renoised remembering).",
+        "3.7 and 8.0 before renoised remembering). A lead, not yet measured on the whole suite: 32 remember seeds instead "
+        "of 16, whose extra preparation the trajectory cache now pays only once (scratch, three training seeds, the same "
+        "evaluation seeds): belgium-77 11, 11, 12/16 (default 12, 9, 10), belgium-40 15, 16, 14 (15, 14, 14), "
+        "japan-77 15, 16, 16 (16, 15, 15), r 0.01–0.02 lower, warm jobs as long; a cold first job would record and "
+        "generate twice as much (about 20 s more), and belgium-77 stays below 14.",
         "- **Training goes on past `steps` while a target is not yet fixed** (`extend_until_fixed`, up to 90 more "
         "steps, stopping once r ≥ 0.7; the rows `forget loss on latents` and `previous defaults` run without it, as those "
         "defaults did). It is for slow corrections: in this suite netherlands-62 (all three training seeds) and belgium-77 "
