@@ -28,7 +28,7 @@ from benchmarks.quality import cases_picture, ssim_shares
 from unlearn_core import metrics
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
-from unlearn_core.run import more_renoised_images, remember_records
+from unlearn_core.run import warm_remember_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, GUIDANCE = 25, 5.0
@@ -79,8 +79,7 @@ def warm_cache(case: HeldBackCase) -> None:
 
     model, cache, config = load_model(DEMO_MODEL, device="cpu"), GenerationCache(), UnlearnConfig()
     cache.get_or_generate(model, case.prompt, [case.seed], config.generation_steps, config.guidance_scale)
-    remember_records(model, [case.prompt, ""], config, {case.seed}, cache)
-    more_renoised_images(model, [case.prompt, ""], config, {case.seed}, cache)
+    warm_remember_cache(model, [case.prompt, ""], config, {case.seed}, cache)
 
 
 def run_case(case: HeldBackCase, out: Path) -> dict:

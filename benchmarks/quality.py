@@ -45,7 +45,7 @@ from unlearn_core.evaluation import other_seeds
 from unlearn_core.files import save_image_atomic
 from unlearn_core.images import grid
 from unlearn_core.models import DiffusionModel, load_model
-from unlearn_core.run import more_renoised_images, remember_records, run_unlearning
+from unlearn_core.run import run_unlearning, warm_remember_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 JUDGE = ROOT / "assets" / "flag-classifier.safetensors"
@@ -124,8 +124,7 @@ def prepare_case(model: DiffusionModel, case: Case, cache: GenerationCache, fold
     default job's recorded remember trajectories and extra renoised images are put in the cache, so
     every job runs warm, as timed."""
     target = cache.get_or_generate(model, case.prompt, [case.seed], 25, 5.0)[0][0]
-    remember_records(model, [case.prompt, ""], UnlearnConfig(), {case.seed}, cache)
-    more_renoised_images(model, [case.prompt, ""], UnlearnConfig(), {case.seed}, cache)
+    warm_remember_cache(model, [case.prompt, ""], UnlearnConfig(), {case.seed}, cache)
     surrogate = Image.open(ROOT / case.surrogate_file).convert("RGB") if case.surrogate_file else paint(target, case.edits)
     folder.mkdir(parents=True, exist_ok=True)
     return save_image_atomic(target, folder / "target.png"), save_image_atomic(surrogate, folder / "surrogate.png")
@@ -156,7 +155,7 @@ def measure(model: DiffusionModel, case: Case, target: Image.Image, surrogate: I
     after_target = model.generate(case.prompt, [case.seed], steps, guidance)[0][0]
     probe = model.sdedit(target, case.prompt, 0.25, case.seed, steps, guidance)
     moved = metrics.toward_surrogate(after_target, target, surrogate)
-    seeds = other_seeds(SAME_PROMPT_SEEDS, {case.seed}, range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    seeds = other_seeds(SAME_PROMPT_SEEDS, {case.seed}, config.remember_seeds)
     same_before = cache.get_or_generate(model, case.prompt, seeds, steps, guidance)[0]
     same_after = [image for image, _ in model.generate(case.prompt, seeds, steps, guidance)]
     other_before, other_after, other_prompts = [], [], []

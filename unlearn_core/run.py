@@ -132,6 +132,13 @@ def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnC
     return [cache.get_or_record(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts]
 
 
+def warm_remember_cache(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> None:
+    """Put what a job's remember set reads from the cache there ahead of it (recorded trajectories,
+    extra renoised images), so a timed job runs warm."""
+    remember_records(model, prompts, config, target_seeds, cache)
+    more_renoised_images(model, prompts, config, target_seeds, cache)
+
+
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
     """Everything training reads, made once with the frozen model: encoded targets and surrogates;
     sampling states of the target seeds (trajectory forgetting) and of the remember seeds
