@@ -28,6 +28,7 @@ from benchmarks.quality import cases_picture, ssim_shares
 from unlearn_core import metrics
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
+from unlearn_core.evaluation import EvalTarget
 from unlearn_core.run import warm_remember_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,15 +72,15 @@ def kept(before: list[Image.Image], after: list[Image.Image]) -> int:
     return round(ssim_shares(before, after)[0] * len(before))
 
 
-def warm_cache(case: HeldBackCase) -> None:
+def warm_cache(case: HeldBackCase, surrogate: Image.Image) -> None:
     """Put what the CLI job reads from the user's generation cache there first (the target image,
     the recorded remember trajectories, the extra renoised images), so the timed job runs warm, as
     the goal is stated; an operator's second job on a prompt finds them there."""
     from unlearn_core.models import load_model
 
     model, cache, config = load_model(DEMO_MODEL, device="cpu"), GenerationCache(), UnlearnConfig()
-    cache.get_or_generate(model, case.prompt, [case.seed], config.generation_steps, config.guidance_scale)
-    warm_remember_cache(model, [case.prompt, ""], config, {case.seed}, cache)
+    target = cache.get_or_generate(model, case.prompt, [case.seed], config.generation_steps, config.guidance_scale)[0][0]
+    warm_remember_cache(model, [EvalTarget(case.prompt, case.seed, target, surrogate)], config, cache)
 
 
 def run_case(case: HeldBackCase, out: Path) -> dict:
@@ -93,7 +94,7 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
     surrogate = paint(target, (Recolour(colour_at(target, case.at), case.new, at=case.at),))
     target.save(folder / "target.png")
     surrogate.save(folder / "surrogate.png")
-    warm_cache(case)
+    warm_cache(case, surrogate)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", case.prompt, "--seed", str(case.seed), "--surrogate", str(folder / "surrogate.png"),
                     "--out", str(folder / "job")], cwd=ROOT, check=True, capture_output=True)

@@ -397,7 +397,7 @@ def test_renoised_remember_distils_the_frozen_model_at_fresh_noisings(tiny_model
 
 
 def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_models, tmp_path):
-    """renoised_seed_multiple > 1: each remember prompt's next seeds (the target's skipped)
+    """renoised_seed_multiple > 1 (remember_choice 'first'): each remember prompt's next seeds (the target's skipped)
     are generated into the cache and renoised with that prompt's conditioning; evaluation never
     uses them; preparation inside adapter_disabled leaves a resumed adapter's layers off throughout."""
     from unlearn_core.cache import GenerationCache
@@ -407,7 +407,7 @@ def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_mode
 
     model = load_model(str(tiny_models["sd"]), "cpu")
     model.add_lora(2, 2.0)
-    config = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0, trajectory_refresh=0)
+    config = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0, trajectory_refresh=0, remember_choice="first")
     cache = GenerationCache(tmp_path / "cache")
     sets = prepare_sets(model, [EvalTarget(PROMPT, 13, TARGET, SURROGATE)], config, cache)
     assert list(config.remember_seeds) == [10, 11, 12, 13, 14, 15]
@@ -424,6 +424,33 @@ def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_mode
             pass
         assert all(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
     assert not any(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
+
+
+def test_a_flagged_prompts_recorded_remember_seeds_are_the_pool_seeds_nearest_the_flagged_image(tiny_models, tmp_path):
+    """remember_choice 'nearest': of the flagged prompt's pool (remember_count × renoised_seed_multiple
+    seeds), the remember_count whose images are nearest the flagged output are recorded and the rest
+    renoised; the empty prompt, with no flagged image, keeps its first seeds; 'first' keeps them everywhere."""
+    from unlearn_core.cache import GenerationCache
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import EvalTarget, remember_records, remember_seed_plan
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    cache = GenerationCache(tmp_path / "cache")
+    pool = [10, 11, 12, 13, 14, 15]
+    images = cache.get_or_generate(model, PROMPT, pool, 3, 2.0)[0]
+    flagged = images[4]  # seed 14's image, flagged as if it were seed 99's: at distance 0
+    distance = [np.abs(np.asarray(image, dtype=float) - np.asarray(flagged, dtype=float)).mean() for image in images]
+    second = pool[int(np.argsort(distance)[1])]  # the nearest is seed 14 itself, which 'first' would not record
+    targets = [EvalTarget(PROMPT, 99, flagged, SURROGATE)]
+    nearest = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0)
+    plan = remember_seed_plan(model, [PROMPT, ""], nearest, targets, cache)
+    assert plan[0] == (sorted([14, second]), [seed for seed in pool if seed not in (14, second)])
+    assert plan[1] == ([10, 11], [12, 13, 14, 15])
+    first = UnlearnConfig(**{**nearest.to_dict(), "remember_choice": "first"})
+    assert remember_seed_plan(model, [PROMPT, ""], first, targets, cache)[0] == ([10, 11], [12, 13, 14, 15])
+    records, more = remember_records(model, [PROMPT], nearest, targets, cache)
+    assert [np.asarray(image).tolist() for image in records[0].images] == [np.asarray(images[pool.index(seed)]).tolist() for seed in sorted([14, second])]
+    assert len(more[0]) == 4
 
 
 def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(tiny_models, tmp_path):

@@ -17,6 +17,7 @@ LOSS_SPACES = ("pixels", "x0", "native")
 FORGET_STATES = ("trajectory", "random")
 FORGET_TARGETS = ("painted", "surrogate")
 REMEMBER_LOSSES = ("distill", "denoise")
+REMEMBER_CHOICES = ("nearest", "first")
 LORA_LAYERS = ("text-kv", "attention", "decoder", "all")
 
 
@@ -76,6 +77,7 @@ class UnlearnConfig:
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
     remember_renoised: int = field(default=4, metadata=_meta("distill remembering: remember samples per step, besides remember_batch_size, at fresh noisings x_t = a·x0 + b·ε of the remember seeds' final images, the frozen model's prediction there computed on the fly: states no recorded trajectory holds, so the adapter learns to leave the prompt's images alone, not only the recorded states (0 = recorded states only)", min=0, max=256, method="ours"))
     renoised_seed_multiple: int = field(default=3, metadata=_meta("distill remembering: the renoised samples are drawn from the images of remember_count × this many seeds per remember prompt: the remember seeds' own final images, then the next seeds' from the generation cache (generated once; more of the prompt's neighbourhood held), 1 = the remember seeds' only", min=1, max=64, method="ours"))
+    remember_choice: str = field(default="nearest", metadata=_meta("distill remembering: which seeds of a flagged prompt give recorded trajectories. nearest: the remember_count seeds, of the remember_count × renoised_seed_multiple whose images are renoised, whose images look most like the flagged output (its neighbours, the seeds a fix spills onto first); first: the first remember_count seeds", choices=REMEMBER_CHOICES, method="ours"))
     remember_batch_size: int = field(default=8, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="decoder", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; decoder: attention and ResNet convolutions of a U-Net's up blocks, where details and colours are drawn, leaving the blocks that set every seed's layout frozen (a transformer: every layer); all: attention, convolutions and feed-forward layers everywhere (more capacity, more risk)", choices=LORA_LAYERS))
     seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -115,28 +116,52 @@ def renoise_sources(model: DiffusionModel, records, more_images: list[list[Image
     return x0, {key: torch.cat([c[key] for c in conds]).to(model.device) for key in conds[0]}
 
 
-def more_renoised_images(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list[list[Image.Image]]:
-    """Each remember prompt's images of the seeds after the remember seeds, up to renoised_seed_count
-    (target seeds skipped), from the generation cache: generated once, then read back."""
-    start = config.remember_seed_offset + config.remember_count
-    seeds = [seed for seed in range(start, config.remember_seed_offset + config.renoised_seed_count) if seed not in target_seeds]
-    if not seeds:
-        return [[] for _ in prompts]
-    return [cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)[0] for prompt in prompts]
+def nearest_seeds(images: list[Image.Image], seeds: list[int], references: list[Image.Image], count: int) -> list[int]:
+    """The `count` seeds whose images lie nearest any reference image (mean absolute pixel
+    difference), in seed order. Written by hand: a ranking by a plain distance, no library call."""
+    stacked = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    distance = np.min([np.abs(stacked - np.asarray(reference.resize(images[0].size), dtype=np.float32)).mean(axis=(1, 2, 3)) for reference in references], axis=0)
+    return sorted(seeds[index] for index in np.argsort(distance, kind="stable")[:count])
 
 
-def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> list[SamplingRecord]:
-    """The frozen model's recorded sampling of the remember seeds (target seeds skipped: a target's
-    own trajectory must not be a teacher), one record per prompt, from the cache when recorded before."""
-    seeds = [seed for seed in range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count) if seed not in target_seeds]
-    return [cache.get_or_record(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts]
+def remember_seed_plan(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, targets: list[EvalTarget], cache: GenerationCache) -> list[tuple[list[int], list[int]]]:
+    """Per remember prompt, (seeds whose sampling is recorded and distilled, the rest of its pool
+    whose final images are renoised). The pool is `config.remember_seeds` less the target seeds.
+
+    remember_choice 'nearest': for a flagged prompt, the recorded seeds are the pool's remember_count
+    seeds whose frozen images look most like the flagged outputs. Their sampling passes closest to
+    the target's, so a fix spills onto them first; holding them is what keeps the target's
+    neighbours. Other prompts (the empty one, extra remember prompts) have no flagged image and
+    keep the first seeds."""
+    target_seeds = {t.seed for t in targets}
+    pool = [seed for seed in config.remember_seeds if seed not in target_seeds]
+    renoising = config.renoised_seed_count > 0
+    plans = []
+    for prompt in prompts:
+        references = [t.target for t in targets if t.prompt == prompt]
+        recorded = pool[: config.remember_count]
+        if config.remember_choice == "nearest" and references and len(pool) > config.remember_count:
+            images = cache.get_or_generate(model, prompt, pool, config.generation_steps, config.guidance_scale)[0]
+            recorded = nearest_seeds(images, pool, references, config.remember_count)
+        plans.append((recorded, [seed for seed in pool if seed not in recorded] if renoising else []))
+    return plans
 
 
-def warm_remember_cache(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, target_seeds: set[int], cache: GenerationCache) -> None:
-    """Put what a job's remember set reads from the cache there ahead of it (recorded trajectories,
-    extra renoised images), so a timed job runs warm."""
-    remember_records(model, prompts, config, target_seeds, cache)
-    more_renoised_images(model, prompts, config, target_seeds, cache)
+def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, targets: list[EvalTarget], cache: GenerationCache) -> tuple[list[SamplingRecord], list[list[Image.Image]]]:
+    """The frozen model's recorded sampling of each prompt's recorded seeds (a target's own
+    trajectory is never a teacher), from the cache when recorded before, and the cached images of
+    the rest of its pool for renoising (generated once, then read back)."""
+    records, more = [], []
+    for prompt, (recorded, rest) in zip(prompts, remember_seed_plan(model, prompts, config, targets, cache)):
+        records.append(cache.get_or_record(model, prompt, recorded, config.generation_steps, config.guidance_scale))
+        more.append(cache.get_or_generate(model, prompt, rest, config.generation_steps, config.guidance_scale)[0] if rest else [])
+    return records, more
+
+
+def warm_remember_cache(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> None:
+    """Put what a job's distilled remember set reads from the cache there ahead of it (recorded
+    trajectories, pool images), so a timed job runs warm."""
+    remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache)
 
 
 def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> FixedSets:
@@ -149,14 +174,12 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
         return sets
     sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, targets)
     sets.pictures = [(t.target, t.surrogate) for t in targets]
-    target_seeds = {t.seed for t in targets}
     with model.adapter_disabled():
         if config.remember_loss == "distill":
             prompts = remember_prompts_for(model, targets, config)
-            records = remember_records(model, prompts, config, target_seeds, cache)
+            records, more = remember_records(model, prompts, config, targets, cache)
             sets.remember_states = remember_pool(records)
             if config.remember_renoised:
-                more = more_renoised_images(model, prompts, config, target_seeds, cache)
                 sets.remember_x0, sets.remember_cond = renoise_sources(model, records, more)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, config.generation_steps, config.guidance_scale)
