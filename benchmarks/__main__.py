@@ -238,6 +238,13 @@ prompts × 16 seeds × 25 steps) are read back from the cache instead of sampled
 of a warm job's preparation on the demo model: the warm row fell from 30.8 s to 26.1 s and the
 browser's job from 30.2 s to 22.9 s; this run's generation row is also 21 % faster than that
 run's (1.33 s), so part of the drop is the machine.
+Not re-run after the next change (the remember seeds of a flagged prompt are now the 16 of its 48
+pool seeds nearest the flagged output, `remember_choice` 'nearest'): the machine ran about 4×
+slower that day (the generation row took 4.33 s), so a new table would have timed the machine. That
+change does not touch a training step. A cold cache now also generates the flagged prompt's first
+16 images, which it used to get only inside their recorded trajectories (16 images, about 2 s at
+this table's generation speed), and the chad job stops at step 45 instead of 40 (one more check
+of r: it stood at 0.79 at step 40, short of the early stop's 0.8).
 
 ## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
 
