@@ -542,6 +542,7 @@ def parse_args(argv=None):
     parser.add_argument("--define", default="{}", help='more variants as JSON, e.g. \'{"lr 1e-3": {"learning_rate": 0.001}}\'')
     parser.add_argument("--no-extras", action="store_true", help="skip robustness and the two-target job")
     parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument("--device", default="cpu", help="cpu (the study's machine) | cuda | auto: where the demo model runs; numbers differ slightly between devices, so compare variants on one")
     parser.add_argument("--shared-machine", action="store_true", help="say in the report that other work shared the machine, so job times are not timings")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
@@ -578,7 +579,7 @@ def main(args) -> list[Measured]:
     started = time.perf_counter()
     out = Path(args.out)
     cache = GenerationCache(out / "cache")
-    model = load_model(DEMO_MODEL, device="cpu")
+    model = load_model(DEMO_MODEL, device=args.device, dtype="fp32")  # full precision on every device
     judge = load_classifier(JUDGE)
     chosen = [case for case in CASES if case.name in args.cases.split(",")]
     files = {case.name: prepare_case(model, case, cache, out / "cases" / case.name) for case in chosen}

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from unlearn_core.cache import GenerationCache
+from unlearn_core.cache import GenerationCache, model_fingerprint
 from unlearn_core.config import InstanceTarget, UnlearnConfig
 from unlearn_core.models import load_model
 from unlearn_core.run import run_unlearning
@@ -155,3 +155,22 @@ def test_initial_noise_is_the_pipelines_own_draw(kind, tiny_models):
     by_seed = model.pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(11), output_type="np").images[0]
     by_latents = model.pipe(PROMPT, num_inference_steps=3, guidance_scale=2.0, latents=model.initial_noise([11]), output_type="np").images[0]
     np.testing.assert_allclose(by_seed, by_latents, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl", "ddpm"])
+def test_half_precision_weights_train_as_a_gpu_loads_them(kind, tiny_models, cache_dir, tmp_path):
+    """On a CUDA GPU `load_model` picks bf16 weights by default; a job must train with them (the
+    recorded states and conditioning are fp32) and keep its cache apart from the fp32 model's."""
+    model = load_model(str(tiny_models[kind]), "cpu", dtype="bf16")
+    assert model.denoiser.dtype == torch.bfloat16
+    target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
+    surrogate_path = tmp_path / "surrogate.png"
+    Image.fromarray(255 - np.asarray(target)).save(surrogate_path)
+    result = run_unlearning(model, [InstanceTarget(PROMPT, 7, str(surrogate_path))], _config(), tmp_path / "run", cache=GenerationCache(cache_dir))
+    log = (tmp_path / "run" / "loss_log.csv").read_text().strip().splitlines()
+    assert len(log) == 1 + 3 and "nan" not in "".join(log[1:])
+    assert any(p.abs().sum() > 0 for n, p in model.denoiser.named_parameters() if "lora_B" in n)
+    assert result["metrics"]["forgetting"]["verdict"] in ("fixed", "partly fixed", "not fixed")
+    assert model.weights_dtype == torch.bfloat16, "the job (its SDEdit probe too) keeps the weights' precision"
+    full = load_model(str(tiny_models[kind]), "cpu")
+    assert model_fingerprint(full) != model_fingerprint(model)

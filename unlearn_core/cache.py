@@ -26,9 +26,12 @@ RECORD_CACHE_LIMIT = 512 * 2**20  # bytes: a larger record (a big model's many s
 
 
 def model_fingerprint(model: DiffusionModel) -> str:
-    """The source plus, for a local folder, the sizes and times of its weight files."""
+    """The source, the weights' precision unless fp32 (bf16 and fp32 draw different images; fp32
+    entries keep the key they always had) and, for a local folder, its weight files' sizes and times."""
     path = Path(model.source)
     parts = [model.source, model.family]
+    if model.weights_dtype != torch.float32:
+        parts.append(str(model.weights_dtype))
     if path.is_dir():
         for weight in sorted(path.rglob("*.safetensors")) + sorted(path.rglob("*.bin")):
             stat = weight.stat()

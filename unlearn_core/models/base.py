@@ -153,6 +153,20 @@ class DiffusionModel:
         return (t.to(self.device), *self.noise_levels_at(t))
 
     def predict(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's output at x_t. Recorded states and conditioning are kept in fp32; they are
+        cast here to the weights' precision (bf16 or fp16 by default on a GPU), which the denoiser's
+        own layers require outside autocast. peft casts them back up for the fp32 LoRA weights."""
+        dtype = self.weights_dtype
+        cond = {key: value.to(dtype) if value.is_floating_point() else value for key, value in cond.items()}
+        return self._predict(denoiser, x_t.to(dtype), timesteps, cond)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The precision of the denoiser's own weights (an attached LoRA's weights stay fp32)."""
+        return next(p.dtype for name, p in self.denoiser.named_parameters() if "lora_" not in name)
+
+    def _predict(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The family's call of its denoiser, inputs already in the weights' precision."""
         raise NotImplementedError
 
     def remember_loss_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

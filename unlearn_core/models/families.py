@@ -56,7 +56,8 @@ class TextToImageModel(DiffusionModel):
     def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
         import diffusers
 
-        img2img = getattr(diffusers, self.img2img_pipeline).from_pipe(self.pipe, **self.img2img_extras)
+        # from_pipe casts the shared components to its `dtype`, fp32 unless given: the model's own.
+        img2img = getattr(diffusers, self.img2img_pipeline).from_pipe(self.pipe, dtype=self.weights_dtype, **self.img2img_extras)
         img2img.set_progress_bar_config(disable=True)
         return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
 
@@ -77,7 +78,7 @@ class TextToImageModel(DiffusionModel):
     def generate_from_noise(self, prompt: str, noise: torch.Tensor, steps: int = 25, guidance: float = 5.0) -> Image.Image:
         """One image from given unit initial noise (shape of `initial_noise`), e.g. a perturbed seed."""
         width, height = self.image_size
-        return self.pipe(prompt, latents=noise.to(self.device), num_inference_steps=steps, guidance_scale=guidance, width=width, height=height).images[0]
+        return self.pipe(prompt, latents=noise.to(self.device, self.weights_dtype), num_inference_steps=steps, guidance_scale=guidance, width=width, height=height).images[0]
 
     def _load_lora(self, folder):
         self.remove_lora()
@@ -95,7 +96,7 @@ class StableDiffusionModel(TextToImageModel):
             embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return {"encoder_hidden_states": embeds.float()}
 
-    def predict(self, denoiser, x_t, timesteps, cond):
+    def _predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def denoiser_call(self, args, kwargs):
@@ -151,7 +152,7 @@ class StableDiffusion3Model(TextToImageModel):
         cond = {"encoder_hidden_states": kwargs["encoder_hidden_states"], "pooled_projections": kwargs["pooled_projections"]}
         return kwargs["hidden_states"], kwargs["timestep"], cond
 
-    def predict(self, denoiser, x_t, timesteps, cond):
+    def _predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"], pooled_projections=cond["pooled_projections"]).sample
 
 
@@ -193,7 +194,7 @@ class StableDiffusionXLModel(TextToImageModel):
         finally:
             vae.to(torch.float16)
 
-    def predict(self, denoiser, x_t, timesteps, cond):
+    def _predict(self, denoiser, x_t, timesteps, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return denoiser(x_t, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
 
@@ -216,7 +217,7 @@ class PixelDDPMModel(DiffusionModel):
         size = self.pipe.unet.config.sample_size
         return (size, size) if isinstance(size, int) else (size[1], size[0])
 
-    def predict(self, denoiser, x_t, timesteps, cond):
+    def _predict(self, denoiser, x_t, timesteps, cond):
         return denoiser(x_t, timesteps).sample
 
     def denoiser_call(self, args, kwargs):
@@ -231,7 +232,7 @@ class PixelDDPMModel(DiffusionModel):
         sample = x_t
         with torch.no_grad():
             for t in scheduler.timesteps[start_index:]:
-                output = self.pipe.unet(sample, t).sample
+                output = self.pipe.unet(sample.to(self.weights_dtype), t).sample.float()  # steps in fp32
                 sample = scheduler.step(output, t, sample).prev_sample
         return sample
 
