@@ -244,6 +244,13 @@ COLUMNS = ("r", "probe_r", "target_ssim", "same_09", "same_095", "same_mean", "o
 HEADERS = ("r (target seed)", "r (denoise probe)", "SSIM after vs target", "same prompt SSIM ≥ 0.9", "≥ 0.95", "mean SSIM", "other prompts SSIM ≥ 0.9", "≥ 0.95", "mean SSIM", "judge kept", "job s")
 
 
+def where_it_ran(device: str) -> str:
+    """The machine a study's numbers come from: the CPU's threads, or the GPU's name."""
+    if device != "cpu" and torch.cuda.is_available():
+        return f"a {torch.cuda.get_device_name()} GPU (fp32; r and kept seeds as on the CPU, job times not)"
+    return f"this machine ({torch.get_num_threads()} threads)"
+
+
 def mean_spread(values: list[float], share: bool) -> str:
     mean = statistics.fmean(values)
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -321,7 +328,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
     lines = [
         "# Quality: does the hotfix fix, and what does it cost?",
         "",
-        f"Written by `python -m benchmarks.quality {' '.join(args.argv)}`".rstrip() + f" in {seconds / 60:.0f} min on this machine ({torch.get_num_threads()} threads). "
+        f"Written by `python -m benchmarks.quality {' '.join(args.argv)}`".rstrip() + f" in {seconds / 60:.0f} min on {args.where}. "
         "Every number is mean ± standard deviation over the runs of a row (cases × training seeds); "
         "shares are of 16 images. r is how far the painted pixels moved toward the surrogate "
         f"(1 fixed, 0 unchanged; verdict `fixed` at r ≥ {metrics.FIXED_AT}); SSIM after vs target says how much "
@@ -488,7 +495,12 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "belgium-40 15, 16, 14 (15, 14, 14), japan-77 15, 16, 16 (16, 15, 15), r 0.01–0.02 lower, warm jobs as long. "
         "The 32 nearest of 96 (scratch, with this change): belgium-77 14, 14, 12/16 at r 0.70–0.72, against 13, 11, 13. "
         "A cold first job would record and generate twice as much (about 20 s more on the study's machine), and "
-        "belgium-77 would still be below 14 on average.",
+        "belgium-77 would still be below 14 on average. Tried since, three training seeds each on belgium-77 (default 13, 11, "
+        "13): the 16 nearest of 96 kept 13, 12, 12 (r 0.73); the 32 nearest of 96 with 8 renoised samples per step 14, 11, "
+        "11 (0.72); twice the remember weight at small t, the same at t=1 (weight 3, boost 5.5) 13, 12, 13 (0.70). The seeds "
+        "it loses are the prompt's pale renderings (the nearest to the flagged image after one), whose yellow and red turn "
+        "toward the painted colours while the flag's outline stays: the correction reaches its neighbours in its own "
+        "direction, and SSIM counts that as damage.",
         "- **Training goes on past `steps` while a target is not yet fixed** (`extend_until_fixed`, up to 90 more "
         "steps, stopping once r ≥ 0.7; the rows `forget loss on latents` and `previous defaults` run without it, as those "
         "defaults did). It is for slow corrections: in this suite netherlands-62 (all three training seeds) and belgium-77 "
@@ -567,6 +579,7 @@ def report_from_files(args) -> None:
     results = read_results(out / "results.csv")
     extras = json.loads((out / "extras.json").read_text())
     args.argv = extras["argv"]
+    args.where = extras.get("where") or where_it_ran("cpu")
     report = Path(args.report)
     pareto_plot(results, report.parent / "quality" / "pareto.png")
     write_report(results, extras["robust"], extras["two"], args, report, extras["seconds"], extras.get("load"))
@@ -580,6 +593,7 @@ def main(args) -> list[Measured]:
     out = Path(args.out)
     cache = GenerationCache(out / "cache")
     model = load_model(DEMO_MODEL, device=args.device, dtype="fp32")  # full precision on every device
+    args.where = where_it_ran(args.device)
     judge = load_classifier(JUDGE)
     chosen = [case for case in CASES if case.name in args.cases.split(",")]
     files = {case.name: prepare_case(model, case, cache, out / "cases" / case.name) for case in chosen}
@@ -607,7 +621,7 @@ def main(args) -> list[Measured]:
     if not args.no_extras and "default" in args.variants.split(",") and len(chosen) >= 2:
         two = two_target_job(model, chosen[:2], files, cache, judge, out)
     load = statistics.mean(loads) if loads else None
-    (out / "extras.json").write_text(json.dumps({"robust": robust, "two": two, "seconds": time.perf_counter() - started, "argv": args.argv, "load": load}, indent=2))
+    (out / "extras.json").write_text(json.dumps({"robust": robust, "two": two, "seconds": time.perf_counter() - started, "argv": args.argv, "load": load, "where": args.where}, indent=2))
     report = Path(args.report)
     (report.parent / "quality").mkdir(parents=True, exist_ok=True)
     pareto_plot(results, report.parent / "quality" / "pareto.png")
