@@ -554,7 +554,7 @@ def parse_args(argv=None):
     parser.add_argument("--define", default="{}", help='more variants as JSON, e.g. \'{"lr 1e-3": {"learning_rate": 0.001}}\'')
     parser.add_argument("--no-extras", action="store_true", help="skip robustness and the two-target job")
     parser.add_argument("--out", default=str(ROOT / "runs" / "quality"))
-    parser.add_argument("--device", default="cpu", help="cpu (the study's machine) | cuda | auto: where the demo model runs; numbers differ slightly between devices, so compare variants on one")
+    parser.add_argument("--device", default="cpu", help="cpu (the study's machine) | cuda | auto: where the demo model runs, in fp32 (on a GPU the r and kept seeds repeat the CPU's; job times do not)")
     parser.add_argument("--shared-machine", action="store_true", help="say in the report that other work shared the machine, so job times are not timings")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
