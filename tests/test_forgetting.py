@@ -40,6 +40,17 @@ def test_r_ignores_unpainted_pixels_and_reports_change_off_the_line():
     assert abs(green.r) < 0.05 and green.residual > 1.0, "a change orthogonal to the painted one is residual, not forgetting"
 
 
+def test_the_verdict_judges_the_r_that_is_reported():
+    """28 black pixels painted white; after, their 84 channel values sum to 14993 of 21420: r is
+    0.699953, shown (and read by the early stop) as 0.7000, which is 'fixed', not 'partly fixed'."""
+    target = np.zeros((16, 16, 3), dtype=np.uint8)
+    surrogate, after = target.copy(), target.copy()
+    surrogate.reshape(-1, 3)[:28] = 255
+    after.reshape(-1)[:84] = [179] * 41 + [178] * 43
+    moved = metrics.toward_surrogate(Image.fromarray(after), Image.fromarray(target), Image.fromarray(surrogate))
+    assert moved.r == 0.7 and moved.verdict == metrics.verdict_for(moved.r) == "fixed"
+
+
 def test_nothing_painted_gives_no_verdict():
     moved = metrics.toward_surrogate(TARGET, TARGET, TARGET)
     assert moved.r is None and moved.verdict == "no painted pixels"

@@ -280,6 +280,8 @@ def toward_surrogate(after: Image.Image, target: Image.Image, surrogate: Image.I
     painted = _pixels(surrogate, size)[mask] - x_f
     moved = _pixels(after, size)[mask] - x_f
     norm2 = float((painted**2).sum())
-    r = float((moved * painted).sum() / norm2)
+    # Rounded before it is judged: the r a job reports is the r its verdict and its early stop read
+    # (unrounded, a job could stop at a shown r of 0.7000 and then call itself "partly fixed").
+    r = round(float((moved * painted).sum() / norm2), 4)
     residual = float(np.sqrt(((moved - r * painted) ** 2).sum() / norm2))
-    return TowardSurrogate(round(r, 4), round(residual, 4), round(float(mask.mean()), 4), verdict_for(r), unpainted)
+    return TowardSurrogate(r, round(residual, 4), round(float(mask.mean()), 4), verdict_for(r), unpainted)
