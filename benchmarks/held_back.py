@@ -1,6 +1,6 @@
 """Held-back cases: painted corrections that no setting was ever chosen on, run as an operator would.
 
-    python -m benchmarks.held_back [--out runs/held-back]
+    python -m benchmarks.held_back [--out runs/held-back] [--cases france-77-red,ireland-77-orange]
 
 Each case is the demo model's own output for a prompt and seed with a region repainted the way
 `benchmarks.cases` paints (the source colour picked at a point, as with an eyedropper). The job is
@@ -116,11 +116,15 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "runs" / "held-back"))
+    parser.add_argument("--cases", default=",".join(case.name for case in CASES), help="comma-separated case names (default: all)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    chosen = args.cases.split(",")
+    if unknown := set(chosen) - {case.name for case in CASES}:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}; the cases are {', '.join(case.name for case in CASES)}")
     rows = []
     print("| case | r | verdict | same prompt SSIM ≥ 0.9 | other prompts SSIM ≥ 0.9 | job s |\n|---|---|---|---|---|---|", flush=True)
-    for case in CASES:
+    for case in (case for case in CASES if case.name in chosen):
         row = run_case(case, out)
         rows.append(row)
         print(f"| {row['case']} | {row['r']:.2f} | {row['verdict']} | {row['same']}/16 | {row['other']}/16 | {row['seconds']:.0f} |", flush=True)
