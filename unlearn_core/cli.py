@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-seeds", type=int, default=16)
     ev.add_argument("--eval-prompt", action="append", default=None)
     ev.add_argument("--remember-seed-offset", type=int, default=1000)
-    ev.add_argument("--remember-count", type=int, default=16)
+    ev.add_argument("--remember-count", type=int, default=UnlearnConfig.remember_count)
     _add_sampling(ev)
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_evaluate)
