@@ -245,13 +245,14 @@ change does not touch a training step. A cold cache now also generates the flagg
 16 images, which it used to get only inside their recorded trajectories (16 images, about 2 s at
 this table's generation speed), and the chad job stops at step 45 instead of 40 (one more check
 of r: it stood at 0.79 at step 40, short of the early stop's 0.8).
-Not re-run after the change after that either (2026-12-04; the generation row took 1.92 s that
-day, 1.8× slower): the remember set is now 32 recorded trajectories per prompt, the 32 of the
+Not re-run after the change after that either (2026-12-04; the generation row took 1.87–1.92 s
+that day, 1.8× slower): the remember set is now 32 recorded trajectories per prompt, the 32 of the
 flagged prompt's 96 pool seeds nearest the flagged output (`remember_count` 32), and each step
 distils 16 recorded states instead of 8 (`remember_batch_size` 16). A step of ours therefore does
 more work on the remember side; in the quality study on that day, paired with the previous study's
 same jobs on a day 15 % faster, the default jobs took −1.0 ± 9.8 s, so per step the larger batch
-costs a little, and some jobs stop earlier. A cold cache generates 64 more pool images per remember
+costs a little, and the step at which a job stops moved either way (chad 50 instead of 45,
+netherlands-62 105–115 instead of 110–135). A cold cache generates 64 more pool images per remember
 prompt and records 16 more remember trajectories per prompt, about 20 s more for a job's two prompts at
 this table's generation speed; a warm job reads them back.
 

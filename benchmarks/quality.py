@@ -565,7 +565,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "five held-back cases (2026-12-04, the machine 1.8× slow): every one fixed (netherlands-74 r 0.81, "
         "netherlands-75 0.70, france-77 0.73, ireland-77 0.79, germany-77 0.72), 16/16 same-prompt and 16/16 other-prompt "
         "seeds, CLI jobs of 67–104 s with imports and model loading (about 38–58 s at the idle speed); with 16 remember "
-        "seeds the same day's machine gave r 0.70–0.80 and 16/16 everywhere too. In the two-target job both targets are fixed "
+        "seeds (the run before) r 0.70–0.80 and 16/16 everywhere too. In the two-target job both targets are fixed "
         "by step 90 (before renoised remembering italy stood at r 0.68 there). A job with several "
         "targets also spends its forget batch only on those not yet at `stop_at_r` once one is.",
         "- **The remember loss and the LoRA placement (an earlier change).** The seeds that fell below SSIM 0.9 kept their "
