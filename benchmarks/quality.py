@@ -97,10 +97,11 @@ VARIANTS: dict[str, dict] = {"default": {}, **BASELINES, **ABLATIONS}
 # Ablations that run on their own cases instead of --ablation-cases: the remember weight past `steps`
 # matters only to corrections not fixed within them; the choice of remember seeds is measured on the
 # cases where integrity was hardest to keep.
+REMEMBER_SET_CASES = ("chad-40-stripe", "belgium-40-stripe", "japan-77-disc", "belgium-77-two-stripes")
 ABLATION_CASES: dict[str, tuple[str, ...]] = {
     "full remember weight while extending": ("belgium-77-two-stripes", "netherlands-62-stripe"),
-    "first remember seeds": ("chad-40-stripe", "belgium-40-stripe", "japan-77-disc", "belgium-77-two-stripes"),
-    "16 remember seeds and 8 samples": ("chad-40-stripe", "belgium-40-stripe", "japan-77-disc", "belgium-77-two-stripes"),
+    "first remember seeds": REMEMBER_SET_CASES,
+    "16 remember seeds and 8 samples": REMEMBER_SET_CASES,
 }
 
 
