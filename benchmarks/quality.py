@@ -64,13 +64,14 @@ NOISE_PERTURBATIONS = (0.05, 0.15)
 # settings before that, the remember loss held hardest at large t and the
 # LoRA moved to the decoder.
 PREVIOUS_REMEMBER_SET = {"remember_count": 16, "remember_batch_size": 8}  # before 2026-12-04: 16 remember seeds, 8 recorded states per step
+NO_CONSOLIDATION = {"consolidate_steps": 0}  # before 2026-12-05: training ended where the target was fixed
 BASELINES: dict[str, dict] = {
     "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
     "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
-    "forget loss on latents": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET},
-    "previous defaults": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET, "remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
+    "forget loss on latents": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET, **NO_CONSOLIDATION},
+    "previous defaults": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET, **NO_CONSOLIDATION, "remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
     "gentle preset": dict(PRESETS["gentle"]),
     "strong preset": dict(PRESETS["strong"]),
 }
@@ -92,16 +93,19 @@ ABLATIONS: dict[str, dict] = {
     "full remember weight while extending": {"extend_remember_factor": 1.0},
     "first remember seeds": {"remember_choice": "first"},
     "16 remember seeds and 8 samples": dict(PREVIOUS_REMEMBER_SET),
+    "no consolidation": dict(NO_CONSOLIDATION),
 }
 VARIANTS: dict[str, dict] = {"default": {}, **BASELINES, **ABLATIONS}
+
 # Ablations that run on their own cases instead of --ablation-cases: the remember weight past `steps`
 # matters only to corrections not fixed within them; the choice of remember seeds is measured on the
-# cases where integrity was hardest to keep.
+# cases where integrity was hardest to keep; consolidation on the two it was made for and two corrections.
 REMEMBER_SET_CASES = ("chad-40-stripe", "belgium-40-stripe", "japan-77-disc", "belgium-77-two-stripes")
 ABLATION_CASES: dict[str, tuple[str, ...]] = {
     "full remember weight while extending": ("belgium-77-two-stripes", "netherlands-62-stripe"),
     "first remember seeds": REMEMBER_SET_CASES,
     "16 remember seeds and 8 samples": REMEMBER_SET_CASES,
+    "no consolidation": ("switzerland-61-no-cross", "sweden-67-no-cross", "chad-40-stripe", "belgium-77-two-stripes"),
 }
 
 

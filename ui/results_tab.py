@@ -22,6 +22,17 @@ KEPT_SSIM = 0.9
 COLUMNS = ["comparison", "SSCD", "LPIPS", "SSIM", "PSNR", "reading"]
 
 
+def consolidation_note(timing: dict, trained: int) -> str:
+    """How the run ended once the target was fixed: the steps consolidating the other seeds, and
+    which step's weights were saved when the last ones no longer fixed the target."""
+    since = timing.get("consolidated_from_step")
+    if not since:
+        return ""
+    kept = timing.get("weights_of_step") or trained
+    note = f" (fixed at step {since}, then {trained - since} steps pulling the other seeds back"
+    return note + (f"; the last ones lost the fix, so the weights of step {kept} are saved)" if kept != trained else ")")
+
+
 def _value(scores: dict, name: str):
     result = scores.get(name) or {}
     return round(result["value"], 4) if result.get("available") and result.get("value") is not None else "n/a"
@@ -167,7 +178,7 @@ def render(services: Services, tab: gr.Tab) -> None:
         report = folder.read_metrics() or {}
         timing = report.get("timing", {})
         trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
-        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps"
+        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps{consolidation_note(timing, trained)}"
         if not report:
             text += " · no metrics yet (they are written when the job finishes)."
         else:

@@ -72,6 +72,8 @@ class UnlearnConfig:
     stop_at_r: float = field(default=0.8, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step). With several targets: once every one has, the forget batch meanwhile drawn from those not yet there", min=0.0, max=1.0, level="basic", method="ours"))
     extend_until_fixed: int = field(default=90, metadata=_meta("trajectory forgetting: if the target is not yet fixed (r < 0.7) after `steps`, train up to this many more steps, stopping once it is (0 = never; stop_at_r 0 also turns it off: exactly `steps`)", min=0, max=20000, method="ours"))
     extend_remember_factor: float = field(default=0.5, metadata=_meta("trajectory forgetting: past `steps`, while training on for a target not yet fixed (extend_until_fixed), the remember loss is weighted this share of remember_weight: a correction that has not arrived within the planned steps is held back less by the other seeds (1 = the same weight throughout)", min=0.0, max=1.0, method="ours"))
+    consolidate_steps: int = field(default=15, metadata=_meta("trajectory forgetting: once the target is fixed (r ≥ stop_at_r, or ≥ 0.7 at or past `steps`), train this many more steps with the remember loss weighted consolidate_remember_factor × remember_weight: the forget loss holds the fix while the other seeds it spilled onto are pulled back. The weights kept are the last ones, re-measured, whose r stays at or above min(stop_at_r, 0.7) (0 = stop as soon as the target is fixed)", min=0, max=20000, method="ours"))
+    consolidate_remember_factor: float = field(default=4.0, metadata=_meta("trajectory forgetting: the remember loss's multiplier during the consolidate_steps (1 = the same weight as before)", min=0.0, max=1e4, method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
@@ -163,7 +165,7 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
     prompts = targets + len(config.remember_prompts) + 1
     remember = max(config.remember_count, config.renoised_seed_count) * prompts * sampling  # a cold cache generates the extra renoised images
-    steps = config.steps + (config.extend_until_fixed if config.method == "ours" else 0)
+    steps = config.steps + (config.extend_until_fixed + config.consolidate_steps if config.method == "ours" else 0)
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
     renoised = config.remember_renoised * 4 if config.renoised_seed_count else 0  # the teacher's forward, then forward and backward
     training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2

@@ -186,8 +186,10 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     return sets
 
 
-def summarise(log: list[dict]) -> dict:
-    """Loss and conflict summary of a finished run."""
+def summarise(trainer: UnlearnTrainer) -> dict:
+    """Loss and conflict summary of a finished run, and which step's weights it saved (the last,
+    unless consolidating pulled the target back under 'fixed' and an earlier step's were kept)."""
+    log = trainer.log
     if not log:
         return {}
     return {
@@ -197,7 +199,9 @@ def summarise(log: list[dict]) -> dict:
         "mean_cosine": sum(r["cosine"] for r in log) / len(log),
         "mean_seconds_per_step": sum(r["seconds_per_step"] for r in log) / len(log),
         "steps_run": log[-1]["step"],
-        "toward_surrogate_when_stopped": log[-1].get("toward_surrogate"),
+        "toward_surrogate_when_stopped": trainer.toward_surrogate if trainer.target_r else log[-1].get("toward_surrogate"),
+        "consolidated_from_step": trainer.consolidating_since,
+        "weights_of_step": trainer.kept_step or log[-1]["step"],
     }
 
 
@@ -236,12 +240,13 @@ def run_unlearning(
         torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_layers)
     callbacks.on_phase("training")
-    log = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop).train()
+    trainer = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop)
+    log = trainer.train()
     trained = time.time()
     if not main:
-        return {"run_dir": str(folder.path), "files": [], "summary": summarise(log), "metrics": None}
+        return {"run_dir": str(folder.path), "files": [], "summary": summarise(trainer), "metrics": None}
     files = [] if config.full_finetune else model.save_lora(folder.path) + save_kohya(model, folder)
-    summary = {**summarise(log), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
+    summary = {**summarise(trainer), "seconds_preparing": round(prepared - started, 2), "seconds_training": round(trained - prepared, 2)}
     metrics = None
     if evaluate_after:
         callbacks.on_phase("evaluating")

@@ -14,7 +14,9 @@ Methods (`UnlearnConfig.method`):
     where the operator painted;
   * training stops once the target seed's output has moved `stop_at_r` toward the surrogate, and
     goes on past `steps` (up to `extend_until_fixed` more, the remember loss weighted
-    `extend_remember_factor` meanwhile) while it is not yet fixed.
+    `extend_remember_factor` meanwhile) while it is not yet fixed;
+  * once it is fixed, `consolidate_steps` more steps with a heavier remember loss pull back the
+    other seeds the fix spilled onto, keeping the last weights that still fix the target.
 - neggrad: gradient ascent on the target's diffusion loss plus descent on the remember loss;
 - siss: SISS's importance-sampled mixture, deletion gradient rescaled to a fixed norm;
 - erasediff: EraseDiff's uniform-noise forget target, step g_r + λ·g_f.
@@ -130,6 +132,9 @@ class UnlearnTrainer(BaselineLosses):
         self.step = 0
         self.log: list[dict] = []
         self.target_r: list[float | None] = []  # each target's r at the last refresh
+        self.consolidating_since: int | None = None  # the step at which the target was fixed and consolidation began
+        self.fixed_weights: dict | None = None  # {"step", "target_r", "weights"} of the last refresh, while consolidating, that kept the target fixed
+        self.kept_step: int | None = None  # set when the saved weights are those of an earlier step than the last
         self._siss_norm: float | None = None
 
     def _missing_sets(self) -> str:
@@ -335,6 +340,53 @@ class UnlearnTrainer(BaselineLosses):
         """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
         return self.config.stop_at_r > 0 and self.toward_surrogate is not None and self.toward_surrogate >= self.config.stop_at_r
 
+    @property
+    def _fixed_floor(self) -> float:
+        """The r a consolidated adapter must keep: the verdict 'fixed', or stop_at_r if set lower."""
+        from unlearn_core.metrics import FIXED_AT
+
+        return min(self.config.stop_at_r, FIXED_AT)
+
+    def _forgetting_done(self) -> bool:
+        """Where training used to end with the target fixed: r ≥ stop_at_r, or r ≥ the verdict
+        'fixed' at or past `steps` (an extension that got there, or a target fixed but short of
+        stop_at_r at `steps`)."""
+        r = self.toward_surrogate
+        return self._fixed() or (self.config.stop_at_r > 0 and r is not None and self.step >= self.config.steps and r >= self._fixed_floor)
+
+    def _consolidates(self) -> bool:
+        return self._measures_r_while_training() and self.config.consolidate_steps > 0
+
+    def _begin_consolidation(self) -> None:
+        """The target is fixed: from the next step on, the heavier remember loss (`_remember_weight`)
+        for `consolidate_steps` steps (`step_budget`). These weights are the first kept, measured now
+        if the last refresh was before this step."""
+        self.consolidating_since = self.step
+        if not self._trajectory_due():
+            self._refresh_target_states()
+        self._keep_if_fixed()
+
+    def _keep_if_fixed(self) -> None:
+        """While consolidating, at each refresh: remember these weights if they still fix the target."""
+        if self.toward_surrogate is not None and self.toward_surrogate >= self._fixed_floor:
+            self.fixed_weights = {"step": self.step, "target_r": list(self.target_r), "weights": self._trainable_state()}
+
+    def _end_consolidation(self) -> None:
+        """Measure the last weights (re-recording the target if this step did not) and, if the
+        heavier remember loss has pulled the target back under the floor, restore the last weights
+        that fixed it. Every process holds the same weights and r, so all restore alike."""
+        if not self._trajectory_due():
+            self._refresh_target_states()
+            self._keep_if_fixed()
+        kept = self.fixed_weights
+        if kept is None or kept["step"] == self.step:
+            return
+        params = dict(self.model.denoiser.named_parameters())
+        with torch.no_grad():
+            for name, value in kept["weights"].items():
+                params[name].copy_(value.to(params[name].device))
+        self.target_r, self.kept_step = kept["target_r"], kept["step"]
+
     def _forget_loss_random(self):
         """The paper's form: x_t drawn from q(x_t | x_f) at random t (a share of samples noised with
         the target seed's own initial noise, tying the change to that seed)."""
@@ -370,6 +422,8 @@ class UnlearnTrainer(BaselineLosses):
         take 140–170 steps to reach 'fixed'; at half the weight they are fixed by step 100–135,
         keeping every other seed (docs/QUALITY.md)."""
         config = self.config
+        if self.consolidating_since is not None:
+            return config.remember_weight * config.consolidate_remember_factor
         return config.remember_weight * (config.extend_remember_factor if self.step >= config.steps else 1.0)
 
     def _renoised_remember_error(self, batch: int):
@@ -444,10 +498,13 @@ class UnlearnTrainer(BaselineLosses):
         the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.57 at
         step 90, fixed at step 130, the remember weight halved meanwhile: `_remember_weight`). A
         target already fixed but short of `stop_at_r` stops at `steps`, so the other seeds pay no
-        more for it, and so does a run with stop_at_r 0."""
+        more for it, and so does a run with stop_at_r 0. Once the target is fixed, the
+        `consolidate_steps` after that step."""
         from unlearn_core.metrics import FIXED_AT
 
         config = self.config
+        if self.consolidating_since is not None:
+            return self.consolidating_since + config.consolidate_steps
         measured = self._measures_r_while_training() and config.stop_at_r > 0  # stop_at_r 0 asks for exactly `steps`
         short = measured and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
         return config.steps + config.extend_until_fixed if self.step >= config.steps and short else config.steps
@@ -466,11 +523,17 @@ class UnlearnTrainer(BaselineLosses):
                 if self.folder:
                     self._append_log(report)
                 self.on_step(report)
-            if self._anywhere(self._fixed()):
-                break
+            if self.consolidating_since is None and self._anywhere(self._forgetting_done()):
+                if not self._consolidates():
+                    break
+                self._begin_consolidation()
+            elif self.consolidating_since is not None and self._trajectory_due():
+                self._keep_if_fixed()
             every = self.config.checkpoint_every
             if self.folder and every and self.step % every == 0 and self.step < self.step_budget:
                 self.save_checkpoint()
+        if self.consolidating_since is not None:
+            self._end_consolidation()
         self.model.denoiser.eval()
         return self.log
 
@@ -489,7 +552,7 @@ class UnlearnTrainer(BaselineLosses):
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "fixed_weights": self.fixed_weights}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
@@ -508,6 +571,7 @@ class UnlearnTrainer(BaselineLosses):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
+        self.consolidating_since, self.fixed_weights = state.get("consolidating_since"), state.get("fixed_weights")
         if self.folder and self.accelerator.is_main_process:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
