@@ -46,6 +46,11 @@ from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, StatePool, record_target_states
 
 PAINTED_BOX_MARGIN = 8  # x0 cells of context around the painted region that the pixel forget loss decodes
+# How far below the r at which the target was fixed consolidation may let it fall. A correction's
+# r falls under the heavier remember loss (chad, italy: 0.81 → 0.70 in 15 steps) while its other
+# seeds were already kept; an edit against the concept (the crosses) holds its r and gets its
+# other seeds back (docs/QUALITY.md). The first refresh below ends consolidation.
+CONSOLIDATION_R_SLACK = 0.05
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,7 +138,8 @@ class UnlearnTrainer(BaselineLosses):
         self.log: list[dict] = []
         self.target_r: list[float | None] = []  # each target's r at the last refresh
         self.consolidating_since: int | None = None  # the step at which the target was fixed and consolidation began
-        self.fixed_weights: dict | None = None  # {"step", "target_r", "weights"} of the last refresh, while consolidating, that kept the target fixed
+        self.fixed_weights: dict | None = None  # {"step", "target_r", "weights"} of the last refresh, while consolidating, that held the fix
+        self.consolidation_floor: float | None = None  # the r those weights must keep
         self.kept_step: int | None = None  # set when the saved weights are those of an earlier step than the last
         self._siss_norm: float | None = None
 
@@ -342,7 +348,7 @@ class UnlearnTrainer(BaselineLosses):
 
     @property
     def _fixed_floor(self) -> float:
-        """The r a consolidated adapter must keep: the verdict 'fixed', or stop_at_r if set lower."""
+        """The verdict 'fixed', or stop_at_r if set lower."""
         from unlearn_core.metrics import FIXED_AT
 
         return min(self.config.stop_at_r, FIXED_AT)
@@ -359,25 +365,30 @@ class UnlearnTrainer(BaselineLosses):
 
     def _begin_consolidation(self) -> None:
         """The target is fixed: from the next step on, the heavier remember loss (`_remember_weight`)
-        for `consolidate_steps` steps (`step_budget`). These weights are the first kept, measured now
-        if the last refresh was before this step."""
+        for `consolidate_steps` steps (`step_budget`), or until r falls more than
+        CONSOLIDATION_R_SLACK below where it stands now (and never below `_fixed_floor`). These
+        weights are the first kept, measured now if the last refresh was before this step."""
         self.consolidating_since = self.step
         if not self._trajectory_due():
             self._refresh_target_states()
-        self._keep_if_fixed()
+        self.consolidation_floor = max(self._fixed_floor, self.toward_surrogate - CONSOLIDATION_R_SLACK)
+        self._keep_if_holding()
 
-    def _keep_if_fixed(self) -> None:
-        """While consolidating, at each refresh: remember these weights if they still fix the target."""
-        if self.toward_surrogate is not None and self.toward_surrogate >= self._fixed_floor:
-            self.fixed_weights = {"step": self.step, "target_r": list(self.target_r), "weights": self._trainable_state()}
+    def _keep_if_holding(self) -> bool:
+        """While consolidating, at each refresh: remember these weights if the fix holds (r at or
+        above the floor); False if it does not."""
+        if self.toward_surrogate is None or self.toward_surrogate < self.consolidation_floor:
+            return False
+        self.fixed_weights = {"step": self.step, "target_r": list(self.target_r), "weights": self._trainable_state()}
+        return True
 
     def _end_consolidation(self) -> None:
         """Measure the last weights (re-recording the target if this step did not) and, if the
-        heavier remember loss has pulled the target back under the floor, restore the last weights
-        that fixed it. Every process holds the same weights and r, so all restore alike."""
+        heavier remember loss has pulled the target under the floor, restore the last weights that
+        held it. Every process holds the same weights and r, so all restore alike."""
         if not self._trajectory_due():
             self._refresh_target_states()
-            self._keep_if_fixed()
+            self._keep_if_holding()
         kept = self.fixed_weights
         if kept is None or kept["step"] == self.step:
             return
@@ -527,8 +538,8 @@ class UnlearnTrainer(BaselineLosses):
                 if not self._consolidates():
                     break
                 self._begin_consolidation()
-            elif self.consolidating_since is not None and self._trajectory_due():
-                self._keep_if_fixed()
+            elif self.consolidating_since is not None and self._trajectory_due() and self._anywhere(not self._keep_if_holding()):
+                break
             every = self.config.checkpoint_every
             if self.folder and every and self.step % every == 0 and self.step < self.step_budget:
                 self.save_checkpoint()
@@ -552,7 +563,7 @@ class UnlearnTrainer(BaselineLosses):
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "fixed_weights": self.fixed_weights}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
@@ -572,6 +583,7 @@ class UnlearnTrainer(BaselineLosses):
         self.generator.set_state(state["generator"])
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
         self.consolidating_since, self.fixed_weights = state.get("consolidating_since"), state.get("fixed_weights")
+        self.consolidation_floor = state.get("consolidation_floor")
         if self.folder and self.accelerator.is_main_process:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
