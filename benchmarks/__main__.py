@@ -255,6 +255,13 @@ costs a little, and the step at which a job stops moved either way (chad 50 inst
 netherlands-62 105–115 instead of 110–135). A cold cache generates 64 more pool images per remember
 prompt and records 16 more remember trajectories per prompt, about 20 s more for a job's two prompts at
 this table's generation speed; a warm job reads them back.
+Nor after the change after that (2026-12-04, the same day; the generation row took 1.56–1.75 s):
+once the target is fixed, a job trains up to 15 more steps with the remember loss at 4× its weight
+(`consolidate_steps`, `consolidate_remember_factor`), ending at the first refresh where r has
+fallen more than 0.05 below where it was fixed or below 0.7 (and re-recording the target once more
+if its last step was not a refresh). In the quality study, paired with the previous study's same
+jobs, the edits against the concept, which mostly consolidate for all 15 steps, took +6.8 ± 6.6 s
+and the corrections +1.9 ± 7.2 s (most of them end consolidation at its first refresh).
 
 ## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
 

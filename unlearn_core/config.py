@@ -259,7 +259,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["quick"] = PRESETS["balanced"]  # the old name of the defaults, still accepted (API, CLI)
 PRESET_DESCRIPTIONS: dict[str, str] = {  # what the web form offers, in this order
     "gentle": "changes the least: a lower learning rate, a heavier remember loss, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
-    "balanced": "the defaults: up to 90 steps, stops once the target moved 80 % of the way; about 30 s per job on the demo model (CPU)",
+    "balanced": "the defaults: up to 90 steps until the target has moved 80 % of the way, then up to 15 more that pull the other seeds back while the fix holds; about 30 s per job on the demo model (CPU)",
     "strong": "for a fix that stayed partial: up to 150 steps, a higher learning rate and a lighter remember loss, stops at 90 %; other seeds change more, so check the integrity grid",
     "paper": "the paper's original recipe (random noise levels, a denoising remember loss, 240 steps): for comparison; slower and less precise",
 }
