@@ -406,7 +406,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "kept 13, 15 and 16/16 at r 0.79, 0.79 and 0.87. Sweden (training seed 2, fixed at step 45, 10/16) went to 14, 15 "
         "and 16 at r 0.77–0.79. A correction's r falls instead (a first version without the 0.05 limit let chad and italy "
         "fall from 0.81 to 0.70, their other seeds already kept), hence the limit. In this run, against the previous "
-        "study's same runs (runs are deterministic; the row `no consolidation` repeats them): the edits against the "
+        "study's same runs (runs are deterministic, and that study's default is this one without consolidation): the edits against the "
         "concept keep 15.9 ± 0.3 of 16 same-prompt seeds at SSIM ≥ 0.9 (was 13.8 ± 2.7) and 14.3 ± 1.8 at ≥ 0.95 "
         "(was 10.4 ± 5.5), at r 0.85 ± 0.04 (was 0.83 ± 0.02): Switzerland 16, 16, 16 (was 11, 9, 15) at r 0.92, 0.87, 0.90, "
         "Sweden 16, 15, 16 (was 12, 12, 10) at r 0.80, 0.81, 0.79, and the swapped Russian bands reach r 0.87–0.90 (was "
