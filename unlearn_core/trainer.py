@@ -392,10 +392,7 @@ class UnlearnTrainer(BaselineLosses):
         kept = self.fixed_weights
         if kept is None or kept["step"] == self.step:
             return
-        params = dict(self.model.denoiser.named_parameters())
-        with torch.no_grad():
-            for name, value in kept["weights"].items():
-                params[name].copy_(value.to(params[name].device))
+        self._load_trainable_state(kept["weights"])
         self.target_r, self.kept_step = kept["target_r"], kept["step"]
 
     def _forget_loss_random(self):
@@ -560,6 +557,12 @@ class UnlearnTrainer(BaselineLosses):
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in zip(self._trainable_names(), self.params)}
 
+    def _load_trainable_state(self, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.denoiser.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device))
+
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -572,13 +575,10 @@ class UnlearnTrainer(BaselineLosses):
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        params = dict(self.model.denoiser.named_parameters())
         if set(state["weights"]) != set(self._trainable_names()):
             self.checkpoint_path.unlink()  # written by another version's LoRA layout: training starts over
             return False
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                params[name].copy_(value.to(params[name].device))
+        self._load_trainable_state(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
