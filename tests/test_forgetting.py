@@ -381,7 +381,7 @@ def test_once_fixed_the_run_consolidates_with_the_heavier_remember_loss(tiny_mod
     """Fixed at step 2 (r ≥ stop_at_r): `consolidate_steps` more steps follow, the remember loss
     weighted consolidate_remember_factor × remember_weight, and the last weights are kept while
     r stays within CONSOLIDATION_R_SLACK of where it was fixed. consolidate_steps 0 stops where
-    the target is fixed."""
+    the target is fixed, and so does a target fixed with less than CONSOLIDATION_R_SLACK to spare."""
     model, trainer = _tiny_trajectory_trainer(tiny_models)
     _scripted_r(monkeypatch, [0.3, 0.85, 0.84, 0.81, 0.83])
     run = trainer(steps=10, consolidate_steps=3, consolidate_remember_factor=4.0)
@@ -395,6 +395,9 @@ def test_once_fixed_the_run_consolidates_with_the_heavier_remember_loss(tiny_mod
     model.add_lora(2, 2.0)
     _scripted_r(monkeypatch, [0.3, 0.85])
     assert len(trainer(steps=10, consolidate_steps=0).train()) == 2
+    _scripted_r(monkeypatch, [0.3, 0.72])  # fixed at `steps` with less than CONSOLIDATION_R_SLACK to spare above 0.7
+    thin = trainer(steps=2, consolidate_steps=3)
+    assert len(thin.train()) == 2 and thin.consolidating_since is None and thin.toward_surrogate == 0.72
 
 
 def test_consolidation_that_loses_the_fix_keeps_the_last_weights_that_had_it(tiny_models, monkeypatch, tmp_path):

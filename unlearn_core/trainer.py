@@ -363,16 +363,22 @@ class UnlearnTrainer(BaselineLosses):
     def _consolidates(self) -> bool:
         return self._measures_r_while_training() and self.config.consolidate_steps > 0
 
-    def _begin_consolidation(self) -> None:
+    def _begin_consolidation(self) -> bool:
         """The target is fixed: from the next step on, the heavier remember loss (`_remember_weight`)
         for `consolidate_steps` steps (`step_budget`), or until r falls more than
-        CONSOLIDATION_R_SLACK below where it stands now (and never below `_fixed_floor`). These
-        weights are the first kept, measured now if the last refresh was before this step."""
-        self.consolidating_since = self.step
+        CONSOLIDATION_R_SLACK below where it stands now. These weights are the first kept, measured
+        now if the last refresh was before this step. False, and no consolidation, when r has less
+        than CONSOLIDATION_R_SLACK to spare above `_fixed_floor`: such a fix has no r to trade
+        (belgium-77 kept one seed fewer for it, docs/QUALITY.md), and its job ends sooner."""
         if not self._trajectory_due():
             self._refresh_target_states()
-        self.consolidation_floor = max(self._fixed_floor, self.toward_surrogate - CONSOLIDATION_R_SLACK)
+        r = self.toward_surrogate
+        if r is None or r - CONSOLIDATION_R_SLACK < self._fixed_floor:
+            return False
+        self.consolidating_since = self.step
+        self.consolidation_floor = r - CONSOLIDATION_R_SLACK
         self._keep_if_holding()
+        return True
 
     def _keep_if_holding(self) -> bool:
         """While consolidating, at each refresh: remember these weights if the fix holds (r at or
@@ -532,9 +538,8 @@ class UnlearnTrainer(BaselineLosses):
                     self._append_log(report)
                 self.on_step(report)
             if self.consolidating_since is None and self._anywhere(self._forgetting_done()):
-                if not self._consolidates():
+                if not (self._consolidates() and self._begin_consolidation()):
                     break
-                self._begin_consolidation()
             elif self.consolidating_since is not None and self._trajectory_due() and self._anywhere(not self._keep_if_holding()):
                 break
             every = self.config.checkpoint_every
