@@ -261,7 +261,9 @@ once the target is fixed, a job trains up to 15 more steps with the remember los
 fallen more than 0.05 below where it was fixed or below 0.7 (and re-recording the target once more
 if its last step was not a refresh). In the quality study, paired with the previous study's same
 jobs, the edits against the concept, which mostly consolidate for all 15 steps, took +6.8 ± 6.6 s
-and the corrections +1.9 ± 7.2 s (most of them end consolidation at its first refresh).
+and the corrections +1.9 ± 7.2 s (most of them end consolidation at its first refresh). A target
+fixed below r 0.75 is not consolidated at all (the slowest corrections, fixed at or past step 90 at
+r 0.70–0.73): paired with that study, the corrections' job times moved +0.4 ± 5.4 s, within the noise.
 
 ## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
 
