@@ -174,3 +174,28 @@ def test_half_precision_weights_train_as_a_gpu_loads_them(kind, tiny_models, cac
     assert model.weights_dtype == torch.bfloat16, "the job (its SDEdit probe too) keeps the weights' precision"
     full = load_model(str(tiny_models[kind]), "cpu")
     assert model_fingerprint(full) != model_fingerprint(model)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3", "ddpm"])
+def test_sampling_folds_the_lora_in_and_puts_the_frozen_weights_back(kind, tiny_models):
+    """`generate` on the CPU folds the LoRA into the weights for the sample (`lora_merged`): the
+    images are the unfolded adapter's, a disabled adapter stays out, and the frozen weights come
+    back bit for bit (distillation learns from them at every later step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = load_model(str(tiny_models[kind]), "cpu")
+    base = np.asarray(model.generate(PROMPT, [5], 3, 2.0)[0][0], dtype=int)
+    model.add_lora(4, 4.0, "attention")
+    with torch.no_grad():
+        for name, parameter in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    weights = {name: parameter.detach().clone() for name, parameter in model.denoiser.named_parameters()}
+    unfolded = np.asarray(model._generate_batch(PROMPT, [5], 3, 2.0)[0], dtype=int)
+    folded = np.asarray(model.generate(PROMPT, [5], 3, 2.0)[0][0], dtype=int)
+    assert np.abs(unfolded - base).mean() > 1  # the adapter changes the image, so a dropped adapter would show
+    assert np.abs(folded - unfolded).max() <= 2  # rounding only
+    assert all(torch.equal(weights[name], parameter) for name, parameter in model.denoiser.named_parameters())
+    assert not any(layer.merged for layer in model.denoiser.modules() if isinstance(layer, BaseTunerLayer))
+    with model.adapter_disabled():
+        assert np.array_equal(np.asarray(model.generate(PROMPT, [5], 3, 2.0)[0][0], dtype=int), base)

@@ -28,6 +28,9 @@ def test_loading_options_and_zero_gpu_come_from_the_environment():
 def test_auto_precision_is_full_on_the_cpu_and_half_on_request(tiny_models):
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) in (torch.float16, torch.bfloat16)  # needs no GPU to decide
+    assert resolve_dtype("auto", torch.device("cuda"), demo=True) == torch.float32  # the demo model draws other images in half precision
+    assert resolve_dtype("bf16", torch.device("cuda"), demo=True) == torch.bfloat16  # unless asked for
     assert pick_device("auto").type in ("cuda", "mps", "cpu")
     model = load_model(str(tiny_models["sd"]), "cpu", dtype="bf16")
     assert model.denoiser.dtype == torch.bfloat16 and model.pipe.text_encoder.dtype == torch.bfloat16

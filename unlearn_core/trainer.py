@@ -421,11 +421,18 @@ class UnlearnTrainer(BaselineLosses):
         The factor (1 + k·s) holds the large-t predictions hardest: there every seed of the prompt
         decides its layout, and a small change shifts the whole flag of seeds the operator never
         flagged, while the target's colours are still free to change at mid and small t."""
-        _, _, a, b, s, teacher, _, prediction = self._predict_on_pool(self.sets.remember_states, self.config.remember_batch_size)
+        pool = self.sets.remember_states
+        index = self._draw(len(pool), self.config.remember_batch_size)
+        x_t, t, cond, teacher, _ = pool.take(index, self.model.device)
+        if self.config.remember_renoised:  # one forward for both kinds of samples: fewer, larger passes
+            more_x_t, more_t, more_cond, more_teacher = self._renoised_remember_samples(self.config.remember_renoised)
+            x_t, t, teacher = torch.cat([x_t, more_x_t]), torch.cat([t, more_t.to(t.dtype)]), torch.cat([teacher, more_teacher])
+            cond = {key: torch.cat([value, more_cond[key]]) for key, value in cond.items()}
+        a, b, s = self.model.noise_levels_at(t)
+        a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+        with self._autocast():
+            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
-        if self.config.remember_renoised:
-            more_s, more_error = self._renoised_remember_error(self.config.remember_renoised)
-            s, error = torch.cat([s, more_s]), torch.cat([error, more_error])
         return self._remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
 
     @property
@@ -440,20 +447,20 @@ class UnlearnTrainer(BaselineLosses):
             return config.remember_weight * config.consolidate_remember_factor
         return config.remember_weight * (config.extend_remember_factor if self.step >= config.steps else 1.0)
 
-    def _renoised_remember_error(self, batch: int):
+    def _renoised_remember_samples(self, batch: int):
         """Distillation at fresh noisings x_t = a·x0 + b·ε of remember images, at random t: the
-        frozen model's prediction there, computed now, is the teacher. (s, per-sample error)
+        frozen model's prediction there, computed now, is the teacher. (x_t, t, cond, teacher)
 
         The recorded states are a few hundred fixed points, each seen once or twice in a job: the
         adapter learns to leave *them* alone (belgium-77: its 16 remember seeds kept 14/16 at SSIM
         ≥ 0.9, 16 unseen seeds of the prompt 8/16). Fresh noise at every step covers the
         neighbourhood of the prompt's images instead (docs/QUALITY.md, `no renoised remember`)."""
-        t, a, b, s = self._levels(batch)
+        t, a, b, _ = self._levels(batch)
         x0, cond = self._remember_batch(batch)
-        x_t, prediction = self._forward(x0, cond, t, a, b, self._noise_like(x0))
+        x_t = objectives.noisy_sample(x0, self._noise_like(x0), a, b)
         with torch.no_grad(), self.model.adapter_disabled(), self._autocast():
             teacher = self.model.predict(self.denoiser, x_t, t, cond).float()
-        return s, self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
+        return x_t, t, cond, teacher
 
     def _predict_on_pool(self, pool: StatePool, batch: int, rows: torch.Tensor | None = None):
         """A random batch of a state pool (of its `rows` only, if given), its noise levels (a, b

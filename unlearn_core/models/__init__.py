@@ -123,7 +123,7 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
     kwargs = {"trust_remote_code": False, **_absent_components(path)}
     if config.without_t5 if without_t5 is None else without_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
-    chosen = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or config.dtype, target)
+    chosen = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or config.dtype, target, demo=path == DEMO_MODEL_DIR)
     if chosen != torch.float32:
         kwargs["torch_dtype"] = chosen
     try:

@@ -54,12 +54,27 @@ class TextToImageModel(DiffusionModel):
         return contextlib.nullcontext()
 
     def sdedit(self, image, prompt, strength, seed, steps=25, guidance=5.0):
+        img2img = self._img2img
+        with self.lora_merged():
+            return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
+
+    @functools.cached_property
+    def _img2img(self):
+        """The family's img2img pipeline on this pipeline's own components (built once)."""
         import diffusers
+        from diffusers.utils import logging as diffusers_logging
 
         # from_pipe casts the shared components to its `dtype`, fp32 unless given: the model's own.
-        img2img = getattr(diffusers, self.img2img_pipeline).from_pipe(self.pipe, dtype=self.weights_dtype, **self.img2img_extras)
+        # That no-op cast logs "modules ... should be kept in float32: []" for every component, a
+        # diffusers quirk that would reach the CLI's output: quiet for this call only.
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            img2img = getattr(diffusers, self.img2img_pipeline).from_pipe(self.pipe, dtype=self.weights_dtype, **self.img2img_extras)
+        finally:
+            diffusers_logging.set_verbosity(level)
         img2img.set_progress_bar_config(disable=True)
-        return img2img(prompt=prompt, image=image, strength=strength, num_inference_steps=sdedit_steps(strength, steps), guidance_scale=guidance, generator=seeded_generators([seed])).images[0]
+        return img2img
 
     def save_lora(self, folder):
         """peft-format keys plus the adapter's LoraConfig as metadata, as diffusers' current training
