@@ -128,6 +128,7 @@ IDLE_BETWEEN_JOBS_S = 15  # after a job the server starts the next job's process
 def bench_job(quick: bool) -> dict:
     """The whole default job: through the CLI with a cold and a warm cache, then the same job started
     as the browser starts it and through the CLI again, alternating (warm cache, two of each)."""
+    import json
     import shutil
 
     from gradio_client import Client
@@ -136,6 +137,7 @@ def bench_job(quick: bool) -> dict:
     shutil.rmtree(runs, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     results = {"cold cache": cli_job_seconds(runs / "cli", cache, quick), "warm cache": cli_job_seconds(runs / "cli", cache, quick)}
+    results["warm timing"] = json.loads((runs / "cli" / "metrics.json").read_text())["timing"]  # the warm job's own steps and step time
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     cli, browser = [], []
     with AppServer(runs / "server", cache) as server:
@@ -188,6 +190,7 @@ def main(argv=None) -> None:
         rows += [
             ("whole default job, cold cache (remember set generated)", f"{job['cold cache']:.1f} s", "≤ 60 s"),
             ("whole default job, warm cache (remember images and trajectories reused)", f"{job['warm cache']:.1f} s", "≤ 60 s"),
+            ("of which training: steps (fixed, then consolidated) and mean step, refreshes included", f"{job['warm timing']['steps_run']} steps, {job['warm timing']['mean_seconds_per_step']:.2f} s", ""),
             ("peak resident memory of the job process", f"{job['peak_rss_mb']:.0f} MB", ""),
             ("default job started as the browser starts it (server worker), warm cache", f"{job['browser']:.1f} s", ""),
             ("the same job through the CLI, alternating with it", f"{job['cli']:.1f} s", ""),
@@ -212,58 +215,36 @@ that the CLI pays.
 
 {table}
 
-Profile of a default job with a warm cache (`py-spy record --rate 50 --format raw -- python -m
-unlearn_core unlearn …`, 1,933 samples, grouped by the first matching frame): training steps
-46 %, the evaluation's "after" generation 20 %, Python imports and start-up 18 %, model loading
-10 %, denoise probes 2 %, encoding the fixed sets 0.5 %, cache reads 0.1 %. Inside a training step,
-98 % is the two forward/backward passes (48 % forward, 47 % backward); flattening gradients,
-the projection and the cosine cost about 1 % together, AdamW 1.3 %. What was waste and is gone:
-the fixed sets (target, surrogate, remember latents and prompt embeddings) are encoded once before
-the loop; pretrained generations (remember set, "before" images) and the frozen model's recorded
-remember trajectories (the states distillation learns from) are cached on disk by model
-fingerprint + prompt + seed(s) + steps + guidance and reused by later jobs; evaluation generates in
-batches of 8. Ratio a is above 1.3× on this CPU because two passes of batch 4 cost more than one
-of batch 8 at these tiny sizes (per-operator overhead dominates); on a GPU the two half-batch passes
-do the same arithmetic as one full batch. The profile was taken before the forget loss moved to decoded pixels: a step of ours now also
-runs the VAE decoder, forward and backward, on the painted box of its forget samples. Between the
-run before that change and the next (two runs, so ±10 %), ratio a rose from 1.73× to 2.20× and the
-warm-cache default job from 20.0 s to 33.5 s. The default job now also distils the frozen model at
-4 fresh noisings of remember images per step (`remember_renoised`; the step rows above use the
-denoising remember loss and do not include it); the chad job still stops at step 40, and its time
-stayed within the noise (33.5 s before, 27.9 s after). Those noisings are drawn from 48 images per
-remember prompt (`renoised_seed_multiple` 3): a cold cache generates the 64 beyond the remember
-seeds' own (the job's prompt and the empty prompt) once, most of the cold row's rise from 32.2 s in
-the run before to that run's row (42.0 s). Since this run the recorded remember trajectories (2
-prompts × 16 seeds × 25 steps) are read back from the cache instead of sampled again, about 5 s
-of a warm job's preparation on the demo model: the warm row fell from 30.8 s to 26.1 s and the
-browser's job from 30.2 s to 22.9 s; this run's generation row is also 21 % faster than that
-run's (1.33 s), so part of the drop is the machine.
-Not re-run after the next change (the remember seeds of a flagged prompt are now the 16 of its 48
-pool seeds nearest the flagged output, `remember_choice` 'nearest'): the machine ran about 4×
-slower that day (the generation row took 4.33 s), so a new table would have timed the machine. That
-change does not touch a training step. A cold cache now also generates the flagged prompt's first
-16 images, which it used to get only inside their recorded trajectories (16 images, about 2 s at
-this table's generation speed), and the chad job stops at step 45 instead of 40 (one more check
-of r: it stood at 0.79 at step 40, short of the early stop's 0.8).
-Not re-run after the change after that either (2026-12-04; the generation row took 1.87–1.92 s
-that day, 1.8× slower): the remember set is now 32 recorded trajectories per prompt, the 32 of the
-flagged prompt's 96 pool seeds nearest the flagged output (`remember_count` 32), and each step
-distils 16 recorded states instead of 8 (`remember_batch_size` 16). A step of ours therefore does
-more work on the remember side; in the quality study on that day, paired with the previous study's
-same jobs on a day 15 % faster, the default jobs took −1.0 ± 9.8 s, so per step the larger batch
-costs a little, and the step at which a job stops moved either way (chad 50 instead of 45,
-netherlands-62 105–115 instead of 110–135). A cold cache generates 64 more pool images per remember
-prompt and records 16 more remember trajectories per prompt, about 20 s more for a job's two prompts at
-this table's generation speed; a warm job reads them back.
-Nor after the change after that (2026-12-04, the same day; the generation row took 1.56–1.75 s):
-once the target is fixed, a job trains up to 15 more steps with the remember loss at 4× its weight
-(`consolidate_steps`, `consolidate_remember_factor`), ending at the first refresh where r has
-fallen more than 0.05 below where it was fixed or below 0.7 (and re-recording the target once more
-if its last step was not a refresh). In the quality study, paired with the previous study's same
-jobs, the edits against the concept, which mostly consolidate for all 15 steps, took +6.8 ± 6.6 s
-and the corrections +1.9 ± 7.2 s (most of them end consolidation at its first refresh). A target
-fixed below r 0.75 is not consolidated at all (the slowest corrections, fixed at or past step 90 at
-r 0.70–0.73): paired with that study, the corrections' job times moved +0.4 ± 5.4 s, within the noise.
+The job rows time the README's chad job, which trains until its target is fixed and then
+consolidates (65 steps since 2026-12-04; 40 when this table was first written). On 2026-11-27,
+the idle machine these targets were set on, the generation row took 1.05 s; every row scales with
+it, so read the job rows against it.
+
+Where a warm default job's time goes (the same job under `python -m cProfile -m unlearn_core
+unlearn …`, 2026-12-04, this code; cProfile adds about 10 %): of 63 s in the command, 45 s of
+training (65 steps: re-recording the target's guided trajectory every 5 steps, with the frozen
+model's predictions along it, 13.0 s; the remember forward 10.6 s; the forget forward with the VAE
+decoder on the painted box 7.5 s; the two backward passes 12.6 s; AdamW 0.3 s), 6.6 s of
+evaluation (after images, denoise probes, SSIM), 2.5 s preparing the fixed sets, 1.5 s loading the
+model, and the rest importing torch, diffusers and peft. Inside the passes, `torch.profiler` puts
+the time in convolutions, attention and linear layers; Python overhead is a few per cent. What was
+waste and is gone: the fixed sets are encoded once before the loop; pretrained generations
+(remember set, "before" images) and the frozen model's recorded remember trajectories are cached on
+disk by model fingerprint + prompt + seed(s) + steps + guidance; evaluation generates in batches of
+8; the remember loss runs its recorded states and its fresh noisings in one forward pass; and
+sampling on the CPU folds the LoRA into the weights (`DiffusionModel.lora_merged`: one product per
+adapted layer instead of three, the frozen weights copied back exactly afterwards). Those last two
+(2026-12-04) leave every result as it was: the quality study's default runs of chad-40,
+belgium-40, belgium-77 and netherlands-62 (training seed 0) repeat r and every SSIM count to the
+digit. Alternating with the code before them on the README's CLI job (warm cache, the generation
+row at 2.03 s that day), the job took 72.2 and 64.3 s against 78.3 and 70.0 s.
+
+Ratio a is above 1.3× on this CPU because two passes of batch 4 cost more than one of batch 8 at
+these tiny sizes (per-operator overhead dominates); on a GPU the two half-batch passes do the same
+arithmetic as one full batch. It was 2.32× on 2026-11-27's idle machine and came out higher on
+2026-12-04, a day the machine ran 2× slower (not looked into further). The step rows time the paper's step (random forget states, the
+denoising remember loss); a default step also decodes the painted box and distils 20 remember
+samples, and every fifth re-records the target (the job row's mean step).
 
 ## GPU: SD1.5-size and SD3-medium-size denoisers (random weights)
 
@@ -272,6 +253,13 @@ remember sample per step (the trainer's two forward/backward passes, projection 
 the training steps are timed: the VAE/text encoding of the fixed sets happens once per job.
 
 {gpu_section}
+
+The demo model's own default job on a lent H200 (2026-12-04, the README's CLI command with
+`--device cuda`, cold cache): fixed at step 50 and consolidated to 65 as on the CPU (r 0.77, the
+same to two decimals), 0.32 s per step (a model this small leaves the GPU waiting on Python and
+kernel launches), 63.5 s wall with 17 s of it generating the remember set. In half precision its
+images were not its own (chad seed 40 off by 20–45 grey levels, an adapter's effect a tenth), so
+`--dtype auto` keeps the demo model in fp32 on a GPU too.
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

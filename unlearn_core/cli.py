@@ -23,7 +23,7 @@ from unlearn_core.settings import DTYPES
 def _add_model(parser):
     parser.add_argument("--model", default=DEMO_MODEL, help="hub id or local diffusers folder (default: the embedded demo model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' precision (default auto: half precision on a GPU, fp32 elsewhere)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' precision (default auto: half precision on a GPU, fp32 elsewhere and for the demo model)")
     parser.add_argument("--no-t5", action="store_true", default=None, help="SD3: load without the T5 text encoder")
 
 

@@ -36,7 +36,7 @@ class Settings:
     port: int = 7860
     runs_dir: Path = PACKAGE_ROOT / "runs"
     device: str = "auto"
-    dtype: str = "auto"  # auto: half precision on a GPU (bf16 where supported, else fp16), fp32 elsewhere
+    dtype: str = "auto"  # auto: half precision on a GPU (bf16 where supported, else fp16), fp32 elsewhere and for the demo model
     without_t5: bool = False  # SD3: leave out the T5 text encoder (about 10 GB in fp16)
     username: str | None = None
     password: str | None = None
