@@ -77,3 +77,12 @@ def test_review_seeds_are_checked_like_seeds():
     for bad in ([-1], ["forty"], list(range(65)), "36-43"):
         with pytest.raises(InvalidInput, match="review_seeds"):
             UnlearnConfig(review_seeds=bad)
+
+
+def test_a_checkpoint_saved_in_half_precision_loads_in_full_on_the_cpu(tiny_models, tmp_path):
+    """Many Hub checkpoints are saved in fp16: `auto` (fp32 on the CPU) must cast every component, or the
+    text encoder stays fp16 beside fp32 parts and the first prompt fails."""
+    load_model(str(tiny_models["sd"]), "cpu").pipe.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    model = load_model(str(tmp_path / "fp16"), "cpu")
+    assert model.pipe.text_encoder.dtype == model.denoiser.dtype == model.pipe.vae.dtype == torch.float32
+    assert model.generate("flag of japan", [1], 2, 2.0)[0][0].size == model.image_size

@@ -99,6 +99,14 @@ def _hub_reason(error: Exception, source: str) -> str | None:
     return None
 
 
+def _dtype_argument() -> str:
+    """from_pretrained's name for the precision: `dtype` where diffusers has renamed it (it warns on
+    `torch_dtype` there), `torch_dtype` in the older releases the project's range allows."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torch.dtype | None = None, without_t5: bool | None = None,
                web: bool = False) -> DiffusionModel:
     """Load a hub id or local diffusers folder; never runs remote code. Raises `ModelLoadError`.
@@ -124,8 +132,9 @@ def load_model(source: str = DEMO_MODEL, device: str = "auto", dtype: str | torc
     if config.without_t5 if without_t5 is None else without_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     chosen = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or config.dtype, target, demo=path == DEMO_MODEL_DIR)
-    if chosen != torch.float32:
-        kwargs["torch_dtype"] = chosen
+    # Always named, fp32 too: without it a checkpoint saved in fp16 (as many on the Hub are) loads
+    # its text encoder in fp16 beside fp32 parts, and the first prompt fails on the CPU.
+    kwargs[_dtype_argument()] = chosen
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, **kwargs)
     except Exception as error:  # diffusers raises many kinds: OSError, ValueError, HTTP errors
