@@ -256,8 +256,8 @@ the training steps are timed: the VAE/text encoding of the fixed sets happens on
 
 The demo model's own default job on a lent H200 (2026-12-04, the README's CLI command with
 `--device cuda`, cold cache): fixed at step 50 and consolidated to 65 as on the CPU (r 0.77, the
-same to two decimals), 0.32 s per step (a model this small leaves the GPU waiting on Python and
-kernel launches), 63.5 s wall with 17 s of it generating the remember set. In half precision its
+same to two decimals), 0.32 s per step (a model this small gives a GPU too little work per kernel
+to be faster), 63.5 s wall with 17 s of it generating the remember set. In half precision its
 images were not its own (chad seed 40 off by 20–45 grey levels, an adapter's effect a tenth), so
 `--dtype auto` keeps the demo model in fp32 on a GPU too.
 

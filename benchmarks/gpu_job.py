@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 from benchmarks.gpu import SD15_UNET, TINY_UNET
 from unlearn_core.settings import DEMO_MODEL_DIR
