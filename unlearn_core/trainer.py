@@ -428,10 +428,7 @@ class UnlearnTrainer(BaselineLosses):
             more_x_t, more_t, more_cond, more_teacher = self._renoised_remember_samples(self.config.remember_renoised)
             x_t, t, teacher = torch.cat([x_t, more_x_t]), torch.cat([t, more_t.to(t.dtype)]), torch.cat([teacher, more_teacher])
             cond = {key: torch.cat([value, more_cond[key]]) for key, value in cond.items()}
-        a, b, s = self.model.noise_levels_at(t)
-        a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
-        with self._autocast():
-            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
+        a, b, s, prediction = self._predict_at(x_t, t, cond)
         error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
         return self._remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
 
@@ -468,10 +465,15 @@ class UnlearnTrainer(BaselineLosses):
         reference, label, prediction)."""
         index = self._draw(len(pool), batch) if rows is None else rows[self._draw(len(rows), batch)]
         x_t, t, cond, reference, label = pool.take(index, self.model.device)
+        a, b, s, prediction = self._predict_at(x_t, t, cond)
+        return index, x_t, a, b, s, reference, label, prediction
+
+    def _predict_at(self, x_t, t, cond):
+        """The noise levels of timesteps t (a, b shaped for broadcasting, s flat) and the model's prediction at x_t."""
         a, b, s = self.model.noise_levels_at(t)
         with self._autocast():
             prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
-        return index, x_t, a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1), s, reference, label, prediction
+        return a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1), s, prediction
 
     def _remember_loss_denoise(self):
         """The ordinary diffusion loss on remember images (Eq. 8), weighted 1 − λ(s), in the space
