@@ -81,6 +81,9 @@ CORRECTIONS: tuple[Case, ...] = (
     # A slow correction: teal bottom band to the Dutch blue, a small shift of a large region that the
     # full remember weight holds near r 0.65–0.7 (fixed only at step 140 before extend_remember_factor).
     Case("netherlands-62-stripe", "stripe colour", "flag of the netherlands", 62, (Recolour("005798", "21468b", at=(32, 42)),)),
+    # A wrong element: seed 68 draws a red patch in the white band's top corner, which Poland's flag
+    # does not have; the operator paints it the white around it.
+    Case("poland-68-red-corner", "element removed", "flag of poland", 68, (Recolour("ef262c", "fcf9ec", at=(58, 10)),)),
 )
 # Edits against what the model draws for every seed of the prompt: the operator wants *this* seed's
 # output changed (or an element removed) and every other seed left as it is.

@@ -152,6 +152,19 @@ def test_benchmark_paint_recolours_the_region_and_keeps_the_rest():
     assert moved.r == pytest.approx(1.0)
 
 
+def test_benchmark_paint_removes_only_the_patch_it_points_at():
+    """A wrong element in a colour the flag also has (a red corner above a red band): `at` picks
+    the one patch, and the band of the same colour stays as drawn."""
+    from benchmarks.cases import Recolour, paint
+
+    pixels = np.full((32, 32, 3), 250, dtype=np.uint8)  # white band
+    pixels[16:] = (220, 20, 40)  # red band
+    pixels[:6, 26:] = (220, 20, 40)  # the wrong red corner
+    painted = np.asarray(paint(Image.fromarray(pixels), (Recolour("dc1428", "fafafa", at=(28, 2)),)), dtype=int)
+    assert np.abs(painted[:6, 26:] - 250).max() == 0, "the corner is painted white"
+    assert np.array_equal(painted[17:], pixels[17:].astype(int)), "the band of the same red stays"
+
+
 def test_settings_that_need_a_frozen_model_refuse_full_fine_tuning_and_old_jobs_still_load():
     from unlearn_core.config import UnlearnConfig
 
