@@ -443,7 +443,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "Paraphrases in words the model knows move r by at most 0.01: the fix belongs to the seed's drawing, not to "
         "the wording. The one exception is the Polish corner, the smallest painted region of the suite (about 8 × 8 "
         "pixels): 0.76 to 0.82 against 0.82, still fixed. Perturbing the seed's initial noise by 5 % moves r by at most 0.05 (belgium-40 0.75 → 0.70); by "
-        "15 % the perturbed seed is partly another drawing, and r falls by up to 0.27 (poland-68 0.56, belgium-40 0.56, netherlands-62 "
+        "15 % the perturbed seed is partly another drawing, and r falls by up to 0.26 (poland-68 0.56, belgium-40 0.56, netherlands-62 "
         "0.57, chad 0.60) while romania, belgium-77 and the Russian bands hold. The targets fixed close to r 0.7 "
         "(netherlands-62, belgium-77, japan-77) sit at the verdict's edge under every paraphrase. In the two-target job "
         "(chad-40 and italy-77 fixed by one job) both are fixed, r 0.80 and 0.75, and each keeps 16/16 same-prompt and "
