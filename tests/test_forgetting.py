@@ -413,6 +413,79 @@ def test_once_fixed_the_run_consolidates_with_the_heavier_remember_loss(tiny_mod
     assert len(thin.train()) == 2 and thin.consolidating_since is None and thin.toward_surrogate == 0.72
 
 
+def _neighbours(model, *seeds):
+    """(prompt, seed, image) of the frozen model's `seeds`, as `nearest_neighbours` gives them."""
+    with model.adapter_disabled():
+        return [(PROMPT, seed, image) for seed, (image, _) in zip(seeds, model.generate(PROMPT, list(seeds), 3, 2.0))]
+
+
+def test_a_slow_climb_whose_neighbours_are_kept_halves_the_remember_weight(tiny_models, monkeypatch):
+    """neighbour_checks: while r climbs fast, no check; once it gains under 0.05 in 10 steps, the
+    nearest seeds are sampled, at most every 10 steps. An adapter that has hardly moved (a tiny
+    learning rate) keeps them at SSIM ≥ 0.95, so each check halves the remember weight."""
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    run = trainer(steps=35, extend_until_fixed=0, neighbour_checks=2, learning_rate=1e-7)
+    run.sets.neighbours = _neighbours(model, 5, 6)
+    _scripted_r(monkeypatch, [0.05 * step for step in range(1, 11)] + [0.6] * 25)
+    log = run.train()
+    assert [(row["step"], row["remember_scale"]) for row in log if row["neighbours_ssim"] is not None] == [(21, 0.5), (31, 0.25)]
+    assert all(row["neighbours_ssim"] >= 0.95 for row in log if row["neighbours_ssim"] is not None)
+    assert log[19]["remember_scale"] == 1.0 and log[-1]["remember_scale"] == 0.25
+    assert run._remember_weight == pytest.approx(0.25 * run.config.extend_remember_factor * run.config.remember_weight)
+    from ui.results_tab import neighbours_note
+    from unlearn_core.run import summarise
+
+    assert "lightened to 25%" in neighbours_note(summarise(run)) and "step 31" in neighbours_note(summarise(run))
+
+
+def test_neighbours_that_have_left_double_the_remember_weight_back_then_end_the_checks(tiny_models, monkeypatch, tmp_path):
+    """A check that finds a neighbour under SSIM 0.9 doubles the remember weight back, up to the
+    configured weight; one that finds it so at the full weight ends the checks, and the target then
+    keeps the full weight past `steps` too: its slow climb is what holds its neighbours. A resumed
+    job carries on from the same point."""
+    from PIL import Image
+
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    run = trainer(tmp_path, steps=45, extend_until_fixed=0, neighbour_checks=1, checkpoint_every=40)
+    prompt, seed, image = _neighbours(model, 5)[0]
+    run.sets.neighbours = [(prompt, seed, Image.new("RGB", image.size, (128, 128, 128)))]  # not what the model draws
+    run.remember_scale = 0.25
+    _scripted_r(monkeypatch, [0.3] * 46)
+    log = run.train()
+    assert [(row["step"], row["remember_scale"]) for row in log if row["neighbours_ssim"] is not None] == [(11, 0.5), (21, 1.0), (31, 1.0)]
+    assert run.neighbours_settled and run.step == 45
+    assert run._remember_weight == pytest.approx(run.config.remember_weight)
+    from ui.results_tab import neighbours_note
+    from unlearn_core.run import summarise
+
+    summary = summarise(run)
+    assert [check["step"] for check in summary["neighbour_checks"]] == [11, 21, 31] and summary["remember_scale"] == 1.0
+    assert "kept at full weight" in neighbours_note(summary) and "step 31" in neighbours_note(summary)
+    resumed = UnlearnTrainer(model, run.config, run.sets, tmp_path)  # the checkpoint of step 40
+    assert resumed.load_checkpoint() and resumed.step == 40
+    assert resumed.neighbours_settled and resumed.remember_scale == 1.0 and resumed.last_neighbour_check == 31 and resumed.r_history[30] == 0.3
+
+
+def test_a_target_whose_neighbours_are_leaving_trains_to_steps_when_held_before_a_fix_ends_it(tiny_models, monkeypatch):
+    """Not yet fixed at `steps` (r 0.3 at step 25), with its nearest seed found leaving at the full
+    remember weight: the target is held, and reaching r 0.72 at step 31 does not end the job; the
+    first fixed refresh at or past steps_when_held (40) does. Without the checks it ends at 31."""
+    from PIL import Image
+
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    prompt, seed, image = _neighbours(model, 5)[0]
+    ends = {}
+    for checks in (1, 0):
+        run = trainer(steps=25, steps_when_held=40, extend_until_fixed=30, neighbour_checks=checks)
+        run.sets.neighbours = [(prompt, seed, Image.new("RGB", image.size, (128, 128, 128)))]
+        _scripted_r(monkeypatch, [0.3] * 30 + [0.72] * 20)
+        log = run.train()
+        ends[checks] = (log[-1]["step"], run.held)
+    assert ends == {1: (40, True), 0: (31, False)}
+
+
 def test_consolidation_that_loses_the_fix_keeps_the_last_weights_that_had_it(tiny_models, monkeypatch, tmp_path):
     """r 0.85 at step 1 begins consolidation, which may let r fall to 0.8; steps 2 and 3 keep it,
     step 4 does not: consolidation ends there, the saved weights are step 3's, and r and the
@@ -525,7 +598,7 @@ def test_a_flagged_prompts_recorded_remember_seeds_are_the_pool_seeds_nearest_th
     renoised; the empty prompt, with no flagged image, keeps its first seeds; 'first' keeps them everywhere."""
     from unlearn_core.cache import GenerationCache
     from unlearn_core.config import UnlearnConfig
-    from unlearn_core.run import EvalTarget, remember_records, remember_seed_plan
+    from unlearn_core.run import EvalTarget, nearest_neighbours, remember_records, remember_seed_plan
 
     model = load_model(str(tiny_models["sd"]), "cpu")
     cache = GenerationCache(tmp_path / "cache")
@@ -544,6 +617,8 @@ def test_a_flagged_prompts_recorded_remember_seeds_are_the_pool_seeds_nearest_th
     records, more = remember_records(model, [PROMPT], nearest, targets, cache)
     assert [np.asarray(image).tolist() for image in records[0].images] == [np.asarray(images[pool.index(seed)]).tolist() for seed in sorted([14, second])]
     assert len(more[0]) == 4
+    checked = nearest_neighbours(model, targets, UnlearnConfig(**{**nearest.to_dict(), "neighbour_checks": 1}), cache)
+    assert [(prompt, seed) for prompt, seed, _ in checked] == [(PROMPT, 14)] and np.array_equal(np.asarray(checked[0][2]), np.asarray(images[4]))
 
 
 def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(tiny_models, tmp_path):

@@ -33,6 +33,17 @@ def consolidation_note(timing: dict, trained: int) -> str:
     return note + (f"; the last ones lost the fix, so the weights of step {kept} are saved)" if kept != trained else ")")
 
 
+def neighbours_note(timing: dict) -> str:
+    """What the neighbour checks did to the remember loss: lightened while the target's nearest
+    other seeds stayed untouched, restored when they began to change."""
+    checks = timing.get("neighbour_checks") or []
+    if not checks:
+        return ""
+    scale, last = timing.get("remember_scale", 1.0), checks[-1]
+    weight = f"lightened to {scale:.0%}" if scale < 1.0 else "kept at full weight"
+    return f" · remember loss {weight} (the target's nearest other seeds: least SSIM {last['least_ssim']:.2f} at the last check, step {last['step']})"
+
+
 def _value(scores: dict, name: str):
     result = scores.get(name) or {}
     return round(result["value"], 4) if result.get("available") and result.get("value") is not None else "n/a"
@@ -178,7 +189,7 @@ def render(services: Services, tab: gr.Tab) -> None:
         report = folder.read_metrics() or {}
         timing = report.get("timing", {})
         trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
-        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps{consolidation_note(timing, trained)}"
+        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps{consolidation_note(timing, trained)}{neighbours_note(timing)}"
         if not report:
             text += " · no metrics yet (they are written when the job finishes)."
         else:

@@ -50,7 +50,7 @@ class UnlearnConfig:
     checks in `__post_init__`."""
 
     method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS, level="basic"))
-    steps: int = field(default=90, metadata=_meta("optimisation steps (fewer when stop_at_r ends training earlier; up to extend_until_fixed more while the target is not yet fixed)", min=1, max=20000, level="basic"))
+    steps: int = field(default=60, metadata=_meta("optimisation steps (fewer when stop_at_r ends training earlier; up to extend_until_fixed more while the target is not yet fixed)", min=1, max=20000, level="basic"))
     batch_size: int = field(default=4, metadata=_meta("forget samples per step (NegGrad, SISS and EraseDiff: also their remember samples)", min=1, max=256))
     learning_rate: float = field(default=1.5e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0, level="basic"))
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
@@ -60,7 +60,8 @@ class UnlearnConfig:
     # (remember_large_t_boost) and also distilled at fresh noisings of three times as many of the
     # prompt's images (remember_renoised, renoised_seed_multiple), and LoRA on the U-Net's decoder,
     # fixed the most cases with the fewest other images changed; λ(s)=s^γ and LoRA on every layer
-    # changed more other seeds.
+    # changed more other seeds. 60 planned steps with neighbour checks ended the slow corrections'
+    # jobs sooner than 90 without, keeping the same seeds.
     lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES, method="ours"))
     gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0, method="ours"))
     constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0, method="ours"))
@@ -74,6 +75,8 @@ class UnlearnConfig:
     extend_remember_factor: float = field(default=0.5, metadata=_meta("trajectory forgetting: past `steps`, while training on for a target not yet fixed (extend_until_fixed), the remember loss is weighted this share of remember_weight: a correction that has not arrived within the planned steps is held back less by the other seeds (1 = the same weight throughout)", min=0.0, max=1.0, method="ours"))
     consolidate_steps: int = field(default=15, metadata=_meta("trajectory forgetting: once the target is fixed (r ≥ stop_at_r, or ≥ 0.7 at or past `steps`), train up to this many more steps with the remember loss weighted consolidate_remember_factor × remember_weight: the forget loss holds the fix while the other seeds it spilled onto are pulled back. It ends early once r falls more than 0.05 below where it stood, and the weights kept are the last whose r did not. A target fixed below r 0.75 has no r to trade and is not consolidated (0 = stop as soon as the target is fixed)", min=0, max=20000, method="ours"))
     consolidate_remember_factor: float = field(default=4.0, metadata=_meta("trajectory forgetting: the remember loss's multiplier during the consolidate_steps (1 = the same weight as before)", min=0.0, max=1e4, method="ours"))
+    neighbour_checks: int = field(default=4, metadata=_meta("trajectory forgetting: while the target's r climbs slowly (under 0.05 in 10 steps) short of stop_at_r, sample this many of its nearest recorded remember seeds with the adapter, at most every 10 steps: if each still has SSIM ≥ 0.95 to its frozen image, the remember loss has room to give and its weight is halved (down to 1/8); if one has fallen under 0.9, it is doubled back (0 = never: the weight stays as set)", min=0, max=64, method="ours"))
+    steps_when_held: int = field(default=90, metadata=_meta("trajectory forgetting: planned steps for a target not yet fixed at `steps` whose neighbour checks found its nearest seeds leaving under the full remember weight: it stops at the first fixed refresh at or past this step, so the remember loss has time to pull those seeds back (the other targets stop at the first fixed refresh at or past `steps`)", min=1, max=20000, method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
@@ -169,7 +172,8 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     steps = config.steps + (config.extend_until_fixed + config.consolidate_steps if measures_r else 0)  # the most a run that measures r may train
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
     renoised = config.remember_renoised * 4 if config.renoised_seed_count else 0  # the teacher's forward, then forward and backward
-    training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2
+    checks = config.neighbour_checks * targets * sampling * (steps // 10) if measures_r and config.remember_loss == "distill" else 0  # `neighbour_checks` at most every 10 steps
+    training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2 + checks
     evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
 
@@ -259,7 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["quick"] = PRESETS["balanced"]  # the old name of the defaults, still accepted (API, CLI)
 PRESET_DESCRIPTIONS: dict[str, str] = {  # what the web form offers, in this order
     "gentle": "changes the least: a lower learning rate, a heavier remember loss, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
-    "balanced": "the defaults: up to 90 steps until the target has moved 80 % of the way, then up to 15 more that pull the other seeds back while the fix holds; about 30 s per job on the demo model (CPU)",
+    "balanced": "the defaults: up to 60 steps until the target has moved 80 % of the way (more while it is not yet fixed), then up to 15 more that pull the other seeds back while the fix holds; about 30 s per job on the demo model (CPU)",
     "strong": "for a fix that stayed partial: up to 150 steps, a higher learning rate and a lighter remember loss, stops at 90 %; other seeds change more, so check the integrity grid",
     "paper": "the paper's original recipe (random noise levels, a denoising remember loss, 240 steps): for comparison; slower and less precise",
 }

@@ -158,6 +158,19 @@ def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnC
     return records, more
 
 
+def nearest_neighbours(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> list[tuple[str, int, Image.Image]]:
+    """(prompt, seed, frozen image) of the `neighbour_checks` recorded remember seeds of each flagged
+    prompt whose images look most like its flagged outputs: the other seeds a fix spills onto
+    first, which the trainer re-samples to see whether the remember loss has room to give."""
+    prompts = list(dict.fromkeys(t.prompt for t in targets))
+    neighbours = []
+    for prompt, (recorded, _) in zip(prompts, remember_seed_plan(model, prompts, config, targets, cache)):
+        images = cache.get_or_generate(model, prompt, recorded, config.generation_steps, config.guidance_scale)[0]
+        chosen = nearest_seeds(images, recorded, [t.target for t in targets if t.prompt == prompt], config.neighbour_checks)
+        neighbours += [(prompt, seed, images[recorded.index(seed)]) for seed in chosen]
+    return neighbours
+
+
 def warm_remember_cache(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> None:
     """Put what a job's distilled remember set reads from the cache there ahead of it (recorded
     trajectories, pool images), so a timed job runs warm."""
@@ -183,6 +196,8 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
                 sets.remember_x0, sets.remember_cond = renoise_sources(model, records, more)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, config.generation_steps, config.guidance_scale)
+            if config.neighbour_checks and config.remember_loss == "distill":
+                sets.neighbours = nearest_neighbours(model, targets, config, cache)
     return sets
 
 
@@ -202,6 +217,8 @@ def summarise(trainer: UnlearnTrainer) -> dict:
         "toward_surrogate_when_stopped": trainer.toward_surrogate if trainer.target_r else log[-1].get("toward_surrogate"),
         "consolidated_from_step": trainer.consolidating_since,
         "weights_of_step": trainer.kept_step or log[-1]["step"],
+        "remember_scale": trainer.remember_scale,
+        "neighbour_checks": [{"step": r["step"], "least_ssim": r["neighbours_ssim"], "remember_scale": r["remember_scale"]} for r in log if r.get("neighbours_ssim") is not None],
     }
 
 

@@ -17,6 +17,8 @@ Methods (`UnlearnConfig.method`):
     `extend_remember_factor` meanwhile) while it is not yet fixed;
   * once it is fixed, `consolidate_steps` more steps with a heavier remember loss pull back the
     other seeds the fix spilled onto, keeping the last weights that still fix the target.
+  * while r climbs slowly, the target's nearest remember seeds are re-sampled now and then
+    (`neighbour_checks`): untouched, the remember loss is lightened; leaving, it is restored.
 - neggrad: gradient ascent on the target's diffusion loss plus descent on the remember loss;
 - siss: SISS's importance-sampled mixture, deletion gradient rescaled to a fixed norm;
 - erasediff: EraseDiff's uniform-noise forget target, step g_r + λ·g_f.
@@ -51,6 +53,16 @@ PAINTED_BOX_MARGIN = 8  # x0 cells of context around the painted region that the
 # seeds were already kept; an edit against the concept (the crosses) holds its r and gets its
 # other seeds back (docs/QUALITY.md). The first refresh below ends consolidation.
 CONSOLIDATION_R_SLACK = 0.05
+# `neighbour_checks`: the target climbs slowly when r gains less than NEIGHBOUR_CHECK_CLIMB over
+# NEIGHBOUR_CHECK_EVERY steps; its nearest remember seeds then decide the remember weight's scale.
+# A slow climb is the remember loss holding the target (netherlands-62: r 0.5–0.65 from step 25 to
+# 90), which only costs something if the seeds it holds are near leaving: netherlands-62's nearest
+# seeds kept SSIM ≥ 0.96 there, belgium-77's had fallen to 0.85 (docs/QUALITY.md).
+NEIGHBOUR_CHECK_EVERY = 10
+NEIGHBOUR_CHECK_CLIMB = 0.05
+NEIGHBOURS_KEPT_SSIM = 0.95  # every checked seed at or above: the remember weight is halved
+NEIGHBOURS_LOST_SSIM = 0.9  # one below: it is doubled back, up to the configured weight
+MIN_REMEMBER_SCALE = 0.125
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,6 +85,8 @@ class StepReport:
     projected: bool
     seconds_per_step: float
     toward_surrogate: float | None = None  # r of the target seed's output, as last re-recorded
+    remember_scale: float = 1.0  # the share of remember_weight in use (`neighbour_checks`)
+    neighbours_ssim: float | None = None  # the least SSIM of the target's nearest seeds, when checked at this step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +156,11 @@ class UnlearnTrainer(BaselineLosses):
         self.consolidation_floor: float | None = None  # the r those weights must keep
         self.kept_step: int | None = None  # set when the saved weights are those of an earlier step than the last
         self._siss_norm: float | None = None
+        self.r_history: dict[int, float | None] = {}  # step → the least target r at that step's refresh
+        self.remember_scale = 1.0  # `neighbour_checks` halves or doubles it
+        self.last_neighbour_check = 0
+        self.neighbours_settled = False  # a check at the full weight found the neighbours already leaving: no more checks
+        self.held: bool | None = None  # decided at the first refresh past `steps` (`_note_held`)
 
     def _missing_sets(self) -> str:
         config, sets = self.config, self.sets
@@ -330,6 +349,49 @@ class UnlearnTrainer(BaselineLosses):
         if self.sets.pictures:
             self.target_r = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
 
+    def _climbing_slowly(self) -> bool:
+        """Whether to check the neighbours now: checks are on, the target is short of stop_at_r and
+        not being consolidated, r gained less than NEIGHBOUR_CHECK_CLIMB over the last
+        NEIGHBOUR_CHECK_EVERY steps, and the last check was at least that long ago."""
+        config, r = self.config, self.toward_surrogate
+        earlier = self.r_history.get(self.step - NEIGHBOUR_CHECK_EVERY)
+        if not (config.neighbour_checks and self.sets.neighbours and config.stop_at_r > 0) or self.consolidating_since is not None:
+            return False
+        if r is None or earlier is None or r >= config.stop_at_r or self.step - self.last_neighbour_check < NEIGHBOUR_CHECK_EVERY or self.neighbours_settled:
+            return False
+        return r - earlier < NEIGHBOUR_CHECK_CLIMB
+
+    def _neighbours_least_ssim(self) -> float:
+        """Sample the target's nearest remember seeds with the adapter as trained so far; the least
+        SSIM of one to its frozen image."""
+        from unlearn_core import metrics
+
+        neighbours, worst = self.sets.neighbours, 1.0
+        self.denoiser.eval()
+        for prompt in dict.fromkeys(prompt for prompt, _, _ in neighbours):
+            seeds, frozen = [seed for p, seed, _ in neighbours if p == prompt], [image for p, _, image in neighbours if p == prompt]
+            after = [image for image, _ in self.model.generate(prompt, seeds, self.config.generation_steps, self.config.guidance_scale)]
+            worst = min(worst, min(metrics.ssim(frozen, after).per_pair))
+        self.denoiser.train()
+        return worst
+
+    def _check_neighbours(self) -> float | None:
+        """While the target climbs slowly: halve the remember weight if its nearest seeds all keep
+        SSIM ≥ NEIGHBOURS_KEPT_SSIM (the slow climb buys nothing), double it back if one fell under
+        NEIGHBOURS_LOST_SSIM. The least SSIM, or None when not checked at this step."""
+        if not self._climbing_slowly():
+            return None
+        self.last_neighbour_check = self.step
+        worst = self._neighbours_least_ssim()
+        scale = self.remember_scale
+        if worst >= NEIGHBOURS_KEPT_SSIM:
+            self.remember_scale = max(scale / 2, MIN_REMEMBER_SCALE)
+        else:
+            if worst < NEIGHBOURS_LOST_SSIM:
+                self.remember_scale = min(scale * 2, 1.0)
+            self.neighbours_settled = scale == 1.0
+        return worst
+
     @property
     def toward_surrogate(self) -> float | None:
         """The least r of the targets at the last refresh (None before one)."""
@@ -358,7 +420,24 @@ class UnlearnTrainer(BaselineLosses):
         'fixed' at or past `steps` (an extension that got there, or a target fixed but short of
         stop_at_r at `steps`)."""
         r = self.toward_surrogate
-        return self._fixed() or (self.config.stop_at_r > 0 and r is not None and self.step >= self.config.steps and r >= self._fixed_floor)
+        return self._fixed() or (self.config.stop_at_r > 0 and r is not None and self.step >= self._planned_steps and r >= self._fixed_floor)
+
+    @property
+    def _planned_steps(self) -> int:
+        """`steps`, or `steps_when_held` for a target the remember loss holds (`_note_held`)."""
+        return max(self.config.steps, self.config.steps_when_held) if self.held else self.config.steps
+
+    def _note_held(self) -> None:
+        """At the first refresh at or past `steps`: the target is held if it is not yet fixed there
+        and the neighbour checks found its nearest seeds leaving under the full remember weight.
+        Such a target crosses r 0.7 slowly while the remember loss pulls its neighbours back, and
+        stopping it the moment it crosses leaves them half pulled (belgium-77, training seed 1:
+        11/16 same-prompt seeds kept when stopped at step 80 as it reached r 0.70, 14/16 at step 95,
+        r 0.73; docs/QUALITY.md), so it trains to `steps_when_held` before a fix ends the job."""
+        from unlearn_core.metrics import FIXED_AT
+
+        if self.held is None and self.step >= self.config.steps and self.consolidating_since is None:
+            self.held = self.neighbours_settled and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
 
     def _consolidates(self) -> bool:
         return self._measures_r_while_training() and self.config.consolidate_steps > 0
@@ -434,15 +513,19 @@ class UnlearnTrainer(BaselineLosses):
 
     @property
     def _remember_weight(self) -> float:
-        """remember_weight, times extend_remember_factor once training runs past `steps`, which it
+        """remember_weight times the scale the neighbour checks set (`_check_neighbours`); times
+        consolidate_remember_factor while consolidating; times extend_remember_factor once training
+        runs past `steps` (unless the checks found the target's neighbours leaving), which it
         does only while a target is not yet fixed (`step_budget`): netherlands-62 (in the quality
         suite), -75 (held back) and -81 (scratch) settle near r 0.65–0.7 under the full weight and
         take 140–170 steps to reach 'fixed'; at half the weight they are fixed by step 100–135,
         keeping every other seed (docs/QUALITY.md)."""
         config = self.config
+        weight = config.remember_weight * self.remember_scale
         if self.consolidating_since is not None:
-            return config.remember_weight * config.consolidate_remember_factor
-        return config.remember_weight * (config.extend_remember_factor if self.step >= config.steps else 1.0)
+            return weight * config.consolidate_remember_factor
+        lighter = self.step >= config.steps and not self.neighbours_settled
+        return weight * (config.extend_remember_factor if lighter else 1.0)
 
     def _renoised_remember_samples(self, batch: int):
         """Distillation at fresh noisings x_t = a·x0 + b·ε of remember images, at random t: the
@@ -508,15 +591,20 @@ class UnlearnTrainer(BaselineLosses):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        checked = None
         if self._trajectory_due():
             self._refresh_target_states()
-        report = StepReport(self.step, max(self.step_budget, self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate)
+            self.r_history[self.step] = self.toward_surrogate
+            checked = self._check_neighbours()
+            self._note_held()
+        report = StepReport(self.step, max(self.step_budget, self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate, self.remember_scale, checked)
         self.log.append(report.to_dict())
         return report
 
     @property
     def step_budget(self) -> int:
-        """`config.steps`, or up to `extend_until_fixed` more once there while a target is still
+        """`config.steps` (`steps_when_held` for a target `_note_held` found held), or up to
+        `extend_until_fixed` more once there while a target is still
         short of the verdict 'fixed' (r < FIXED_AT at the last refresh): the operator came for
         the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.57 at
         step 90, fixed at step 130, the remember weight halved meanwhile: `_remember_weight`). A
@@ -530,7 +618,7 @@ class UnlearnTrainer(BaselineLosses):
             return self.consolidating_since + config.consolidate_steps
         measured = self._measures_r_while_training() and config.stop_at_r > 0  # stop_at_r 0 asks for exactly `steps`
         short = measured and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
-        return config.steps + config.extend_until_fixed if self.step >= config.steps and short else config.steps
+        return config.steps + config.extend_until_fixed if self.step >= config.steps and short else self._planned_steps
 
     def train(self) -> list[dict]:
         """Run to `step_budget`, resuming from the run folder's checkpoint if there is one."""
@@ -580,7 +668,7 @@ class UnlearnTrainer(BaselineLosses):
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights, "r_history": self.r_history, "remember_scale": self.remember_scale, "last_neighbour_check": self.last_neighbour_check, "neighbours_settled": self.neighbours_settled, "held": self.held}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
@@ -598,6 +686,9 @@ class UnlearnTrainer(BaselineLosses):
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
         self.consolidating_since, self.fixed_weights = state.get("consolidating_since"), state.get("fixed_weights")
         self.consolidation_floor = state.get("consolidation_floor")
+        self.r_history, self.remember_scale = state.get("r_history", {}), state.get("remember_scale", 1.0)
+        self.last_neighbour_check, self.neighbours_settled = state.get("last_neighbour_check", 0), state.get("neighbours_settled", False)
+        self.held = state.get("held")
         if self.folder and self.accelerator.is_main_process:
             self._rewrite_log()
         if self.config.method == "ours" and self.config.forget_states == "trajectory":
