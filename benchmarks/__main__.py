@@ -28,6 +28,7 @@ from unlearn_core.sets import encode_sets
 from unlearn_core.trainer import UnlearnTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
+IDLE_GENERATION_SECONDS = 1.05  # the generation row on 2026-11-27's idle machine, where the speed targets were set
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -217,7 +218,7 @@ that the CLI pays.
 
 The job rows time the README's chad job, which trains until its target is fixed and then
 consolidates (65 steps since 2026-12-04; 40 when this table was first written). On 2026-11-27,
-the idle machine these targets were set on, the generation row took 1.05 s; every row scales with
+the idle machine these targets were set on, the generation row took {IDLE_GENERATION_SECONDS} s; every row scales with
 it, so read the job rows against it.
 
 Where a warm default job's time goes (the same job under `python -m cProfile -m unlearn_core

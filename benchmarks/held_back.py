@@ -8,6 +8,9 @@ the CLI's `unlearn` with default settings; the adapter is then loaded into a pla
 `StableDiffusionPipeline`, as a user would load it, and measured there: r on the target seed,
 and SSIM ≥ 0.9 of 16 other seeds of the prompt and of 8 seeds each of two other prompts. The user's
 generation cache is warmed for each case first (`warm_cache`), so the job time is a warm job's.
+This 2-core machine's speed varies by day (up to 4× slower than when the 60 s goal was set), so
+the generation row of `python -m benchmarks` is timed just before each job, and the job's time is
+also given scaled by it to the idle machine's row (`IDLE_GENERATION_SECONDS`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.__main__ import IDLE_GENERATION_SECONDS
 from benchmarks.cases import Recolour, paint
-from benchmarks.quality import cases_picture, ssim_shares
+from benchmarks.quality import cases_picture, machine_speed, ssim_shares
 from unlearn_core import metrics
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
@@ -83,6 +87,13 @@ def warm_cache(case: HeldBackCase, surrogate: Image.Image) -> None:
     warm_remember_cache(model, [EvalTarget(case.prompt, case.seed, target, surrogate)], config, cache)
 
 
+def generation_row() -> float:
+    """Seconds of `python -m benchmarks`' generation row on this machine now."""
+    from unlearn_core.models import load_model
+
+    return machine_speed(load_model(DEMO_MODEL, device="cpu"))
+
+
 def run_case(case: HeldBackCase, out: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -95,6 +106,7 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
     target.save(folder / "target.png")
     surrogate.save(folder / "surrogate.png")
     warm_cache(case, surrogate)
+    speed = generation_row()
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "unlearn_core", "unlearn", "--prompt", case.prompt, "--seed", str(case.seed), "--surrogate", str(folder / "surrogate.png"),
                     "--out", str(folder / "job")], cwd=ROOT, check=True, capture_output=True)
@@ -107,7 +119,7 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
     after.save(folder / "after.png")
     moved = metrics.toward_surrogate(after, target, surrogate)
     return {
-        "case": case.name, "r": moved.r, "pictures": {"target": target, "surrogate": surrogate, "after": after}, "verdict": moved.verdict, "seconds": seconds,
+        "case": case.name, "r": moved.r, "pictures": {"target": target, "surrogate": surrogate, "after": after}, "verdict": moved.verdict, "seconds": seconds, "speed": speed,
         "same": kept(same_before, images(pipe, case.prompt, seeds)),
         "other": kept(other_before, [image for prompt in OTHER_PROMPTS for image in images(pipe, prompt, seeds[:OTHER_SEEDS])]),
     }
@@ -123,11 +135,13 @@ def main(argv=None) -> list[dict]:
     if unknown := set(chosen) - {case.name for case in CASES}:
         parser.error(f"unknown case(s): {', '.join(sorted(unknown))}; the cases are {', '.join(case.name for case in CASES)}")
     rows = []
-    print("| case | r | verdict | same prompt SSIM ≥ 0.9 | other prompts SSIM ≥ 0.9 | job s |\n|---|---|---|---|---|---|", flush=True)
+    print(f"| case | r | verdict | same prompt SSIM ≥ 0.9 | other prompts SSIM ≥ 0.9 | job s | generation row s | job s at the idle machine's speed ({IDLE_GENERATION_SECONDS} s) |", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for case in (case for case in CASES if case.name in chosen):
         row = run_case(case, out)
         rows.append(row)
-        print(f"| {row['case']} | {row['r']:.2f} | {row['verdict']} | {row['same']}/16 | {row['other']}/16 | {row['seconds']:.0f} |", flush=True)
+        scaled = row["seconds"] * IDLE_GENERATION_SECONDS / row["speed"]
+        print(f"| {row['case']} | {row['r']:.2f} | {row['verdict']} | {row['same']}/16 | {row['other']}/16 | {row['seconds']:.0f} | {row['speed']:.2f} | {scaled:.0f} |", flush=True)
     cases_picture({row["case"]: row["pictures"] for row in rows}, out / "held_back.png", scale=3)
     print(f"\nwrote {out / 'held_back.png'}")
     return rows

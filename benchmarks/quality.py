@@ -659,7 +659,7 @@ def write_report(results: list[Measured], robust: dict, two: dict | None, args, 
         "60 planned steps, netherlands-62 and belgium-77 train past step 60). The held-back numbers that follow are of the versions before the 60-step "
         "plan and the neighbour checks, except this one: with them (this version, 2026-12-04, the machine 1.8× slow) all five are fixed "
         "(netherlands-74 r 0.80, netherlands-75 0.71, france-77 0.74, ireland-77 0.71, germany-77 0.72), 16/16 same-prompt "
-        "seeds each, 16/16 other-prompt images but netherlands-75's 15/16, in CLI jobs of 49–70 s (steps 75, 90, 60, 75, 60). Held-back netherlands-75 (`python -m benchmarks.held_back`) "
+        "seeds each, 16/16 other-prompt images but netherlands-75's 15/16, in CLI jobs of 49–70 s (steps 75, 90, 60, 75, 60); a later run that day, the machine 2.4–3.1× slow, repeated every r and kept seed to the digit in CLI jobs of 72–98 s, which the generation row timed just before each job (2.43–3.14 s) scales to 25–42 s on the idle machine (1.05 s). Held-back netherlands-75 (`python -m benchmarks.held_back`) "
         "is partly fixed at step 90 (r 0.57); with the full remember weight it was fixed at step 155, a 69 s job (75 s "
         "through the CLI), and with half of it past step 90 at step 130, a 50 s job (56 s through the CLI), still 16/16 "
         "same-prompt and other-prompt seeds; with the nearest remember seeds at step 145 (16 of them) and 135 (32). With this version (consolidation, "
