@@ -465,7 +465,7 @@ def test_neighbours_that_have_left_double_the_remember_weight_back_then_end_the_
     assert "kept at full weight" in neighbours_note(summary) and "step 31" in neighbours_note(summary)
     resumed = UnlearnTrainer(model, run.config, run.sets, tmp_path)  # the checkpoint of step 40
     assert resumed.load_checkpoint() and resumed.step == 40
-    assert resumed.neighbours_settled and resumed.remember_scale == 1.0 and resumed.last_neighbour_check == 31 and resumed.r_history[30] == 0.3
+    assert resumed.neighbours_settled and resumed.remember_scale == 1.0 and resumed.last_neighbour_check == 31 and resumed._r_at(30) == 0.3
 
 
 def test_a_target_whose_neighbours_are_leaving_trains_to_steps_when_held_before_a_fix_ends_it(tiny_models, monkeypatch):

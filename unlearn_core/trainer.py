@@ -156,7 +156,6 @@ class UnlearnTrainer(BaselineLosses):
         self.consolidation_floor: float | None = None  # the r those weights must keep
         self.kept_step: int | None = None  # set when the saved weights are those of an earlier step than the last
         self._siss_norm: float | None = None
-        self.r_history: dict[int, float | None] = {}  # step → the least target r at that step's refresh
         self.remember_scale = 1.0  # `neighbour_checks` halves or doubles it
         self.last_neighbour_check = 0
         self.neighbours_settled = False  # a check at the full weight found the neighbours already leaving: no more checks
@@ -354,12 +353,16 @@ class UnlearnTrainer(BaselineLosses):
         not being consolidated, r gained less than NEIGHBOUR_CHECK_CLIMB over the last
         NEIGHBOUR_CHECK_EVERY steps, and the last check was at least that long ago."""
         config, r = self.config, self.toward_surrogate
-        earlier = self.r_history.get(self.step - NEIGHBOUR_CHECK_EVERY)
+        earlier = self._r_at(self.step - NEIGHBOUR_CHECK_EVERY)
         if not (config.neighbour_checks and self.sets.neighbours and config.stop_at_r > 0) or self.consolidating_since is not None:
             return False
         if r is None or earlier is None or r >= config.stop_at_r or self.step - self.last_neighbour_check < NEIGHBOUR_CHECK_EVERY or self.neighbours_settled:
             return False
         return r - earlier < NEIGHBOUR_CHECK_CLIMB
+
+    def _r_at(self, step: int) -> float | None:
+        """The least target r as it stood at `step` (the log's row of it; None before step 1 or before a refresh)."""
+        return self.log[step - 1]["toward_surrogate"] if 1 <= step <= len(self.log) else None
 
     def _neighbours_least_ssim(self) -> float:
         """Sample the target's nearest remember seeds with the adapter as trained so far; the least
@@ -594,7 +597,6 @@ class UnlearnTrainer(BaselineLosses):
         checked = None
         if self._trajectory_due():
             self._refresh_target_states()
-            self.r_history[self.step] = self.toward_surrogate
             checked = self._check_neighbours()
             self._note_held()
         report = StepReport(self.step, max(self.step_budget, self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate, self.remember_scale, checked)
@@ -668,7 +670,7 @@ class UnlearnTrainer(BaselineLosses):
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights, "r_history": self.r_history, "remember_scale": self.remember_scale, "last_neighbour_check": self.last_neighbour_check, "neighbours_settled": self.neighbours_settled, "held": self.held}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights, "remember_scale": self.remember_scale, "last_neighbour_check": self.last_neighbour_check, "neighbours_settled": self.neighbours_settled, "held": self.held}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
@@ -686,7 +688,7 @@ class UnlearnTrainer(BaselineLosses):
         self.step, self.log, self._siss_norm = state["step"], state["log"], state.get("siss_norm")
         self.consolidating_since, self.fixed_weights = state.get("consolidating_since"), state.get("fixed_weights")
         self.consolidation_floor = state.get("consolidation_floor")
-        self.r_history, self.remember_scale = state.get("r_history", {}), state.get("remember_scale", 1.0)
+        self.remember_scale = state.get("remember_scale", 1.0)
         self.last_neighbour_check, self.neighbours_settled = state.get("last_neighbour_check", 0), state.get("neighbours_settled", False)
         self.held = state.get("held")
         if self.folder and self.accelerator.is_main_process:
