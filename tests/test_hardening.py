@@ -248,6 +248,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     monkeypatch.setenv("HOTFIX_USERNAME", "operator")  # a login keeps the jobs their owner's across the restart
     monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
+    monkeypatch.setenv("HOTFIX_LEASE_S", "3")  # the killed server's lease expires 3 s after its last renewal
     first = AppServer(runs, cache).start()
     try:
         client = Client(first.url, auth=("operator", "s3cret-Pa55"), verbose=False)
@@ -278,8 +279,7 @@ def test_server_killed_leaves_nothing_running(tmp_path, files, monkeypatch):
     second = AppServer(runs, cache).start()
     try:
         client = Client(second.url, auth=("operator", "s3cret-Pa55"), verbose=False)
-        status = client.predict(running, api_name="/job_status")
-        assert status["state"] == "interrupted", status
+        wait_for_job(client, running, states=("interrupted",), timeout_s=30, server=second)  # once the dead server's lease expires
         assert JobStore(runs).get(running).state == "interrupted"  # the store's row is the job's state (status.json is the job process's own)
         assert client.predict(queued, api_name="/job_status")["state"] in ("queued", "running"), "a queued job stays queued across a restart"
         time.sleep(3)  # the worker must not pick up the interrupted job by itself

@@ -76,20 +76,29 @@ def test_claim_next_is_in_order_and_exclusive(store):
     assert all(store.get(i).state == "running" for i in ids)
 
 
-def test_restart_interrupts_only_jobs_of_dead_servers_and_resume_requeues(store, tmp_path):
-    running = store.create("m", UnlearnConfig(), [instance(1)])
+def test_expired_leases_are_interrupted_on_any_host_live_ones_kept_and_resume_requeues(tmp_path):
+    """A server starts on a runs folder whose jobs were run from hosts that no longer exist: the job
+    whose lease expired becomes interrupted (and frees its owner's pending slot); the job whose
+    runner, on another host, renewed its lease a moment ago stays running."""
+    store = JobStore(tmp_path / "runs", lease_s=0.5)
+    running = store.create("m", UnlearnConfig(), [instance(1)], owner="alice")
     live = store.create("m", UnlearnConfig(), [instance(2)])
     queued = store.create("m", UnlearnConfig(), [instance(3)])
     done = store.create("m", UnlearnConfig(), [instance(4)])
-    assert store.claim_next("gone:1").id == running.id and store.claim_next("alive:2").id == live.id  # in creation order
+    assert store.claim_next("gone-host:7/auto").id == running.id and store.claim_next("other-host:7/auto").id == live.id  # in creation order
     store.update(running.id, step=12)
     store.update(done.id, state="done")
-    reopened = JobStore(tmp_path / "runs")  # a new server on the same folder
-    assert reopened.mark_interrupted(alive=lambda runner: runner == "alive:2") == [running.id]
+    assert store.expire_leases() == [] and store.pending("alice") == 1  # both leases are fresh
+    time.sleep(0.6)
+    assert store.renew(live.id, "other-host:7/auto") and not store.renew(live.id, "gone-host:7/auto")  # only its runner renews it
+    reopened = JobStore(tmp_path / "runs", lease_s=30)  # a new server, on a new host, on the same folder
+    assert reopened.expire_leases() == [running.id]
     assert reopened.get(running.id).state == "interrupted" and reopened.get(running.id).step == 12
-    assert reopened.get(live.id).state == "running", "another live server's job is left alone"
+    assert "resume" in reopened.get(running.id).error and reopened.pending("alice") == 0
+    assert reopened.get(live.id).state == "running", "a live runner on another host keeps its job"
     assert reopened.get(queued.id).state == "queued", "a queued job stays queued across a restart"
     assert reopened.get(done.id).state == "done"
+    assert not reopened.renew(running.id, "gone-host:7/auto"), "a runner whose lease expired has lost its job"
     running.folder.cancel_flag.write_text("old")
     assert reopened.resume(running.id).state == "queued"
     assert not running.folder.cancel_flag.exists()
@@ -99,11 +108,27 @@ def test_restart_interrupts_only_jobs_of_dead_servers_and_resume_requeues(store,
         reopened.resume("jDoesNotExist123")
 
 
+def test_a_store_of_an_older_version_gets_leases_and_its_running_jobs_are_interrupted(tmp_path):
+    """A jobs.sqlite written before leases (no lease_expires column) is migrated when opened; its
+    running job has no lease, so a starting server marks it interrupted, and it can be resumed."""
+    import sqlite3
+
+    old = JobStore(tmp_path / "runs")
+    job = old.create("m", UnlearnConfig(), [instance(1)])
+    old.claim_next("old-host:1")
+    with sqlite3.connect(old.db_path) as db:  # back to the older schema, as an older version left it
+        db.execute("ALTER TABLE jobs DROP COLUMN lease_expires")
+    store = JobStore(tmp_path / "runs")
+    assert store.get(job.id).state == "running" and store.get(job.id).lease_expires == 0
+    assert store.expire_leases() == [job.id]
+    assert store.resume(job.id).state == "queued"
+
+
 def test_cancel_queued_and_running(store):
     queued = store.create("m", UnlearnConfig(), [instance(1)])
     assert store.cancel(queued.id).state == "cancelled"
     running = store.create("m", UnlearnConfig(), [instance(2)])
-    store.update(running.id, state="running")
+    assert store.claim_next("here:1").id == running.id  # running, with a fresh lease
     store.cancel(running.id)
     assert running.folder.cancel_flag.is_file()
     with pytest.raises(JobStateError):

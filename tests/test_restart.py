@@ -1,5 +1,5 @@
-"""A server killed hard in the middle of a job: after a restart the job is listed as interrupted,
-and resuming it continues from its checkpoint to the end."""
+"""A server killed hard in the middle of a job: after a restart the job is listed as interrupted
+(once the dead server's lease has expired), and resuming it continues from its checkpoint to the end."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def test_kill_restart_resume(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HOTFIX_USERNAME", "operator")
     monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
+    monkeypatch.setenv("HOTFIX_LEASE_S", "3")  # the dead server's lease expires 3 s after its last renewal
     from PIL import Image
 
     runs, cache = tmp_path / "runs", tmp_path / "cache"
@@ -52,8 +53,7 @@ def test_kill_restart_resume(tmp_path, monkeypatch):
     second = AppServer(runs, cache).start()
     try:
         client = Client(second.url, auth=LOGIN, verbose=False)
-        status = client.predict(job_id, api_name="/job_status")
-        assert status["state"] == "interrupted", status
+        wait_for_job(client, job_id, states=("interrupted",), timeout_s=30, server=second)  # once its lease expires
         resumed = client.predict(job_id, api_name="/resume_job")
         assert resumed["state"] in ("queued", "running")
         done = wait_for_job(client, job_id, server=second)

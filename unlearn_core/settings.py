@@ -53,6 +53,7 @@ class Settings:
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
     hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
+    lease_s: float = 30.0  # HOTFIX_LEASE_S: a running job whose worker has not renewed its lease for this long is marked interrupted
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
 
     @classmethod
@@ -82,11 +83,14 @@ class Settings:
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
+            lease_s=float(env.get("HOTFIX_LEASE_S") or cls.lease_s),
         )
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"HOTFIX_DTYPE must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not self.lease_s > 0:
+            raise ValueError(f"HOTFIX_LEASE_S must be a positive number of seconds; got {self.lease_s!r}")
 
     @property
     def web_loads_folders(self) -> bool:

@@ -5,12 +5,15 @@ it); the row is the job's state. A job's files live in its `RunFolder`, `runs/jo
 `create` writes the uploaded images and `config.json` there once, and the worker
 (`unlearn_core.worker`) runs that folder.
 
-Each row names its owner (who may see and act on it) and, while it runs, the server whose worker
-runs it (`host:pid`). A server that dies leaves its jobs "running"; at start-up
-`mark_interrupted()` turns those into "interrupted" (a job of another live server on the same
-runs folder is left alone), and `resume()` queues them again: the job process resumes from the
-folder's checkpoint. Queued jobs stay queued across a restart. Every state change is one
-conditional UPDATE, so two callers (or two servers) never both win.
+Each row names its owner (who may see and act on it) and, while it runs, the worker that runs it
+(`runner`, for people to read) and that worker's lease (`lease_expires`, a time). The worker
+renews the lease every few seconds (`renew`); a runner that stops renewing, because its server
+died, lost its host or hung, loses the job: any server on any host, at start and periodically,
+turns running jobs whose lease has expired into "interrupted" (`expire_leases`). Liveness is the
+lease alone, never a hostname or pid (a container restarts on a new host, a pid is reused).
+`resume()` queues an interrupted job again: the job process resumes from the folder's
+checkpoint. Queued jobs stay queued across a restart. Every state change is one conditional
+UPDATE, so two callers (or two servers) never both win.
 
 Never imports gradio.
 """
@@ -33,6 +36,7 @@ from PIL import Image
 from unlearn_core.config import InstanceTarget, UnlearnConfig, check_job_size, check_prompt, check_seed
 from unlearn_core.errors import AccessDenied, InvalidInput, JobNotFound, JobStateError, NotReady
 from unlearn_core.files import save_image_atomic
+from unlearn_core import settings
 from unlearn_core.runfolder import RunFolder
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -53,10 +57,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     run_dir TEXT NOT NULL,
     owner TEXT NOT NULL DEFAULT '',
-    runner TEXT NOT NULL DEFAULT ''
+    runner TEXT NOT NULL DEFAULT '',
+    lease_expires REAL NOT NULL DEFAULT 0
 )
 """
-ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT NOT NULL DEFAULT ''"}  # stores written by older versions
+ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT NOT NULL DEFAULT ''",  # stores written by older versions
+                 "lease_expires": "REAL NOT NULL DEFAULT 0"}  # 0: an old store's running job has no lease, so it is expired
+LEASE_LOST = "the server running this job stopped or lost contact with the job store; resume it"
 
 
 @dataclass
@@ -75,7 +82,8 @@ class Job:
     error: str
     run_dir: str
     owner: str = ""
-    runner: str = ""  # host:pid of the server whose worker runs it
+    runner: str = ""  # the worker that runs it (host:pid/worker), for people to read
+    lease_expires: float = 0.0  # while running: when the job counts as abandoned unless its runner renews the lease
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,10 +96,13 @@ class Job:
 class JobStore:
     """Jobs in SQLite under `runs_dir`; every method opens its own connection (thread-safe)."""
 
-    def __init__(self, runs_dir: str | os.PathLike, max_job_work: int | None = None, max_pending_per_owner: int | None = None):
+    def __init__(self, runs_dir: str | os.PathLike, max_job_work: int | None = None, max_pending_per_owner: int | None = None,
+                 lease_s: float | None = None):
         """`max_job_work` and `max_pending_per_owner` bound what `create` accepts (None: no bound,
-        as for the CLI and tests; the web app passes its settings)."""
+        as for the CLI and tests; the web app passes its settings). `lease_s`: how long a running
+        job's lease lasts unrenewed (None: `HOTFIX_LEASE_S`, 30 s)."""
         self.max_job_work, self.max_pending_per_owner = max_job_work, max_pending_per_owner
+        self.lease_s = float(lease_s if lease_s is not None else settings.current().lease_s)
         self.runs_dir = Path(runs_dir).resolve()
         self.jobs_dir = self.runs_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -191,15 +202,19 @@ class JobStore:
         with closing(self._connect()) as db:
             return db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN ('queued', 'running')", (owner,)).fetchone()[0]
 
-    def update(self, job_id: str, **values) -> None:
+    def update(self, job_id: str, runner: str | None = None, **values) -> bool:
+        """Set step, total, state or error. With `runner`, only while that runner holds the job
+        (running, or interrupted by a peer and not queued again since): whether it did."""
         allowed = {"state", "step", "total", "error"}
         if not values or set(values) - allowed:
             raise InvalidInput(f"can only update {', '.join(sorted(allowed))}")
         if "state" in values and values["state"] not in STATES:
             raise InvalidInput(f"unknown state {values['state']!r}")
         columns = ", ".join(f"{name} = ?" for name in values)
+        held = "" if runner is None else " AND runner = ? AND state IN ('running', 'interrupted')"
         with closing(self._connect()) as db:
-            db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?", (*values.values(), time.time(), job_id))
+            cursor = db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?{held}", (*values.values(), time.time(), job_id, *([runner] if runner is not None else [])))
+            return cursor.rowcount == 1
 
     def _switch(self, job_id: str, to: str, when: tuple[str, ...], error: str = "") -> bool:
         """Move a job to `to` only if it is in one of `when`, in one statement (no check-then-act race)."""
@@ -209,35 +224,43 @@ class JobStore:
             return cursor.rowcount == 1
 
     def claim_next(self, runner: str = "") -> Job | None:
-        """The oldest queued job, atomically switched to running by `runner` (several workers may ask)."""
+        """The oldest queued job, atomically switched to running by `runner`, with a fresh lease
+        (several workers may ask)."""
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
-            db.execute("UPDATE jobs SET state = 'running', error = '', runner = ?, updated = ? WHERE id = ?", (runner, time.time(), row["id"]))
+            now = time.time()
+            db.execute("UPDATE jobs SET state = 'running', error = '', runner = ?, lease_expires = ?, updated = ? WHERE id = ?", (runner, now + self.lease_s, now, row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"])
 
     # -- life cycle ------------------------------------------------------------------------
-    def mark_interrupted(self, alive=None) -> list[str]:
-        """At start-up: running jobs whose server is gone become 'interrupted'.
+    def renew(self, job_id: str, runner: str) -> bool:
+        """Extend the lease of a job `runner` runs; False when it no longer holds it (its lease
+        expired and another server marked the job interrupted): the runner must then stop the job."""
+        with closing(self._connect()) as db:
+            cursor = db.execute("UPDATE jobs SET lease_expires = ? WHERE id = ? AND runner = ? AND state = 'running'", (time.time() + self.lease_s, job_id, runner))
+            return cursor.rowcount == 1
 
-        `alive(runner)` says whether the server named `host:pid` still runs (default: a process
-        with that pid exists on this host); the jobs of a live server are left alone."""
-        alive = alive or runner_alive
+    def expire_leases(self) -> list[str]:
+        """Running jobs whose lease has expired become 'interrupted' (their runner is gone, on this
+        host or another); called by every server at start and periodically. Returns their ids."""
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
-            ids = [row["id"] for row in db.execute("SELECT id, runner FROM jobs WHERE state = 'running'") if not alive(row["runner"])]
+            now = time.time()
+            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE state = 'running' AND lease_expires < ?", (now,))]
             for job_id in ids:
-                db.execute("UPDATE jobs SET state = 'interrupted', error = 'the server stopped during the job; resume it', updated = ? WHERE id = ? AND state = 'running'", (time.time(), job_id))
+                db.execute("UPDATE jobs SET state = 'interrupted', error = ?, updated = ? WHERE id = ?", (LEASE_LOST, now, job_id))
             db.execute("COMMIT")
         return ids
 
     def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """Queued → cancelled now; running → ask the job's process to stop (its cancel flag)."""
         job = self.require(job_id, owner)
+        self.expire_leases()  # a job whose runner is gone is interrupted, not waiting for a flag nobody reads
         if self._switch(job.id, "cancelled", ("queued",), "cancelled before it started"):
             return self.require(job_id)
         job = self.require(job_id)
@@ -249,6 +272,7 @@ class JobStore:
     def resume(self, job_id: str, owner: str | None = None) -> Job:
         """Queue an interrupted, failed or cancelled job again; it continues from its checkpoint."""
         job = self.require(job_id, owner)
+        self.expire_leases()  # a job whose runner is gone may be resumed at once
         if not self._switch(job.id, "queued", RESUMABLE):
             raise JobStateError(f"job {job.id} is {self.require(job_id).state}; only {', '.join(RESUMABLE)} jobs can be resumed")
         job.folder.clear_cancel()
@@ -287,27 +311,8 @@ def _bounded(image: Image.Image) -> Image.Image:
 
 
 def this_runner() -> str:
-    """This server's name in the `runner` column: host:pid."""
+    """This process's name in the `runner` column: host:pid (for people; the lease decides liveness)."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def runner_alive(runner: str) -> bool:
-    """Whether the server named `host:pid` still runs (only this host's processes can be checked;
-    a job run from another host is assumed alive)."""
-    host, _, pid = runner.rpartition(":")
-    if not runner or not pid.isdigit():
-        return False
-    if host != socket.gethostname():
-        return True
-    if int(pid) == os.getpid():
-        return False  # this very process is starting up: whatever it ran before is gone
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def progress(job: Job) -> dict:

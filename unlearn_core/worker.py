@@ -14,7 +14,10 @@
   the server down; it copies step/total into the store and turns the process's end into the job's
   state. Cancelling sets the folder's cancel flag (the process checkpoints and stops); a process
   that does not stop within `CANCEL_GRACE_S` is killed. After each job it starts the next waiting
-  process, while the device is idle.
+  process, while the device is idle. It renews the running job's lease and marks other workers'
+  expired leases interrupted (`JobStore.expire_leases`); a job whose lease it lost is stopped. A
+  failing store (disk full, read-only) never ends the thread: it backs off and retries, and the
+  job's end is written once the store works again.
 
 Never imports gradio.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -173,7 +177,11 @@ class JobWorker:
         self._die_with_parent = _parent_death_signal()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.runner = f"{this_runner()}/{device}"  # the `runner` column of the jobs it holds; their leases say whether it lives
         self._thread = threading.Thread(target=self._loop, name=f"job-worker-{device}", daemon=True)
+        self._sweep_at = 0.0  # when to look for expired leases next
+        self._store_error = ""  # the store's last failure during the current job
+        self._said = ""  # the last line logged, not repeated
         self._waiting: subprocess.Popen | None = None  # the next job's process, warming up or ready
         # Output of a job process before it has a job (import warnings, a failed start-up); one file per worker thread.
         self._waiting_log = store.runs_dir / "workers" / f"{os.getpid()}-{device.replace('/', '_')}.log"
@@ -216,36 +224,72 @@ class JobWorker:
             _terminate(waiting)
 
     def _loop(self) -> None:
+        """Claim and run jobs until stopped. Nothing kills this thread: when the store fails (disk
+        full, read-only, I/O error) it says so, waits longer each time and tries again."""
+        failures = 0
         while not self._stop.is_set():
-            job = self.store.claim_next(this_runner())
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
             try:
-                self.run_job(job)
-            except Exception as error:  # keep the worker alive whatever one job does
-                self.store.update(job.id, state="failed", error=f"worker error: {type(error).__name__}: {error}")
-            if self.warm and not self._stop.is_set():
-                self._start_waiting()  # the next job's process warms up while the device is idle
+                self._next()
+                failures, self._said = 0, ""
+            except Exception as error:
+                failures += 1
+                self._say(f"could not look for jobs ({_plain(error)}); trying again")
+                self._stop.wait(self._backoff(failures))
+
+    def _next(self) -> None:
+        """Sweep expired leases when due, then run the oldest queued job, or wait for one."""
+        self._sweep_when_due()
+        job = self.store.claim_next(self.runner)
+        if job is None:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return
+        self._run(job)
+        if self.warm and not self._stop.is_set():
+            self._start_waiting()  # the next job's process warms up while the device is idle
+
+    def _run(self, job: Job) -> None:
+        """Run a claimed job; whatever goes wrong, its row says how it ended."""
+        try:
+            self.run_job(job)
+        except Exception as error:  # keep the worker alive whatever one job does
+            self._settle(job, state="failed", error=f"worker error: {_plain(error)}")
 
     def run_job(self, job: Job) -> str:
-        """Run one claimed job to its end; return its final state."""
+        """Run one claimed job to its end; return its final state. Its process never outlives this call."""
         folder = job.folder.create()
         folder.clear_cancel()
         with open(folder.worker_log, "ab") as log:  # an append-only stream: the one file not written atomically
             log.write(f"\n$ {' '.join(job_command(self.device, self.preload))} < {folder.path}\n".encode())
         process = self._hand_over(folder)
+        try:
+            return self._watch(job, folder, process)
+        finally:
+            if process.poll() is None:
+                _terminate(process)
+
+    def _watch(self, job: Job, folder: RunFolder, process: subprocess.Popen) -> str:
+        """Follow the job's process: renew the lease, copy its progress, pass on a cancel."""
+        self._store_error = ""
         cancel_seen = None
         last = (job.step, job.total)
+        renew_at = time.monotonic() + self.renew_every_s
         while process.poll() is None:
             if self._stop.wait(self.poll_s):
                 _terminate(process)
-                self.store.update(job.id, state="interrupted", error="the server stopped during the job; resume it")
+                self._tolerant(self.store.update, job.id, runner=self.runner, state="interrupted", error="the server stopped during the job; resume it")
                 return "interrupted"
+            if time.monotonic() >= renew_at:
+                held = self._tolerant(self.store.renew, job.id, self.runner)
+                if held is False:  # its lease expired and another server marked it interrupted: the job is no longer ours
+                    _terminate(process)
+                    self._say(f"job {job.id} lost its lease; stopped its process")
+                    return "interrupted"
+                if held:
+                    renew_at = time.monotonic() + self.renew_every_s
+                    self._tolerant(self._sweep_when_due)  # after our own renewal: a survivor cleans up after a dead peer
             step, total = _progress(folder, job)
-            if (step, total) != last:
-                self.store.update(job.id, step=step, total=total)
+            if (step, total) != last and self._tolerant(self.store.update, job.id, runner=self.runner, step=step, total=total) is not None:
                 last = (step, total)
             if folder.cancel_requested():
                 cancel_seen = cancel_seen or time.monotonic()
@@ -258,14 +302,76 @@ class JobWorker:
         status = folder.read_status()
         step, _ = _progress(folder, job)
         if returncode == 0 and status.get("state") == "done":
-            self.store.update(job.id, state="done", step=step, error="")
+            self._settle(job, state="done", step=step, error="")
             return "done"
         if cancelled or status.get("state") == "cancelled":
-            self.store.update(job.id, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
+            self._settle(job, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             return "cancelled"
+        if self._store_error and not status.get("error"):  # the disk under the store failed, not the job
+            self._settle(job, state="interrupted", step=step, error=f"the job store stopped working during the job ({self._store_error}); resume it")
+            return "interrupted"
         reason = status.get("error") or _killed_reason(returncode) or _log_tail(folder.worker_log) or _log_tail(self._waiting_log) or f"exit code {returncode}"
-        self.store.update(job.id, state="failed", step=step, error=without_server_paths(str(reason))[-2000:])
+        self._settle(job, state="failed", step=step, error=without_server_paths(str(reason))[-2000:])
         return "failed"
+
+    # -- leases and store faults -------------------------------------------------------------------
+    @property
+    def renew_every_s(self) -> float:
+        return self.store.lease_s / LEASE_RENEWALS
+
+    def _sweep_when_due(self) -> None:
+        """Mark jobs whose lease expired interrupted (any server's), every `renew_every_s`."""
+        if time.monotonic() < self._sweep_at:
+            return
+        expired = self.store.expire_leases()
+        self._sweep_at = time.monotonic() + self.renew_every_s
+        if expired:
+            self._say(f"marked {len(expired)} job(s) interrupted, their worker stopped renewing its lease: {', '.join(expired)}")
+
+    def _tolerant(self, action, *args, **kwargs):
+        """`action(...)`, or None when the store fails (remembered for the job's end, and said once)."""
+        try:
+            result = action(*args, **kwargs)
+        except STORE_ERRORS as error:
+            self._store_error = _plain(error)
+            self._say(f"the job store failed ({self._store_error}); the job goes on")
+            return None
+        self._said = ""
+        return result
+
+    def _settle(self, job: Job, **values) -> None:
+        """Write how the job ended, retrying with backoff while the store fails. A stopping server
+        gives up: the lease expires and any server marks the job interrupted."""
+        failures = 0
+        while True:
+            try:
+                self.store.update(job.id, runner=self.runner, **values)
+                self._said = ""
+                return
+            except STORE_ERRORS as error:
+                failures += 1
+                self._say(f"the job store failed ({_plain(error)}); job {job.id} ends {values.get('state')} once it works again")
+                if self._stop.wait(self._backoff(failures)):
+                    return
+
+    def _backoff(self, failures: int) -> float:
+        return min(BACKOFF_MAX_S, self.poll_s * 2 ** min(failures, 16))
+
+    def _say(self, text: str) -> None:
+        """One line in the server's log, not repeated while nothing changes."""
+        if text != self._said:
+            self._said = text
+            print(f"job worker ({self.device}): {text}", file=sys.stderr, flush=True)
+
+
+STORE_ERRORS = (sqlite3.Error, OSError)  # what a failing disk under the store raises
+LEASE_RENEWALS = 3  # renewals per lease: two may fail before the job counts as abandoned
+BACKOFF_MAX_S = 5.0
+
+
+def _plain(error: BaseException) -> str:
+    """An error in words, without server paths."""
+    return without_server_paths(f"{type(error).__name__}: {error}" if not isinstance(error, sqlite3.Error) else str(error))
 
 
 def _progress(folder: RunFolder, job: Job) -> tuple[int, int]:
