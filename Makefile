@@ -27,8 +27,11 @@ chromium:
 run: install
 	$(PY) app.py
 
+# Two pytest workers, one file each at a time (module fixtures, such as a test file's server, are
+# built once), one torch thread per process: two 2-thread processes on 2 cores spin against each
+# other and run several times slower than one after the other.
 test: install-dev chromium
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 benchmark: install
 	$(PY) -m benchmarks

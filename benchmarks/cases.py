@@ -35,6 +35,8 @@ class Case:
     seed: int
     edits: tuple[Recolour, ...] = ()
     surrogate_file: str | None = None  # a shipped, hand-made surrogate instead of edits
+    sdedit_strength: float | None = None  # a global surrogate: SDEdit of the target at this strength, with its own prompt
+    reference: str | None = None  # a global surrogate: an uploaded reference photo of this flag (the demo's renderer)
 
 
 def _rgb(hex_colour: str) -> np.ndarray:
@@ -79,7 +81,7 @@ CORRECTIONS: tuple[Case, ...] = (
     Case("japan-77-disc", "emblem colour", "flag of japan", 77, (Recolour("281536", "bc002d", at=(32, 32)),)),
     Case("belgium-77-two-stripes", "two stripe colours", "flag of belgium", 77, (Recolour("46c893", "fdda24"), Recolour("6d1989", "ef3340"))),
     # A slow correction: teal bottom band to the Dutch blue, a small shift of a large region that the
-    # full remember weight holds near r 0.65–0.7 (fixed only at step 140 before extend_remember_factor).
+    # remember loss holds near r 0.65–0.7 for many steps.
     Case("netherlands-62-stripe", "stripe colour", "flag of the netherlands", 62, (Recolour("005798", "21468b", at=(32, 42)),)),
     # A wrong element: seed 68 draws a red patch in the white band's top corner, which Poland's flag
     # does not have; the operator paints it the white around it.
@@ -93,4 +95,19 @@ EDITS: tuple[Case, ...] = (
     Case("switzerland-61-no-cross", "element removed", "flag of switzerland", 61, (Recolour("ffffff", "da291c"),)),
     Case("sweden-67-no-cross", "element removed", "flag of sweden", 67, (Recolour("fecc00", "006aa7"),)),
 )
-CASES: tuple[Case, ...] = CORRECTIONS + EDITS
+# Global surrogates, which differ from the target everywhere: what SDEdit gives (the operator asks the
+# model to redraw the flagged output) and an uploaded reference picture of the right flag.
+GLOBAL: tuple[Case, ...] = (
+    Case("chad-40-sdedit-0.5", "SDEdit 0.5", "flag of chad", 40, sdedit_strength=0.5),
+    Case("belgium-40-sdedit-0.7", "SDEdit 0.7", "flag of belgium", 40, sdedit_strength=0.7),
+    Case("italy-77-reference", "uploaded reference", "flag of italy", 77, reference="italy"),
+)
+CASES: tuple[Case, ...] = CORRECTIONS + EDITS + GLOBAL
+
+
+def reference_photo(name: str, seed: int = 0) -> Image.Image:
+    """A photo of the flag `name` as the demo model was trained on (the renderer), as an operator's upload."""
+    from unlearn_core.demo.flags import render_example
+
+    pixels = (render_example(name, seed).permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5
+    return Image.fromarray(pixels.round().byte().numpy())

@@ -28,7 +28,9 @@ from PIL import Image
 
 from benchmarks.__main__ import IDLE_GENERATION_SECONDS
 from benchmarks.cases import Recolour, paint
-from benchmarks.quality import cases_picture, machine_speed, ssim_shares
+from benchmarks.quality import machine_speed
+from benchmarks.quality_measures import ssim_shares
+from benchmarks.quality_report import cases_picture
 from unlearn_core import metrics
 from unlearn_core.cache import GenerationCache
 from unlearn_core.config import DEMO_MODEL, UnlearnConfig
@@ -78,7 +80,7 @@ def kept(before: list[Image.Image], after: list[Image.Image]) -> int:
 
 def warm_cache(case: HeldBackCase, surrogate: Image.Image) -> None:
     """Put what the CLI job reads from the user's generation cache there first (the target image,
-    the recorded remember trajectories, the extra renoised images), so the timed job runs warm, as
+    the recorded remember trajectories), so the timed job runs warm, as
     the goal is stated; an operator's second job on a prompt finds them there."""
     from unlearn_core.models import load_model
 

@@ -164,3 +164,33 @@ def test_a_forged_alexnet_file_leaves_lpips_unavailable(tmp_path, monkeypatch):
         assert result.available is False and "published hash" in result.reason
     finally:
         metrics.load_lpips.forget()
+
+
+def _flag(stripe, wobble=0):
+    """A 32-px tricolour; `wobble` grey levels of smooth shading over the whole image (a redraw)."""
+    pixels = np.zeros((32, 32, 3), dtype=np.float32)
+    pixels[:, :11], pixels[:, 11:22], pixels[:, 22:] = (0, 130, 60), (250, 250, 250), stripe
+    pixels += wobble * np.sin(np.arange(32) / 3.0)[None, :, None]
+    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+
+
+def test_a_local_paint_is_local_and_a_redraw_is_global():
+    from unlearn_core.surrogate import surrogate_reach
+
+    target = _flag((120, 0, 160))
+    local = surrogate_reach(target, _flag((200, 0, 40)))
+    assert not local.is_global and local.warning() == "" and 0.3 < local.changed_share < 0.4
+    redraw = surrogate_reach(target, _flag((200, 0, 40), wobble=40))
+    assert redraw.is_global and "changes" in redraw.warning() and redraw.ssim < local.ssim
+
+
+def test_keeping_the_main_change_restores_the_target_elsewhere():
+    from unlearn_core.surrogate import keep_main_change, surrogate_reach
+
+    target, redraw = _flag((120, 0, 160)), _flag((200, 0, 40), wobble=12)
+    kept = np.asarray(keep_main_change(target, redraw), dtype=np.int16)
+    assert np.array_equal(kept[:, :20], np.asarray(target, dtype=np.int16)[:, :20]), "the unchanged bands are the target's"
+    assert np.abs(kept[:, 24:] - np.asarray(redraw, dtype=np.int16)[:, 24:]).max() == 0, "the recoloured band is the surrogate's"
+    assert not surrogate_reach(target, Image.fromarray(kept.astype(np.uint8))).is_global
+    with pytest.raises(ImageError, match="no region"):
+        keep_main_change(target, _flag((120, 0, 160), wobble=5))

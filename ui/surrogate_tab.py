@@ -12,7 +12,7 @@ from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, 
 from unlearn_core import metrics
 from unlearn_core.errors import ImageError, NotReady
 from unlearn_core.images import open_image
-from unlearn_core.surrogate import SURROGATE_METHODS, SurrogateOptions, make_surrogate
+from unlearn_core.surrogate import SURROGATE_METHODS, SurrogateOptions, keep_main_change, make_surrogate, surrogate_reach
 
 EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush stroke is not a blot
 BRUSH_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#ffffff", "#000000", "#ffdd00"]
@@ -26,7 +26,8 @@ def similarity_markdown(target: Image.Image, surrogate: Image.Image) -> str:
             lines.append(f"- **{result['name']}**: {result['value']:.4g}")
         else:
             lines.append(f"- {result['name']}: unavailable: {result['reason']}")
-    return "\n".join(lines)
+    note = surrogate_reach(target, surrogate).warning()
+    return "\n".join(lines + ([f"\n**Global surrogate.** {note}"] if note else []))
 
 
 def editor_value(target: dict | None):
@@ -57,7 +58,9 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     with gr.Row():
         target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-target")
         surrogate_image = gr.Image(label="Surrogate x_s", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
-        similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
+        with gr.Column():
+            similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
+            main_change_button = gr.Button("Keep only the main change", size="sm", elem_id="sur-main-change")
     with gr.Tabs():
         with gr.Tab("SDEdit"):
             with gr.Row():
@@ -119,6 +122,17 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
 
+    def keep_main(target, surrogate):
+        """The surrogate restricted to the region it mainly changed (the target elsewhere)."""
+        try:
+            if target is None or surrogate is None:
+                raise NotReady("make a surrogate first")
+            target = open_image(target, "target")
+            kept = keep_main_change(target, open_image(surrogate, "surrogate"))
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        return kept, similarity_markdown(target, kept), kept
+
     def on_target(target):
         if not target:
             return None, None, None, None
@@ -129,5 +143,6 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     make_button.click(make, [method, *inputs], outputs, api_name="make_surrogate", **MODEL_QUEUE)
     for button, name in ((sdedit_button, "sdedit"), (upload_button, "image"), (flip_button, "flip"), (noise_button, "noise")):
         button.click(functools.partial(make, name), inputs, outputs, **MODEL_QUEUE, **INTERNAL)
+    main_change_button.click(keep_main, [target_image, surrogate_image], outputs, **INTERNAL)
     canvas_button.click(use_canvas, [editor, target_state, model_state], outputs, **MODEL_QUEUE, **INTERNAL)
     target_state.change(on_target, [target_state], [target_image, editor, surrogate_image, surrogate_state], **INTERNAL)

@@ -16,6 +16,7 @@ from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
 from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
+from unlearn_core.surrogate import surrogate_reach
 
 LIST_FIELDS = ("remember_prompts", "eval_prompts")
 SEED_FIELDS = ("review_seeds",)  # typed like the Generate tab's seeds: "36-43", "1,5,9"
@@ -232,6 +233,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             raise fail(error) from None
         services.worker.wake()
         gr.Info(f"job {job.id} queued")
+        if instance["target"] is not None and (note := surrogate_reach(instance["target"], instance["surrogate"]).warning()):
+            gr.Warning(note)
         return job.id, progress(job)
 
     def status(job, request: gr.Request):

@@ -49,7 +49,7 @@ class Settings:
     sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
     clip_model: str | None = None
     download_timeout_s: float = 10.0
-    max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 30,000 at most: its extension past `steps` and its consolidation counted in; the paper preset 34,000)
+    max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 17,000 at most, every one of its `steps` counted; the paper preset 34,000)
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
     hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)

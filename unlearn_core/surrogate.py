@@ -75,3 +75,54 @@ def make_surrogate(model: DiffusionModel | None, target: Image.Image, options: S
     if options.image is None:
         raise ImageError("give the surrogate image (upload or paint one)")
     return user_image(options.image, size)
+
+
+# A surrogate that changes more than this share of the target's pixels (RGB distance above the
+# painted threshold) is global, as SDEdit's and an uploaded reference picture's are: the job then
+# aims at a whole new image, and the other seeds of the prompt follow it further than for a local
+# paint (docs/QUALITY.md, global surrogates).
+GLOBAL_CHANGE_SHARE = 0.4
+MAIN_CHANGE_THRESHOLD = 0.25  # RGB distance in [0, 1] units of the change `keep_main_change` keeps
+
+
+@dataclass(frozen=True)
+class SurrogateReach:
+    """How much of the target a surrogate changes: the share of pixels and the SSIM between them."""
+
+    changed_share: float
+    ssim: float
+
+    @property
+    def is_global(self) -> bool:
+        return self.changed_share > GLOBAL_CHANGE_SHARE
+
+    def warning(self) -> str:
+        """A plain-words note for the operator, or '' for a local correction."""
+        if not self.is_global:
+            return ""
+        return (f"This surrogate changes {self.changed_share:.0%} of the image (SSIM {self.ssim:.2f} to the target), not one region: "
+                "the job will move the target's whole picture toward it, and other seeds of the prompt change more than for a local "
+                "correction. To fix one region only, keep the main change (or paint it on the canvas).")
+
+
+def surrogate_reach(target: Image.Image, surrogate: Image.Image) -> SurrogateReach:
+    from unlearn_core import metrics
+
+    surrogate = surrogate.convert("RGB").resize(target.size)
+    changed = metrics.painted_mask(target, surrogate)
+    return SurrogateReach(float(changed.mean()), metrics.ssim([surrogate], [target.convert("RGB")]).value)
+
+
+def keep_main_change(target: Image.Image, surrogate: Image.Image, threshold: float = MAIN_CHANGE_THRESHOLD) -> Image.Image:
+    """The surrogate restricted to its main change: the pixels whose colour it changed by more than
+    `threshold` (specks under 4 pixels dropped by a binary opening, then the edge grown by one pixel),
+    the target everywhere else. A global surrogate becomes a local paint of what it mainly corrected."""
+    from scipy import ndimage
+
+    surrogate = surrogate.convert("RGB").resize(target.size)
+    before, after = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in (target, surrogate))
+    mask = np.linalg.norm(after - before, axis=-1) > threshold
+    mask = ndimage.binary_dilation(ndimage.binary_opening(mask, np.ones((2, 2), bool)))
+    if not mask.any():
+        raise ImageError("the surrogate changes no region strongly enough to keep: paint the correction on the canvas instead")
+    return Image.fromarray((np.where(mask[..., None], after, before) * 255).round().astype(np.uint8))
