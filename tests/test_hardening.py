@@ -383,6 +383,65 @@ def test_another_client_can_neither_see_nor_touch_the_job(server, finished_job, 
     record("fault", what="another client's job id (status, resume, download)")
 
 
+def small_bomb(path: Path, side: int = 12_500) -> Path:
+    """A PNG of a few kB whose header declares side × side pixels (156 megapixels at 12 500)."""
+    from PIL import Image
+
+    Image.new("1", (side, side)).save(path, optimize=True)
+    return path
+
+
+def test_a_canvas_bomb_is_refused_before_it_is_decoded(server, tmp_path):
+    """The paint canvas (gr.ImageEditor) decodes its images itself, whatever its `type`: a tiny PNG
+    declaring 12 500 × 12 500 pixels sent as its background took 11.7 s and +1.9 GB while holding
+    the model queue. Its header is checked first now, so it is refused at once, in plain words."""
+    bomb = small_bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    canvas = {"background": upload_for_http(server.url, bomb), "layers": [], "composite": None, "id": None}
+    started = time.monotonic()
+    event, payload = raw_http(server.url, "use_canvas", [canvas, None, None])
+    elapsed = time.monotonic() - started
+    record("fault", what="12 500 × 12 500 PNG as the canvas background")
+    assert event == "error", (event, payload)
+    message = json.loads(payload).get("error") or ""
+    assert re.search(r"canvas: 12500×12500 pixels is too large", message), message
+    assert "Traceback" not in message and str(tmp_path) not in message
+    assert elapsed < 4.0, f"took {elapsed:.1f} s: the image was decoded before it was refused"
+
+
+def test_every_image_door_checks_the_header_first(tmp_path):
+    """Each image input of the app is a header-checked component (the canvas's blobs, sent by its
+    own upload route as bytes, included), and `open_image` asks the same function."""
+    import gradio as gr
+    from gradio.components.image_editor import EditorData, EditorDataBlobs
+
+    from ui.common import CheckedImage, CheckedImageEditor
+    from unlearn_core.errors import ImageError
+    from unlearn_core.images import check_header, open_image
+
+    bomb = small_bomb(tmp_path / "bomb.png")
+    editor = CheckedImageEditor(type="pil", image_mode="RGB")
+    editor.blob_storage["b1"] = EditorDataBlobs(background=bomb.read_bytes(), layers=[], composite=None)
+    with pytest.raises(gr.Error, match="too large"):
+        editor.preprocess(EditorData(id="b1"))
+    assert "b1" not in editor.blob_storage, "refused blobs stay in memory"
+    with pytest.raises(ImageError, match="12500×12500 pixels is too large"):
+        check_header(bomb, "x")
+    with pytest.raises(ImageError, match="too large"):
+        open_image(str(bomb), "x")
+    from app import build
+    from ui.common import Services
+
+    class Nothing:  # the services' store and worker are not used while the page is built
+        device = "cpu"
+
+    demo = build(Services(Nothing(), Nothing(), "cpu"))
+    inputs = {block for fn in demo.fns.values() for block in fn.inputs}
+    images = [block for block in inputs if isinstance(block, (gr.Image, gr.ImageEditor))]
+    assert len(images) >= 6 and all(isinstance(block, (CheckedImage, CheckedImageEditor)) for block in images), images
+    assert not (ROOT / "ui" / "common.pyi").exists(), "Gradio wrote a type stub into the source tree"
+
+
 def test_no_file_is_served_by_its_path(server, finished_job):
     """Nothing of the runs folder is a static file: not the job database, not a job's flagged target,
     surrogate, log or status. A job's files reach its owner only as a handler's output (which Gradio

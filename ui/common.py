@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
 import functools
 import json
 import math
@@ -13,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import gradio.component_meta
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
-from unlearn_core.errors import OperatorError
+from unlearn_core.errors import ImageError, OperatorError
+from unlearn_core.images import check_header
 from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.store import JobStore
@@ -65,30 +69,90 @@ def fail(error: Exception) -> gr.Error:
     return gr.Error(str(error) or type(error).__name__)
 
 
+def _image_sources(component, payload) -> list:
+    """The files (paths) and blobs (bytes) a payload of a `gr.Image` or `gr.ImageEditor` carries,
+    before Gradio opens any of them: a FileData's path, a data: URL's bytes, the canvas's blobs."""
+    if payload is None:
+        return []
+    if isinstance(component, gr.ImageEditor):
+        blobs = component.blob_storage.get(payload.id) if getattr(payload, "id", None) is not None else None
+        parts = blobs if blobs is not None else payload
+        items = [parts.background, *(parts.layers or []), parts.composite]
+    else:
+        items = [payload]
+    sources = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            sources.append(bytes(item))
+        elif isinstance(getattr(item, "url", None), str) and item.url.startswith("data:"):
+            try:
+                sources.append(base64.b64decode(item.url.split(",", 1)[-1], validate=False))
+            except (ValueError, binascii.Error):
+                raise ImageError("not an image: the data URL is not base64") from None
+        elif getattr(item, "path", None):
+            sources.append(item.path)
+    return sources
+
+
+def _checked_preprocess(component, payload, name: str, original):
+    """Every image of the payload checked by `unlearn_core.images.check_header` before Gradio decodes
+    anything: a decompression bomb (a small file declaring a huge picture) is refused with a plain
+    message in milliseconds. What Gradio's own opening still refuses becomes an operator message
+    instead of "could not preprocess"."""
+    try:
+        for source in _image_sources(component, payload):
+            check_header(source, name)
+    except ImageError as error:
+        if isinstance(component, gr.ImageEditor) and getattr(payload, "id", None) is not None:
+            component.blob_storage.pop(payload.id, None)  # the refused blobs are not kept in memory
+        raise fail(error) from None
+    try:
+        return original(payload)
+    except gr.Error:
+        raise
+    except Image.DecompressionBombError as error:
+        raise gr.Error(f"{name}: image is too large to open safely ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise gr.Error(f"{name}: not an image file PIL can read ({error})") from None
+
+
+# Subclasses, not a patched instance: Gradio rebuilds a component of a session's state from its
+# class and constructor arguments whenever a handler returns gr.update()/gr.skip() for it, and a
+# patched `preprocess` would be lost there. `is_template` keeps the frontend component of the base.
+# Gradio writes a type stub (ui/common.pyi) next to the module of every component class it sees
+# defined; these two add no events, so that write is switched off while they are defined.
+_write_stub, gradio.component_meta.create_or_modify_pyi = gradio.component_meta.create_or_modify_pyi, lambda *args: None
+try:
+    class CheckedImage(gr.Image):
+        """A `gr.Image` input whose file's header is checked before Gradio opens it."""
+
+        is_template = True
+
+        def preprocess(self, payload):
+            return _checked_preprocess(self, payload, (self.label or "image").split("(")[0].strip(), super().preprocess)
+
+    class CheckedImageEditor(gr.ImageEditor):
+        """A `gr.ImageEditor` (the paint canvas) whose background, layers and composite are header-checked
+        before Gradio decodes them (it always decodes and converts a canvas image, whatever its `type`)."""
+
+        is_template = True
+
+        def preprocess(self, payload):
+            return _checked_preprocess(self, payload, "canvas", super().preprocess)
+finally:
+    gradio.component_meta.create_or_modify_pyi = _write_stub
+
+
 def image_input(label: str, **kwargs) -> gr.Image:
     """A `gr.Image` input handed to the handler as the uploaded file, untouched.
 
     `image_mode=None` stops Gradio from decoding and converting the upload itself (which would
     load a decompression bomb in full, clip 16-bit images and drop alpha); `unlearn_core.images`
-    then checks and converts it. What Gradio's header check still refuses (a non-image, an image
-    over PIL's bomb limit) becomes an operator message instead of a "could not preprocess" error.
+    then checks and converts it. Its header is checked first (`CheckedImage`).
     """
-    component = gr.Image(label=label, type="filepath", image_mode=None, **kwargs)
-    original = component.preprocess
-    name = label.split("(")[0].strip()
-
-    def preprocess(payload):
-        try:
-            return original(payload)
-        except gr.Error:
-            raise
-        except Image.DecompressionBombError as error:
-            raise gr.Error(f"{name}: image is too large to open safely ({error})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise gr.Error(f"{name}: not an image file PIL can read ({error})") from None
-
-    component.preprocess = preprocess
-    return component
+    return CheckedImage(label=label, type="filepath", image_mode=None, **kwargs)
 
 
 def refuse_non_finite(blocks) -> None:

@@ -8,11 +8,28 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, image_input, on_gpu
+from ui.common import (
+    INTERNAL,
+    MODEL_QUEUE,
+    OPERATOR_ERRORS,
+    PIXELS,
+    CheckedImageEditor,
+    Services,
+    fail,
+    get_model,
+    image_input,
+    on_gpu,
+)
 from unlearn_core import metrics
 from unlearn_core.errors import ImageError, NotReady
 from unlearn_core.images import open_image
-from unlearn_core.surrogate import SURROGATE_METHODS, SurrogateOptions, keep_main_change, make_surrogate, surrogate_reach
+from unlearn_core.surrogate import (
+    SURROGATE_METHODS,
+    SurrogateOptions,
+    keep_main_change,
+    make_surrogate,
+    surrogate_reach,
+)
 
 EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush stroke is not a blot
 BRUSH_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#ffffff", "#000000", "#ffdd00"]
@@ -57,7 +74,7 @@ def canvas_image(value) -> Image.Image:
 def render(services: Services, model_state: gr.State, target_state: gr.State, surrogate_state: gr.State) -> None:
     with gr.Row():
         target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-target")
-        surrogate_image = gr.Image(label="Surrogate x_s", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
+        surrogate_image = image_input("Surrogate x_s", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
         with gr.Column():
             similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
             main_change_button = gr.Button("Keep only the main change", size="sm", elem_id="sur-main-change")
@@ -70,7 +87,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
                 steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="sur-steps")
             sdedit_button = gr.Button("Preview SDEdit", variant="primary", elem_id="sur-sdedit")
         with gr.Tab("Paint"):
-            editor = gr.ImageEditor(
+            editor = CheckedImageEditor(
                 label="Paint the correction over the target", type="pil", image_mode="RGB", sources=("upload", "clipboard"),
                 brush=gr.Brush(colors=BRUSH_COLOURS, default_color=BRUSH_COLOURS[0], default_size=12, color_mode="defaults"),
                 layers=False, format="png", canvas_size=(EDITOR_SIDE, EDITOR_SIDE), height=420, elem_id="sur-editor",

@@ -52,19 +52,52 @@ def _read_bytes(source, name: str) -> bytes:
     return data
 
 
+def check_header(source: str | os.PathLike | bytes, name: str = "image") -> tuple[int, int]:
+    """The image's (width, height) from its header alone, or an `ImageError`: every door that takes
+    an image (a handler's file, the canvas's blobs, `open_image`) asks this before anything decodes
+    the pixels, so a small file that declares a huge picture (a decompression bomb) is refused in
+    milliseconds instead of filling the memory. Pillow's `Image.open` is lazy: it reads the header."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError(f"{name}: the file is empty (0 bytes)")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: file is {len(data) / 1e6:.1f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB")
+        handle = io.BytesIO(data)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file: {path.name}")
+        size = path.stat().st_size
+        if size == 0:
+            raise ImageError(f"{name}: the file is empty (0 bytes)")
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: file is {size / 1e6:.1f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB")
+        handle = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel count is checked below, with our own limit
+            with Image.open(handle) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError:  # over twice PIL's limit: Image.open refuses before it returns the size
+        raise ImageError(f"{name}: image is too large (limit {MAX_PIXELS // 1_000_000} megapixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file PIL can read (PNG, JPEG, WebP, BMP, ...)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name}: the image file is broken or truncated ({error})") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width}×{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)")
+    return width, height
+
+
 def _decode(data: bytes, name: str) -> Image.Image:
+    check_header(data, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe = Image.open(io.BytesIO(data))
-            width, height = probe.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{name}: {width}×{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)")
-            probe.verify()
+            Image.open(io.BytesIO(data)).verify()
             image = Image.open(io.BytesIO(data))
             image.load()
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"{name}: image is too large to open safely ({error})") from None
     except UnidentifiedImageError:
