@@ -71,7 +71,8 @@ def main() -> None:
     if settings.zero_gpu:
         print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
     accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login)
-    store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner, lease_s=settings.lease_s)
+    store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner, lease_s=settings.lease_s,
+                     max_queued=settings.max_queued, max_pending_per_address=settings.max_pending_per_address)
     interrupted = store.expire_leases()  # the worker goes on sweeping: a job whose server died later is marked too
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted, their server stopped renewing its lease: {', '.join(interrupted)}")

@@ -268,3 +268,68 @@ def test_another_owner_sees_nothing_and_can_do_nothing(store):
             act(mine.id, owner="bob")
     assert store.pending("alice") == 1 and store.get(mine.id).state == "queued"
     assert store.cancel(mine.id, owner="alice").state == "cancelled"
+
+
+def test_simultaneous_starts_pass_the_limit_once(tmp_path):
+    """Four starts at once by an owner limited to 1: the count and the insert are one transaction,
+    so exactly one job is created (it was 3 of 4: check, write the files, then insert); the refused
+    ones leave no folder behind."""
+    from unlearn_core.errors import InvalidInput
+
+    store = JobStore(tmp_path / "runs", max_pending_per_owner=1)
+    barrier, created, refused = threading.Barrier(4), [], []
+
+    def start(seed: int):
+        own = JobStore(tmp_path / "runs", max_pending_per_owner=1)  # as a second server would, with its own connection
+        barrier.wait()
+        try:
+            created.append(own.create("m", UnlearnConfig(), [instance(seed)], owner="user:alice").id)
+        except InvalidInput as error:
+            refused.append(str(error))
+
+    threads = [threading.Thread(target=start, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(created) == 1 and len(refused) == 3, (created, refused)
+    assert all("already have 1 jobs queued or running" in message for message in refused)
+    assert [job.id for job in store.list()] == created
+    assert sorted(p.name for p in (tmp_path / "runs" / "jobs").iterdir()) == created
+
+
+def test_anonymous_sessions_of_one_address_share_a_limit_and_the_queue_has_one(tmp_path):
+    """New session hashes cost nothing: the anonymous sessions of one network address count together;
+    accounts and other addresses do not; and the whole queue has a limit of its own."""
+    from unlearn_core.errors import InvalidInput
+
+    store = JobStore(tmp_path / "runs", max_pending_per_owner=8, max_pending_per_address=2, max_queued=3)
+    store.create("m", UnlearnConfig(), [instance(1)], owner="session:a", address="203.0.113.7")
+    store.create("m", UnlearnConfig(), [instance(2)], owner="session:b", address="203.0.113.7")
+    with pytest.raises(InvalidInput, match="2 jobs from your network address"):
+        store.create("m", UnlearnConfig(), [instance(3)], owner="session:c", address="203.0.113.7")
+    store.create("m", UnlearnConfig(), [instance(4)], owner="session:d", address="198.51.100.1")
+    first = store.list(owner="session:a")[0]
+    store.cancel(first.id, owner="session:a")  # a finished or cancelled job frees its slot
+    store.create("m", UnlearnConfig(), [instance(5)], owner="session:c", address="203.0.113.7")
+    with pytest.raises(InvalidInput, match=r"queue is full \(3 jobs"):
+        store.create("m", UnlearnConfig(), [instance(6)], owner="user:bob")
+    assert len(list((tmp_path / "runs" / "jobs").iterdir())) == 4  # a refused job leaves no folder
+
+
+def test_the_client_address_is_the_proxy_s_only_where_one_is_trusted(monkeypatch):
+    import gradio as gr
+    from starlette.requests import Request
+
+    from ui.common import anonymous_address, client_address
+    from unlearn_core import settings
+
+    scope = {"type": "http", "method": "POST", "path": "/", "client": ("10.16.3.80", 5000),
+             "headers": [(b"x-forwarded-for", b"203.0.113.7, 10.0.0.2")]}
+    request = gr.Request(request=Request(scope))
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env({}))
+    assert client_address(request) == "10.16.3.80"  # not behind a proxy: a client may write the header itself
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env({"SYSTEM": "spaces"}))
+    assert client_address(request) == "203.0.113.7" == anonymous_address(request)
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env({"HOTFIX_TRUST_PROXY": "0", "SYSTEM": "spaces"}))
+    assert client_address(request) == "10.16.3.80"

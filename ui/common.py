@@ -206,6 +206,26 @@ def identity_of(request: gr.Request | None) -> str:
     return f"session:{session}" if session else "session:unknown"
 
 
+def client_address(request: gr.Request | None) -> str:
+    """The caller's network address: the first address of X-Forwarded-For where the server sits
+    behind a proxy that sets it (a Hugging Face Space, or HOTFIX_TRUST_PROXY=1; elsewhere a
+    client could write the header itself), else the connection's own address."""
+    if request is None:
+        return ""
+    if settings.current().trust_proxy:
+        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+        if forwarded:
+            return forwarded[:64]
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", "") or "")
+
+
+def anonymous_address(request: gr.Request | None) -> str:
+    """The address a job of this caller counts toward (HOTFIX_MAX_PENDING_PER_ADDRESS): an
+    anonymous visitor's, whose session hash it may renew at will; '' for a signed-in account."""
+    return client_address(request) if identity_of(request).startswith("session:") else ""
+
+
 def owner_of(request: gr.Request | None) -> str | None:
     """Whose jobs this caller sees and acts on: their own, or None (every job) for a user (or a
     Hugging Face account) named in HOTFIX_ADMINS."""

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, fail, job_choices, loss_frame, owner_of, served_copies
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, fail, job_choices, loss_frame, owner_of, served_copies
 from unlearn_core.config import PRESETS, UnlearnConfig
 from unlearn_core.images import open_image
 from unlearn_core.store import progress
@@ -194,7 +194,7 @@ def render(services: Services, tab: gr.Tab) -> None:
             config = UnlearnConfig.from_dict({**found.config, **PRESETS[STRONGER]})
             instances = [{"prompt": t["prompt"], "seed": t["seed"], "surrogate": open_image(store.resolve_path(t["surrogate_path"]), "surrogate"),
                           "target": open_image(store.resolve_path(t["target_path"]), "target") if t.get("target_path") else None} for t in found.targets]
-            queued = store.create(found.model, config, instances, owner=found.owner)
+            queued = store.create(found.model, config, instances, owner=found.owner, address=anonymous_address(request))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 import gradio as gr
 import pandas as pd
 
-from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
+from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import InvalidInput, NotReady
 from unlearn_core.images import open_image
@@ -228,7 +228,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             check_web_model((model_id or DEMO_MODEL).strip())  # refuses what the web may not load, before anything is written
             instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}
-            job = store.create(model_id or DEMO_MODEL, config, [instance], owner=identity_of(request))
+            job = store.create(model_id or DEMO_MODEL, config, [instance], owner=identity_of(request), address=anonymous_address(request))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()

@@ -51,6 +51,9 @@ class Settings:
     download_timeout_s: float = 10.0
     max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 17,000 at most, every one of its `steps` counted; the paper preset 34,000)
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
+    max_pending_per_address: int = 8  # HOTFIX_MAX_PENDING_PER_ADDRESS: queued or running jobs of all anonymous sessions from one network address
+    max_queued: int = 32  # HOTFIX_MAX_QUEUED: queued or running web jobs of everyone together
+    trust_proxy: bool | None = None  # HOTFIX_TRUST_PROXY: take a visitor's address from X-Forwarded-For? None: only on a Hugging Face Space
     hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
     lease_s: float = 30.0  # HOTFIX_LEASE_S: a running job whose worker has not renewed its lease for this long is marked interrupted
@@ -83,12 +86,19 @@ class Settings:
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
+            max_pending_per_address=int(env.get("HOTFIX_MAX_PENDING_PER_ADDRESS") or cls.max_pending_per_address),
+            max_queued=int(env.get("HOTFIX_MAX_QUEUED") or cls.max_queued),
+            trust_proxy=_flag(env.get("HOTFIX_TRUST_PROXY")) if env.get("HOTFIX_TRUST_PROXY") else env.get("SYSTEM") == "spaces",
             lease_s=float(env.get("HOTFIX_LEASE_S") or cls.lease_s),
         )
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"HOTFIX_DTYPE must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        for name, value in (("HOTFIX_MAX_PENDING_JOBS", self.max_pending_per_owner), ("HOTFIX_MAX_PENDING_PER_ADDRESS", self.max_pending_per_address),
+                            ("HOTFIX_MAX_QUEUED", self.max_queued)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value!r}")
         if not self.lease_s > 0:
             raise ValueError(f"HOTFIX_LEASE_S must be a positive number of seconds; got {self.lease_s!r}")
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import sqlite3
 import time
@@ -58,11 +59,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_dir TEXT NOT NULL,
     owner TEXT NOT NULL DEFAULT '',
     runner TEXT NOT NULL DEFAULT '',
-    lease_expires REAL NOT NULL DEFAULT 0
+    lease_expires REAL NOT NULL DEFAULT 0,
+    address TEXT NOT NULL DEFAULT ''
 )
 """
 ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT NOT NULL DEFAULT ''",  # stores written by older versions
-                 "lease_expires": "REAL NOT NULL DEFAULT 0"}  # 0: an old store's running job has no lease, so it is expired
+                 "lease_expires": "REAL NOT NULL DEFAULT 0",  # 0: an old store's running job has no lease, so it is expired
+                 "address": "TEXT NOT NULL DEFAULT ''"}
 LEASE_LOST = "the server running this job stopped or lost contact with the job store; resume it"
 
 
@@ -84,6 +87,7 @@ class Job:
     owner: str = ""
     runner: str = ""  # the worker that runs it (host:pid/worker), for people to read
     lease_expires: float = 0.0  # while running: when the job counts as abandoned unless its runner renews the lease
+    address: str = ""  # the network address of an anonymous visitor who queued it ('' for an account), for its limit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,11 +101,14 @@ class JobStore:
     """Jobs in SQLite under `runs_dir`; every method opens its own connection (thread-safe)."""
 
     def __init__(self, runs_dir: str | os.PathLike, max_job_work: int | None = None, max_pending_per_owner: int | None = None,
-                 lease_s: float | None = None):
-        """`max_job_work` and `max_pending_per_owner` bound what `create` accepts (None: no bound,
-        as for the CLI and tests; the web app passes its settings). `lease_s`: how long a running
-        job's lease lasts unrenewed (None: `HOTFIX_LEASE_S`, 30 s)."""
+                 lease_s: float | None = None, max_queued: int | None = None, max_pending_per_address: int | None = None):
+        """`max_job_work`, `max_pending_per_owner` (queued or running jobs of one owner),
+        `max_pending_per_address` (of the anonymous visitors of one network address together) and
+        `max_queued` (of everyone) bound what `create` accepts (None: no bound, as for the CLI and
+        tests; the web app passes its settings). `lease_s`: how long a running job's lease lasts
+        unrenewed (None: `HOTFIX_LEASE_S`, 30 s)."""
         self.max_job_work, self.max_pending_per_owner = max_job_work, max_pending_per_owner
+        self.max_queued, self.max_pending_per_address = max_queued, max_pending_per_address
         self.lease_s = float(lease_s if lease_s is not None else settings.current().lease_s)
         self.runs_dir = Path(runs_dir).resolve()
         self.jobs_dir = self.runs_dir / "jobs"
@@ -128,11 +135,15 @@ class JobStore:
         data["config"] = json.loads(data["config"])
         return Job(**data)
 
-    def create(self, model: str, config: UnlearnConfig, instances: list[dict], owner: str = "") -> Job:
+    def create(self, model: str, config: UnlearnConfig, instances: list[dict], owner: str = "", address: str = "") -> Job:
         """Queue a job. Each instance: {prompt, seed, surrogate: PIL image, target: PIL image | None}.
+        `address`: the network address of an anonymous caller (its jobs count toward
+        `max_pending_per_address` with those of every other anonymous session from there).
 
         The images and the request (`config.json`) are written into the job's run folder first,
-        so the job needs nothing from the caller's session afterwards.
+        so the job needs nothing from the caller's session afterwards. The limits are checked and
+        the row inserted in one `BEGIN IMMEDIATE` transaction: simultaneous starts cannot all pass
+        the check before any of them is counted (a refused job's folder is removed again).
         """
         if not instances:
             raise InvalidInput("give at least one target to unlearn")
@@ -143,19 +154,44 @@ class JobStore:
             check_seed(instance.get("seed"))
         if self.max_job_work is not None:
             check_job_size(config, len(instances), self.max_job_work)
-        if self.max_pending_per_owner is not None and self.pending(owner) >= self.max_pending_per_owner:
-            raise InvalidInput(f"you already have {self.max_pending_per_owner} jobs queued or running; wait for one to finish or cancel one")
+        with closing(self._connect()) as db:  # a quick refusal before anything is written (the transaction below decides)
+            self._check_limits(db, owner, address)
         job_id = "j" + secrets.token_urlsafe(12)  # a letter first: never mistaken for an option
         folder = RunFolder(self.jobs_dir / job_id).create()
-        targets = [vars(self._save_instance(folder, index, instance)) for index, instance in enumerate(instances)]
-        folder.write_request(model, config.to_dict(), targets)
-        now = time.time()
-        with closing(self._connect()) as db:
-            db.execute(
-                "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir, owner) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?, ?)",
-                (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path), owner),
-            )
+        try:
+            targets = [vars(self._save_instance(folder, index, instance)) for index, instance in enumerate(instances)]
+            folder.write_request(model, config.to_dict(), targets)
+            with closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time, across threads and servers, from the count to the insert
+                try:
+                    self._check_limits(db, owner, address)
+                    now = time.time()
+                    db.execute(
+                        "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir, owner, address) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?, ?, ?)",
+                        (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path), owner, address or ""),
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            shutil.rmtree(folder.path, ignore_errors=True)  # a refused or failed job leaves no folder behind
+            raise
         return self.get(job_id)
+
+    def _check_limits(self, db: sqlite3.Connection, owner: str, address: str) -> None:
+        """Refuse a new job over the owner's, the address's or the server's pending-job limit."""
+        def pending(where: str = "", *args) -> int:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running'){where}", args).fetchone()[0]
+
+        if self.max_pending_per_owner is not None and pending(" AND owner = ?", owner) >= self.max_pending_per_owner:
+            raise InvalidInput(f"you already have {self.max_pending_per_owner} jobs queued or running; wait for one to finish or cancel one")
+        if address and self.max_pending_per_address is not None and pending(" AND address = ?", address) >= self.max_pending_per_address:
+            raise InvalidInput(f"{self.max_pending_per_address} jobs from your network address are already queued or running (the limit for "
+                               "visitors without an account); wait for one to finish or cancel one")
+        if self.max_queued is not None and pending() >= self.max_queued:
+            raise InvalidInput(f"the server's queue is full ({self.max_queued} jobs queued or running); try again later")
 
     @staticmethod
     def _save_instance(folder: RunFolder, index: int, instance: dict) -> InstanceTarget:
