@@ -13,10 +13,10 @@ import signal
 
 import gradio as gr
 
-from ui import adapters_tab, generate_tab, results_tab, surrogate_tab, unlearn_tab
+from ui import adapters_tab, generate_tab, login, results_tab, surrogate_tab, unlearn_tab
 from ui.common import PAGE_CSS, Services, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
-from unlearn_core.accounts import Accounts, read_users
+from unlearn_core.accounts import Accounts, LoginLimiter, read_users
 from unlearn_core.store import JobStore
 from unlearn_core.worker import JobWorker
 
@@ -70,7 +70,8 @@ def main() -> None:
     settings = settings_module.use(settings_module.Settings.from_env())
     if settings.zero_gpu:
         print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
-    accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login)
+    accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login,
+                        LoginLimiter(settings.login_failures, settings.login_window_s))
     store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner, lease_s=settings.lease_s,
                      max_queued=settings.max_queued, max_pending_per_address=settings.max_pending_per_address)
     interrupted = store.expire_leases()  # the worker goes on sweeping: a job whose server died later is marked too
@@ -84,7 +85,8 @@ def main() -> None:
     demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX_SIZE).launch(
         server_name=settings.host,
         server_port=settings.port,
-        auth=accounts.check if accounts.required else None,
+        auth=login.auth_function(accounts) if accounts.required else None,  # the password check runs off the event loop, rate-limited
+        app_kwargs={"middleware": login.MIDDLEWARE},
         max_file_size=MAX_FILE_SIZE,
         # No allowed_paths: nothing of the runs folder (flagged targets, logs) is served by its path.
         # A handler's file output reaches its caller through Gradio's cache, under an unguessable name.

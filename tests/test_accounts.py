@@ -72,3 +72,36 @@ def test_the_sign_in_button_appears_only_on_a_space_with_oauth(tmp_path):
     assert login_buttons({}) == 0
     assert login_buttons({"SPACE_ID": "someone/hotfix-studio", "OAUTH_CLIENT_ID": "client-id"}) == 0  # not on a Space
     assert login_buttons(space) == 1
+
+
+def test_unknown_users_cost_the_same_hashing_and_failures_are_rate_limited(tmp_path):
+    """A wrong password for a real user took 0.9-1.4 s and for an unknown one 0.07 s: the time told
+    which usernames exist. Both hash now (an unknown one against a dummy of the same rounds). And the
+    N+1-th quick failure of a username, or of an address, is refused without hashing."""
+    import statistics
+    import time
+
+    from unlearn_core.accounts import LoginLimiter, TooManyAttempts
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('alice-pw', rounds=100_000)}\n")
+    accounts = Accounts(read_users(users), limiter=LoginLimiter(failures=3, window_s=60))
+
+    def seconds(username: str) -> float:
+        started = time.perf_counter()
+        assert not accounts.check(username, "wrong")
+        return time.perf_counter() - started
+
+    real = statistics.median(seconds("alice") for _ in range(3))
+    unknown = statistics.median(seconds("mallory") for _ in range(3))
+    assert 0.5 < unknown / real < 2.0, f"wrong password: {real:.3f} s for a real user, {unknown:.3f} s for an unknown one"
+
+    for _ in range(3):
+        assert not accounts.login("alice", "wrong", "203.0.113.7")
+    started = time.perf_counter()
+    with pytest.raises(TooManyAttempts, match=r"too many failed logins; try again in \d+ s"):
+        accounts.login("alice", "alice-pw", "198.51.100.1")  # even the right password, from elsewhere: the username is limited
+    assert time.perf_counter() - started < real / 4, "a limited login still hashed"
+    with pytest.raises(TooManyAttempts):
+        accounts.login("bob", "x", "203.0.113.7")  # and so is the address, for every username
+    assert Accounts(read_users(users)).login("alice", "alice-pw", "198.51.100.1")  # a fresh limiter: the right password works

@@ -341,11 +341,35 @@ def http_status(url: str, data: bytes | None = None) -> tuple[int, str]:
         return error.code, error.read(4000).decode(errors="replace")
 
 
+def login_status(url: str, username: str, password: str) -> tuple[int, float]:
+    """POST the login form; (HTTP status, seconds)."""
+    from urllib.parse import urlencode
+
+    started = time.monotonic()
+    code, _ = http_status_form(f"{url}login", urlencode({"username": username, "password": password}).encode())
+    return code, time.monotonic() - started
+
+
+def http_status_form(url: str, data: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(4000).decode(errors="replace")
+
+
 def test_login_is_required(tmp_path, monkeypatch):
     from gradio_client import Client
 
+    from unlearn_core.accounts import hash_password
+
     monkeypatch.setenv("HOTFIX_USERNAME", "operator")
     monkeypatch.setenv("HOTFIX_PASSWORD", "s3cret-Pa55")
+    users = tmp_path / "users"
+    users.write_text(f"bob:{hash_password('bobs-Pa55')}\n")  # the real 600 000 rounds
+    monkeypatch.setenv("HOTFIX_USERS", str(users))
+    monkeypatch.setenv("HOTFIX_LOGIN_FAILURES", "8")
     app = AppServer(tmp_path / "runs", tmp_path / "cache").start()
     try:
         url = app.url
@@ -365,6 +389,28 @@ def test_login_is_required(tmp_path, monkeypatch):
         gallery, _ = client.predict("flag of japan", "0", 2, 5.0, api_name="/generate")
         assert len(gallery) == 1
         record("fault", what="unauthenticated access (client, /config, /info, /call, /file)")
+
+        # Bad logins hash in a thread, off the event loop: other requests are answered meanwhile
+        # (eight parallel ones made /gradio_api/info take 3.8 s when PBKDF2 ran on the loop).
+        logins = [threading.Thread(target=login_status, args=(url, "bob", "wrong")) for _ in range(6)]
+        for thread in logins:
+            thread.start()
+        probes = []
+        while any(thread.is_alive() for thread in logins):
+            started = time.monotonic()
+            assert http_status(f"{url}gradio_api/info")[0] in (401, 403)
+            probes.append(time.monotonic() - started)
+            time.sleep(0.05)
+        for thread in logins:
+            thread.join()
+        print(f"bad logins: {len(probes)} probes of the event loop, the slowest {max(probes):.3f} s")
+        assert len(probes) >= 3 and max(probes) < 0.5, f"the event loop stalled during bad logins: {max(probes):.2f} s ({len(probes)} probes)"
+        # HOTFIX_LOGIN_FAILURES=8: the failures of this address so far are operator once and bob six
+        # times; the eighth is hashed and refused, the ninth refused at once with 429, right password or not.
+        assert login_status(url, "bob", "wrong")[0] == 400
+        code, seconds = login_status(url, "bob", "bobs-Pa55")
+        assert code == 429 and seconds < 0.3, (code, seconds)
+        record("fault", what="parallel and repeated bad logins")
     finally:
         app.stop()
 

@@ -53,6 +53,8 @@ class Settings:
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
     max_pending_per_address: int = 8  # HOTFIX_MAX_PENDING_PER_ADDRESS: queued or running jobs of all anonymous sessions from one network address
     max_queued: int = 32  # HOTFIX_MAX_QUEUED: queued or running web jobs of everyone together
+    login_failures: int = 5  # HOTFIX_LOGIN_FAILURES: failed logins of one username, or from one address, before logins are refused ...
+    login_window_s: float = 60.0  # HOTFIX_LOGIN_WINDOW_S: ... within this many seconds
     trust_proxy: bool | None = None  # HOTFIX_TRUST_PROXY: take a visitor's address from X-Forwarded-For? None: only on a Hugging Face Space
     hf_oauth: bool = False  # a Space with `hf_oauth: true`: owners sign in with their Hugging Face account
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
@@ -88,6 +90,8 @@ class Settings:
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
             max_pending_per_address=int(env.get("HOTFIX_MAX_PENDING_PER_ADDRESS") or cls.max_pending_per_address),
             max_queued=int(env.get("HOTFIX_MAX_QUEUED") or cls.max_queued),
+            login_failures=int(env.get("HOTFIX_LOGIN_FAILURES") or cls.login_failures),
+            login_window_s=float(env.get("HOTFIX_LOGIN_WINDOW_S") or cls.login_window_s),
             trust_proxy=_flag(env.get("HOTFIX_TRUST_PROXY")) if env.get("HOTFIX_TRUST_PROXY") else env.get("SYSTEM") == "spaces",
             lease_s=float(env.get("HOTFIX_LEASE_S") or cls.lease_s),
         )
@@ -96,7 +100,7 @@ class Settings:
         if self.dtype not in DTYPES:
             raise ValueError(f"HOTFIX_DTYPE must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         for name, value in (("HOTFIX_MAX_PENDING_JOBS", self.max_pending_per_owner), ("HOTFIX_MAX_PENDING_PER_ADDRESS", self.max_pending_per_address),
-                            ("HOTFIX_MAX_QUEUED", self.max_queued)):
+                            ("HOTFIX_MAX_QUEUED", self.max_queued), ("HOTFIX_LOGIN_FAILURES", self.login_failures)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1; got {value!r}")
         if not self.lease_s > 0:
