@@ -333,3 +333,41 @@ def test_the_client_address_is_the_proxy_s_only_where_one_is_trusted(monkeypatch
     assert client_address(request) == "203.0.113.7" == anonymous_address(request)
     monkeypatch.setattr(settings, "_current", settings.Settings.from_env({"HOTFIX_TRUST_PROXY": "0", "SYSTEM": "spaces"}))
     assert client_address(request) == "10.16.3.80"
+
+
+def test_damaged_run_files_are_named_and_the_pages_keep_working(tmp_path):
+    """Random bytes in loss_log.csv broke the job status, the poll and Results ('utf-8' codec
+    error); a corrupt adapter_card.json gave a raw JSON error; a corrupt config.json blocked Resume.
+    Now each damaged file is named in a plain message, the rest of the job is shown, and Resume
+    rewrites config.json from the store's row (which holds the whole request)."""
+    from app import build
+    from ui.common import Services, loss_frame
+    from unlearn_core.errors import DamagedRunFile
+
+    store = JobStore(tmp_path / "runs")
+    job = store.create("assets/demo-model", UnlearnConfig(steps=7), [instance(1)], owner="session:unknown")  # a handler called without a request acts as this owner
+    store.update(job.id, state="done", step=7)
+    folder = job.folder
+    folder.loss_log.write_bytes(bytes(range(128, 256)) * 8)  # not UTF-8
+    folder.metrics_file.write_text('{"timing": {"steps_run": 5}')  # cut short
+    folder.card_file.write_bytes(b"\x00\xff" * 40)
+    folder.after_image(0).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    info = progress(store.get(job.id))
+    assert info["state"] == "done" and "loss_log.csv" in info["damaged"]
+    assert loss_frame(job.run_dir) is None
+    with pytest.raises(DamagedRunFile, match="adapter_card.json"):
+        folder.read_card()
+
+    demo = build(Services(store, None, "cpu"))
+    handlers = {fn.name: fn.fn for fn in demo.fns.values()}
+    summary = handlers["show"](job.id, None)[0]
+    assert all(name in summary for name in ("metrics.json", "loss_log.csv", "after_0.png")), summary
+    assert str(tmp_path) not in summary and "Traceback" not in summary
+    polled = handlers["poll"](job.id, "", None)[0]
+    assert "metrics.json" in polled and "loss_log.csv" in polled, polled
+
+    store.update(job.id, state="failed")
+    folder.config_file.write_bytes(b"\xde\xad\xbe\xef")
+    resumed = store.resume(job.id)
+    assert resumed.state == "queued"
+    assert folder.read_request() == {"model": "assets/demo-model", "config": job.config, "targets": job.targets}

@@ -73,7 +73,12 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         return f"Pushed to [{url}]({url})" + (" with the target and surrogate images." if images else " (adapter and cards only).")
 
     def read_card(path):
-        return json.loads(Path(path).read_text()) if path else None
+        if not path:
+            return None
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            raise gr.Error("adapter_card.json of this job is damaged (not JSON): the weights downloaded above are unaffected") from None
 
     def adapter_folder(job_id, uploaded, owner: str | None) -> tuple[Path, dict]:
         """The folder to load the adapter from (a job's run folder, or a copy of an upload)."""
@@ -85,7 +90,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             shutil.copy(source, folder / ADAPTER_WEIGHT_NAMES[0])
             return folder, {}
         files = store.adapter_files(job_id or "", owner)
-        return files[0].parent, json.loads(files[-1].read_text())
+        return files[0].parent, RunFolder(files[0].parent).read_card() or {}
 
     @on_gpu
     def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request):

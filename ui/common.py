@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
-from unlearn_core.errors import ImageError, OperatorError
+from unlearn_core.errors import DamagedRunFile, ImageError, OperatorError
 from unlearn_core.images import check_header
 from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.runfolder import RunFolder
@@ -174,7 +174,10 @@ def refuse_non_finite(blocks) -> None:
 def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
     """loss_log.csv in long form (step, loss, curve) for gr.LinePlot; None while there is no row
     (an empty DataFrame as a plot's value stops Gradio 6 from drawing later updates)."""
-    rows = RunFolder(run_dir).read_loss_log() if run_dir else []
+    try:
+        rows = RunFolder(run_dir).read_loss_log() if run_dir else []
+    except DamagedRunFile:  # progress() names the file; the plot stays empty
+        rows = []
     if not rows:
         return None
     records = [{"step": int(r["step"]), "loss": r["loss_forget"], "curve": "L_f (forget)"} for r in rows]

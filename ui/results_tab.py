@@ -12,6 +12,7 @@ from PIL import Image
 
 from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, fail, job_choices, loss_frame, owner_of, served_copies
 from unlearn_core.config import PRESETS, UnlearnConfig
+from unlearn_core.errors import DamagedRunFile
 from unlearn_core.images import open_image
 from unlearn_core.store import progress
 
@@ -125,11 +126,17 @@ def availability_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def enlarged(path: Path) -> Image.Image | None:
-    """A run's image, enlarged by a whole factor to about DISPLAY_SIDE pixels (nearest-neighbour)."""
+def enlarged(path: Path, damaged: list[str] | None = None) -> Image.Image | None:
+    """A run's image, enlarged by a whole factor to about DISPLAY_SIDE pixels (nearest-neighbour);
+    None (its name added to `damaged`) for one that cannot be read."""
     if not path.is_file():
         return None
-    image = Image.open(path).convert("RGB")
+    try:
+        image = open_image(path, path.name)
+    except OPERATOR_ERRORS:
+        if damaged is not None:
+            damaged.append(path.name)
+        return None
     factor = max(1, DISPLAY_SIDE // max(image.size))
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
@@ -172,19 +179,31 @@ def render(services: Services, tab: gr.Tab) -> None:
         folder = found.folder
         info = progress(found)
         picture = folder.picture
-        report = folder.read_metrics() or {}
+        notes = []
+        try:
+            report = folder.read_metrics() or {}
+        except DamagedRunFile as error:
+            report = {}
+            notes.append(str(error))
+        if info.get("damaged"):
+            notes.append(info["damaged"])
         timing = report.get("timing", {})
         trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
         text = f"**Job `{found.id}`** — {found.state}, {steps_note(timing, trained, int(timing.get('max_steps') or info['total']))}"
-        if not report:
+        if not report and not notes:
             text += " · no metrics yet (they are written when the job finishes)."
         else:
             text += f" · conflict rate {timing.get('conflict_rate', 0):.0%} · {timing.get('seconds_total', 0):.0f} s in all"
         forgetting = report.get("forgetting") or {}
         retry = bool(forgetting) and forgetting.get("verdict") != "fixed"
-        target, after = enlarged(folder.training_image("target", 0)), enlarged(folder.after_image(0))
+        unreadable: list[str] = []
+        target, after = enlarged(folder.training_image("target", 0), unreadable), enlarged(folder.after_image(0), unreadable)
+        surrogate = enlarged(folder.training_image("surrogate", 0), unreadable)
+        if unreadable:
+            notes.append(f"{', '.join(unreadable)} of this run {'is' if len(unreadable) == 1 else 'are'} damaged: not shown")
+        text += "".join(f"\n\n⚠ {note}" for note in notes)
         pair = (target, after) if target is not None and after is not None else None
-        return (text, verdict_markdown(report), gr.update(visible=retry), "", target, enlarged(folder.training_image("surrogate", 0)), after, pair,
+        return (text, verdict_markdown(report), gr.update(visible=retry), "", target, surrogate, after, pair,
                 served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir))
 
     def rerun_stronger(job_id, request: gr.Request):

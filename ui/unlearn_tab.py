@@ -12,7 +12,7 @@ import pandas as pd
 
 from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
-from unlearn_core.errors import InvalidInput, NotReady
+from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
 from unlearn_core.images import open_image
 from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
@@ -151,6 +151,8 @@ def progress_markdown(info: dict | None, elapsed: float | None = None) -> str:
         parts.append(f"target seed now {info['toward_surrogate']:.0%} of the way to the surrogate{stop}")
     if info.get("error"):
         parts.append(f"⚠ {info['error']}")
+    if info.get("damaged"):
+        parts.append(f"⚠ {info['damaged']}")
     if info["state"] == "done":
         parts.append("Done — see **Results** and **Adapters**.")
     if info.get("conflict_rate") is not None:
@@ -270,8 +272,11 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         state = info["state"] if info else ""
         shown_info = info
         if state == "done":  # the steps actually trained (training may stop early), not the planned total
-            trained = ((found.folder.read_metrics() or {}).get("timing") or {}).get("steps_run")
-            shown_info = {**info, "step": int(trained)} if trained is not None else info
+            try:
+                trained = ((found.folder.read_metrics() or {}).get("timing") or {}).get("steps_run")
+            except DamagedRunFile as error:
+                trained, shown_info = None, {**info, "damaged": f"{info.get('damaged') or ''} {error}".strip()}
+            shown_info = {**shown_info, "step": int(trained)} if trained is not None else shown_info
         buttons = [gr.update(interactive=state in CANCELLABLE), gr.update(interactive=state in RESUMABLE)] if key != last else [gr.skip(), gr.skip()]
         return progress_markdown(shown_info, elapsed), plot, info if key != last else gr.skip(), job_table(store, owner), key, *buttons
 

@@ -42,6 +42,11 @@ class JobStateError(OperatorError):
     """An action the job's current state does not allow (cancel a finished job, resume a running one)."""
 
 
+class DamagedRunFile(OperatorError):
+    """A file of a run folder that exists but cannot be read (random bytes, broken JSON): named in
+    the message, so the page can show the rest of the job without it."""
+
+
 class NotReady(OperatorError):
     """Something asked for before it exists (a run's adapter before training ends, a target not flagged yet)."""
 

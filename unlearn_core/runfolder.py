@@ -34,8 +34,10 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
 
-from unlearn_core.errors import NotReady
+from unlearn_core.errors import DamagedRunFile, NotReady
 from unlearn_core.files import read_json, write_bytes_atomic, write_json_atomic
+
+_MISSING = object()
 
 ADAPTER_WEIGHT_NAMES = (LORA_WEIGHT_NAME_SAFE, PEFT_WEIGHTS_NAME)  # owned by diffusers and peft
 
@@ -129,12 +131,15 @@ class RunFolder:
         write_bytes_atomic(self.loss_log, buffer.getvalue().encode())
 
     def read_loss_log(self) -> list[dict]:
-        """Rows as numbers (`projected` as bool, empty cells as None); empty while the run prepares."""
+        """Rows as numbers (`projected` as bool, empty cells as None); empty while the run prepares.
+        A log that is not CSV text raises `DamagedRunFile`."""
         try:
-            with open(self.loss_log, newline="") as handle:
+            with open(self.loss_log, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
         except OSError:
             return []
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise DamagedRunFile(f"{self.loss_log.name} of this run is damaged ({type(error).__name__}): its losses are not shown") from None
         parsed = []
         for row in rows:
             try:
@@ -156,7 +161,16 @@ class RunFolder:
         write_json_atomic(self.metrics_file, metrics)
 
     def read_metrics(self) -> dict | None:
-        return read_json(self.metrics_file)
+        """The evaluation; None before it is written; `DamagedRunFile` for a file that is not a JSON object."""
+        return self._read_object(self.metrics_file)
+
+    def _read_object(self, path: Path) -> dict | None:
+        if not path.is_file():
+            return None
+        data = read_json(path, _MISSING)
+        if not isinstance(data, dict):
+            raise DamagedRunFile(f"{path.name} of this run is damaged (not a JSON object): what it holds is not shown")
+        return data
 
     @property
     def picture(self) -> Path:
@@ -186,6 +200,10 @@ class RunFolder:
 
     def write_card(self, card: dict) -> None:
         write_json_atomic(self.card_file, card)
+
+    def read_card(self) -> dict | None:
+        """The adapter's card; None before it is written; `DamagedRunFile` for a damaged one."""
+        return self._read_object(self.card_file)
 
     def adapter_weights(self) -> Path | None:
         """The adapter's weight file, once saved."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from unlearn_core.config import InstanceTarget, UnlearnConfig, check_job_size, check_prompt, check_seed
-from unlearn_core.errors import AccessDenied, InvalidInput, JobNotFound, JobStateError, NotReady
+from unlearn_core.errors import AccessDenied, DamagedRunFile, InvalidInput, JobNotFound, JobStateError, NotReady
 from unlearn_core.files import save_image_atomic
 from unlearn_core import settings
 from unlearn_core.runfolder import RunFolder
@@ -311,6 +311,10 @@ class JobStore:
         self.expire_leases()  # a job whose runner is gone may be resumed at once
         if not self._switch(job.id, "queued", RESUMABLE):
             raise JobStateError(f"job {job.id} is {self.require(job_id).state}; only {', '.join(RESUMABLE)} jobs can be resumed")
+        try:
+            job.folder.read_request()
+        except NotReady:  # a damaged or missing config.json: the row holds the whole request
+            job.folder.write_request(job.model, job.config, job.targets)
         job.folder.clear_cancel()
         return self.require(job_id)
 
@@ -354,12 +358,16 @@ def this_runner() -> str:
 def progress(job: Job) -> dict:
     """Step/total, latest losses, gradient-conflict rate and ETA, for display."""
     folder = job.folder
-    rows = folder.read_loss_log()
+    damaged = ""
+    try:
+        rows = folder.read_loss_log()
+    except DamagedRunFile as error:
+        rows, damaged = [], str(error)
     step = max(job.step, int(rows[-1]["step"]) if rows else 0)
     total = job.total or job.config.get("steps", 0)
     info = {"id": job.id, "state": job.state, "step": step, "total": total, "error": job.error, "model": job.model,
             "loss_forget": None, "loss_remember": None, "conflict_rate": None, "seconds_per_step": None, "eta_s": None,
-            "toward_surrogate": None, "stop_at_r": job.config.get("stop_at_r")}
+            "toward_surrogate": None, "stop_at_r": job.config.get("stop_at_r"), "damaged": damaged}
     if rows:
         recent = rows[-20:]
         seconds = sum(r["seconds_per_step"] for r in recent) / len(recent)
