@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import signal
+import sqlite3
+import tempfile
 
 import gradio as gr
 
@@ -66,15 +68,30 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM shuts down like Ctrl-C: Gradio closes, then atexit stops the worker
 
 
+def open_store(settings: settings_module.Settings) -> tuple[JobStore, list[str]]:
+    """The job store in HOTFIX_RUNS_DIR, checked writable, and the jobs whose lease had expired
+    (now interrupted); a folder that cannot be made or written ends the start with one line
+    naming the variable to set, not a traceback."""
+    try:
+        store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner,
+                         lease_s=settings.lease_s, max_queued=settings.max_queued, max_pending_per_address=settings.max_pending_per_address)
+        with tempfile.TemporaryFile(dir=store.jobs_dir):  # job folders are written here
+            pass
+        interrupted = store.expire_leases()  # writes the database; the worker goes on sweeping: a job whose server dies later is marked too
+    except (OSError, sqlite3.Error) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise SystemExit(f"hotfix-studio: cannot write the runs folder {settings.runs_dir} ({reason}); "
+                         "set HOTFIX_RUNS_DIR to a folder this server may write") from None
+    return store, interrupted
+
+
 def main() -> None:
     settings = settings_module.use(settings_module.Settings.from_env())
     if settings.zero_gpu:
         print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
     accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login,
                         LoginLimiter(settings.login_failures, settings.login_window_s))
-    store = JobStore(settings.runs_dir, max_job_work=settings.max_job_work, max_pending_per_owner=settings.max_pending_per_owner, lease_s=settings.lease_s,
-                     max_queued=settings.max_queued, max_pending_per_address=settings.max_pending_per_address)
-    interrupted = store.expire_leases()  # the worker goes on sweeping: a job whose server died later is marked too
+    store, interrupted = open_store(settings)
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted, their server stopped renewing its lease: {', '.join(interrupted)}")
     device = settings.device

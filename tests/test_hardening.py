@@ -637,3 +637,19 @@ def test_eight_clients_generating_while_a_job_trains(server, client, files, fini
     a, b = load_file(alone_dir / "pytorch_lora_weights.safetensors"), load_file(loaded_dir / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     record("job", id=loaded_id, final="done", faults=0)
+
+
+def test_an_unusable_runs_folder_stops_the_start_with_one_line(tmp_path):
+    """A runs folder that cannot be made (under a file, under /proc) exited with a raw traceback."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for runs in (blocker / "runs", Path("/proc/hotfix-runs")):
+        env = {**os.environ, "HOTFIX_RUNS_DIR": str(runs), "HOTFIX_PORT": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        done = subprocess.run([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        assert done.returncode != 0 and len(lines) == 1, lines[-5:]
+        assert "HOTFIX_RUNS_DIR" in lines[0] and str(runs) in lines[0] and "Traceback" not in lines[0], lines[0]
+    record("fault", what="runs folder that cannot be written at start-up")
