@@ -43,7 +43,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         upload = gr.File(label="…or an adapter file (.safetensors) instead of the job", file_types=[".safetensors"], elem_id="ada-upload")
         with gr.Column():
             prompt = gr.Textbox("", label="Prompt (empty: the adapter's target prompt)", elem_id="ada-prompt")
-            seeds = gr.Textbox("0-3", label="Seeds", elem_id="ada-seeds")
+            seeds = gr.Textbox("", label="Seeds (empty: the target seed and the three after it)", placeholder="e.g. 40-43", elem_id="ada-seeds")
             steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="ada-steps")
             compare = gr.Button("Compare base vs adapter", elem_id="ada-compare")
     gallery = gr.Gallery(label="pairs of base | adapter, seed by seed", columns=8, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
@@ -95,10 +95,11 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     @on_gpu
     def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request):
         try:
-            seed_list = parse_seeds(seed_text, limit=16)
+            seed_list = parse_seeds(seed_text, limit=16) if str(seed_text or "").strip() else None
             folder, card_data = adapter_folder(job_id, uploaded, owner_of(request))
-            model = get_model(model_id, services.device)
             target = (card_data.get("targets") or [{}])[0]
+            seed_list = seed_list or list(range(int(target.get("seed", 0)), int(target.get("seed", 0)) + 4))  # the fixed seed first
+            model = get_model(model_id, services.device)
             text = prompt_text or target.get("prompt", "")
             try:
                 model.load_lora(folder)  # an AdapterError when it does not fit, with nothing left loaded
