@@ -91,6 +91,7 @@ def test_model_card_has_hub_front_matter_and_no_flagged_image(trained):
     assert card.data.license and card.data.library_name == "diffusers"
     assert "seed 7" in card.text and "load_lora_weights" in card.text and "lora_kohya.safetensors" in card.text
     assert "target_0.png" not in card.content and "surrogate_0.png" not in card.content
+    assert str(folder.path.parent) not in card.content and "<the base model's folder>" in card.text, "the trained-on folder is a server path: never in a published card"
 
 
 def test_zip_and_push_leave_the_flagged_images_out_unless_asked(trained, tmp_path):

@@ -87,7 +87,10 @@ def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
     targets = "\n".join(f"- prompt `{t['prompt']}`, seed {t['seed']}" for t in card["targets"])
     config = card["config"]
     settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "steps", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
-    load = (f'```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this repo or folder>")\n```'
+    where = ("# the base: Hotfix Studio's demo model, the folder assets/demo-model of its repository\n" if base == DEMO_MODEL
+             else "# the base: the local folder the adapter was trained on, not shipped with it\n" if Path(base).exists() else "")
+    shown = "<the base model's folder>" if base != DEMO_MODEL and Path(base).exists() else base  # never a server path
+    load = (f'```python\nfrom diffusers import DiffusionPipeline\n\n{where}pipe = DiffusionPipeline.from_pretrained("{shown}")\npipe.load_lora_weights("<this repo or folder>")\n```'
             if card["family"] != "ddpm" else '```python\nfrom peft import PeftModel\n\nunet = PeftModel.from_pretrained(pipe.unet, "<this repo or folder>")\n```')
     comfy = (f"In ComfyUI or AUTOMATIC1111, load `{folder.kohya_weights.name}` with a LoRA loader at strength 1." if kohya
              else "ComfyUI reads the diffusers file directly." if card["family"] != "ddpm" else "")
