@@ -16,7 +16,7 @@ import tempfile
 import gradio as gr
 
 from ui import adapters_tab, generate_tab, login, results_tab, surrogate_tab, unlearn_tab
-from ui.common import PAGE_CSS, Services, model_picker, refuse_non_finite
+from ui.common import PAGE_CSS, Services, guard_handlers, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
 from unlearn_core.accounts import Accounts, LoginLimiter, read_users
 from unlearn_core.store import JobStore
@@ -61,6 +61,7 @@ def build(services: Services) -> gr.Blocks:
             with gr.Tab("Instruction forgetting", elem_id="tab-instruction"):
                 instruction_tab()
     refuse_non_finite(demo.blocks.values())
+    guard_handlers(demo)  # every handler's error message leaves through ui.common.fail: no server paths, no raw bug text
     return demo
 
 

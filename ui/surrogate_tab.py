@@ -19,6 +19,7 @@ from ui.common import (
     get_model,
     image_input,
     on_gpu,
+    plain,
 )
 from unlearn_core import metrics
 from unlearn_core.errors import ImageError, NotReady
@@ -132,7 +133,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
                 raise NotReady("no target: flag an image in 'Generate & flag' first")
             painted = canvas_image(value)
         except OPERATOR_ERRORS as error:
-            gr.Warning(str(error))
+            gr.Warning(plain(error))
             return gr.skip(), gr.skip(), gr.skip()
         try:
             return build(target["image"], SurrogateOptions("image", image=painted), model_id)

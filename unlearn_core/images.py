@@ -40,11 +40,14 @@ def _read_bytes(source, name: str) -> bytes:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ImageError(f"{name}: no such file: {path}")
+            raise ImageError(f"{name}: no such file: {path.name}")  # the name only: the folder is the server's
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ImageError(f"{name}: file is {size / 1e6:.1f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as error:  # unreadable (permissions, I/O error): Python's own text names the full path
+            raise ImageError(f"{name}: cannot read {path.name} ({error.strerror or type(error).__name__})") from None
     if not data:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
     if len(data) > MAX_FILE_BYTES:
