@@ -24,6 +24,10 @@ from unlearn_core.worker import JobWorker
 
 MAX_FILE_SIZE = "20mb"
 QUEUE_MAX_SIZE = 64  # events waiting at once; more are refused with "the queue is full"
+# Gradio keeps every upload and every file a handler returns in its temporary folder; every 10 minutes
+# those older than an hour are deleted (all of them when the server stops). A job copies its images into
+# its run folder when it is queued, so only an upload left unused for an hour is lost.
+DELETE_CACHE = (600, 3600)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
 ZERO_GPU_NOTE = ("**On ZeroGPU** generation, surrogates, the adapter preview and the instruction probe run on the GPU (inside "
                  "`spaces.GPU` calls), but unlearning jobs run in their own process, which ZeroGPU gives no GPU: they train on the CPU, "
                  "slowly. For GPU training, run this Space on dedicated GPU hardware.")
@@ -37,7 +41,7 @@ def instruction_tab() -> None:
 
 
 def build(services: Services) -> gr.Blocks:
-    with gr.Blocks(title="Hotfix Studio") as demo:
+    with gr.Blocks(title="Hotfix Studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# Hotfix Studio\nRemove one specific bad output of a diffusion model with a small LoRA: "
                     "generate → flag → surrogate → unlearn → inspect → export.")
         if settings_module.current().zero_gpu:

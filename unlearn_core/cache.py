@@ -8,7 +8,9 @@ prompt reuses the images and states instead of sampling them again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from unlearn_core import settings
-from unlearn_core.files import save_image_atomic, write_bytes_atomic
+from unlearn_core.errors import DiskFull
+from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.models.base import SamplingRecord
 
@@ -40,10 +43,72 @@ def model_fingerprint(model: DiffusionModel) -> str:
 
 
 class GenerationCache:
-    """Pretrained generations on disk; `get_or_generate` fills what is missing in one batch."""
+    """Pretrained generations on disk; `get_or_generate` fills what is missing in one batch.
 
-    def __init__(self, root: Path | None = None):
+    Bounded: after each write the files are brought under `max_bytes` (HOTFIX_CACHE_MAX_GB), least
+    recently used first. A read marks its file used (its modification time; access times are
+    often not kept on servers), so a hot prompt stays while a one-off sweep's entries go. Several
+    job processes may share the folder: a file evicted under another reader is simply generated
+    again, and another writer's temporary file is never touched. A full disk skips the write."""
+
+    def __init__(self, root: Path | None = None, max_bytes: int | None = None):
         self.root = Path(root or settings.current().cache_dir) / "generations"
+        self.max_bytes = int(settings.current().cache_max_gb * 1e9) if max_bytes is None else int(max_bytes)
+
+    def size(self) -> int:
+        """Bytes the cache's entries take now."""
+        return sum(size for _, size, _ in self._entries())
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every cached file; another writer's temporary file is left out."""
+        entries = []
+        if not self.root.is_dir():
+            return entries
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for file in folder.iterdir():
+                if file.name.startswith("."):
+                    continue
+                try:
+                    stat = file.stat()
+                except OSError:  # evicted by another process meanwhile
+                    continue
+                entries.append((stat.st_mtime, stat.st_size, file))
+        return entries
+
+    def evict(self) -> list[Path]:
+        """Remove least recently used files until the cache fits `max_bytes`; returns what went."""
+        entries = sorted(self._entries(), key=lambda entry: entry[0])
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, file in entries:
+            if total <= self.max_bytes:
+                break
+            file.unlink(missing_ok=True)
+            total -= size
+            removed.append(file)
+            try:
+                file.parent.rmdir()  # the entry's folder, once empty
+            except OSError:
+                pass
+        return removed
+
+    @staticmethod
+    def _used(file: Path) -> None:
+        try:
+            os.utime(file)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _keep(file: Path, data: bytes) -> bool:
+        """Write a cache file; False (nothing written) when the disk is full: the cache is optional."""
+        try:
+            write_bytes_atomic(file, data)
+        except DiskFull:
+            return False
+        return True
 
     def _folder(self, model: DiffusionModel, prompt: str, steps: int, guidance: float) -> Path:
         key = json.dumps([model_fingerprint(model), prompt, steps, round(float(guidance), 4)])
@@ -59,6 +124,7 @@ class GenerationCache:
                 try:
                     with Image.open(file) as handle:
                         images[seed] = handle.convert("RGB")
+                    self._used(file)
                 except OSError:
                     file.unlink(missing_ok=True)
         missing = [seed for seed in seeds if seed not in images]
@@ -67,7 +133,10 @@ class GenerationCache:
                 generated = model.generate(prompt, missing, steps, guidance)
             for image, provenance in generated:
                 images[provenance.seed] = image
-                save_image_atomic(image, folder / f"seed_{provenance.seed}.png")
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                self._keep(folder / f"seed_{provenance.seed}.png", buffer.getvalue())
+            self.evict()
         return [images[seed] for seed in seeds], len(missing)
 
     def get_or_record(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> SamplingRecord:
@@ -77,14 +146,17 @@ class GenerationCache:
         file = self._folder(model, prompt, steps, guidance) / f"states_{hashlib.sha256(json.dumps(seeds).encode()).hexdigest()[:16]}.safetensors"
         if file.is_file():
             try:
-                return _record_from_tensors(load(file.read_bytes()), prompt)  # read into memory, not mapped: a later job may replace the file
+                record = _record_from_tensors(load(file.read_bytes()), prompt)  # read into memory, not mapped: a later job may replace the file
+                self._used(file)
+                return record
             except (SafetensorError, OSError, KeyError, ValueError):
-                file.unlink(missing_ok=True)  # a torn or foreign file: record again
+                file.unlink(missing_ok=True)  # a torn, foreign or just evicted file: record again
         with model.adapter_disabled():
             record = model.record_sampling(prompt, seeds, steps, guidance)
         tensors = _record_tensors(record)
         if sum(t.numel() * t.element_size() for t in tensors.values()) <= RECORD_CACHE_LIMIT:
-            write_bytes_atomic(file, save(tensors))
+            self._keep(file, save(tensors))
+            self.evict()
         return record
 
 

@@ -47,6 +47,11 @@ class DamagedRunFile(OperatorError):
     the message, so the page can show the rest of the job without it."""
 
 
+class DiskFull(OperatorError, OSError):
+    """A write that found no space left on the disk (or the user's quota spent), in plain words.
+    Also an `OSError`, so code that tolerates a failed write keeps doing so."""
+
+
 class NotReady(OperatorError):
     """Something asked for before it exists (a run's adapter before training ends, a target not flagged yet)."""
 

@@ -45,6 +45,7 @@ class Settings:
     model_allowlist: tuple[str, ...] = ()
     local_models: bool | None = None  # HOTFIX_LOCAL_MODELS: may the web load any folder or Hub id? None: only when listening on loopback
     cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
+    cache_max_gb: float = 5.0  # HOTFIX_CACHE_MAX_GB: the generation cache (pretrained images, recorded sampling) is kept under this size, least recently used first out
     sscd_path: Path | None = None
     sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
     clip_model: str | None = None
@@ -79,6 +80,7 @@ class Settings:
             model_allowlist=_list(env.get("HOTFIX_MODEL_ALLOWLIST")),
             local_models=_flag(env.get("HOTFIX_LOCAL_MODELS")),
             cache_dir=cache,
+            cache_max_gb=float(env.get("HOTFIX_CACHE_MAX_GB") or cls.cache_max_gb),
             sscd_path=Path(env["HOTFIX_SSCD_PATH"]) if env.get("HOTFIX_SSCD_PATH") else None,
             sscd_sha256=env.get("HOTFIX_SSCD_SHA256") or None,
             clip_model=env.get("HOTFIX_CLIP_MODEL") or None,
@@ -103,6 +105,8 @@ class Settings:
                             ("HOTFIX_MAX_QUEUED", self.max_queued), ("HOTFIX_LOGIN_FAILURES", self.login_failures)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1; got {value!r}")
+        if not self.cache_max_gb >= 0:  # also refuses NaN
+            raise ValueError(f"HOTFIX_CACHE_MAX_GB must be a number of gigabytes, 0 or more; got {self.cache_max_gb!r}")
         if not self.lease_s > 0:
             raise ValueError(f"HOTFIX_LEASE_S must be a positive number of seconds; got {self.lease_s!r}")
 
