@@ -101,7 +101,7 @@ def cmd_unlearn(args) -> int:
     from unlearn_core.run import RunCallbacks
     from unlearn_core.runfolder import RunFolder
     from unlearn_core.trainer import TrainingCancelled, TrainingDiverged
-    from unlearn_core.worker import execute
+    from unlearn_core.job_process import execute
 
     config = config_from_args(args)
     if not args.surrogate:
