@@ -130,23 +130,52 @@ class _Pooled(torch.nn.Module):
 
 @pytest.mark.parametrize("network, usable", [(_Constant, False), (_WrongShape, False), (_Pooled, True)])
 def test_a_forged_or_wrong_sscd_file_is_unavailable_not_trusted(network, usable, tmp_path, monkeypatch):
+    """A TorchScript file is code: one the operator has not pinned (HOTFIX_SSCD_SHA256) and whose
+    digest is known nowhere in code is never labelled SSCD, however plausible its output (issue 37,
+    finding 7: a 400 kB pool → linear network gave "SSCD available" and a score). Pinned to its own
+    digest it must still behave like SSCD; pinned to another digest it is refused."""
     torch.manual_seed(0)
     path = tmp_path / "sscd.pt"
-    torch.jit.script(network()).save(str(path))
+    torch.jit.save(torch.jit.script(network()), str(path))
     monkeypatch.setenv("HOTFIX_SSCD_PATH", str(path))
+    monkeypatch.setattr(metrics, "SSCD_URL", "http://127.0.0.1:9/unreachable.pt")
+    assert metrics._sha256(path) not in metrics.SSCD_KNOWN_SHA256
+
+    def score():
+        settings.forget()
+        metrics.load_sscd.forget()
+        return metrics.sscd_similarity([_image(0)], [_image(1)])
+
+    try:
+        unpinned = score()
+        assert unpinned.available is False and unpinned.value is None
+        assert unpinned.reason == metrics.UNVERIFIED == "unverified weights (set HOTFIX_SSCD_SHA256 to its digest to trust it)"
+        assert metrics.availability()["SSCD"] == {"available": False, "reason": metrics.UNVERIFIED}  # what the Results page lists
+
+        monkeypatch.setenv("HOTFIX_SSCD_SHA256", metrics._sha256(path).upper())  # as the operator pins it, any case
+        pinned = score()
+        assert pinned.available is usable, pinned.reason
+        if not usable:
+            assert pinned.value is None and "HOTFIX_SSCD_PATH" in pinned.reason
+        monkeypatch.setenv("HOTFIX_SSCD_SHA256", "0" * 64)
+        other = score()
+        assert other.available is False and "SHA-256" in other.reason
+    finally:
+        metrics.load_sscd.forget()
+
+
+def test_without_a_digest_to_check_sscd_is_not_downloaded(tmp_path, monkeypatch):
+    """Nothing could verify a downloaded file, so none is fetched; a malformed pin stops the start."""
+    monkeypatch.setenv("HOTFIX_SSCD_PATH", str(tmp_path / "sscd.pt"))
+    monkeypatch.setattr(metrics, "SSCD_URL", "http://127.0.0.1:9/unreachable.pt")  # a download would fail as "could not download"
     metrics.load_sscd.forget()
     try:
         result = metrics.sscd_similarity([_image(0)], [_image(1)])
-        assert result.available is usable, result.reason
-        if not usable:
-            assert result.value is None and "HOTFIX_SSCD_PATH" in result.reason
-        monkeypatch.setenv("HOTFIX_SSCD_SHA256", "0" * 64)
-        settings.forget()
-        metrics.load_sscd.forget()
-        pinned = metrics.sscd_similarity([_image(0)], [_image(1)])
-        assert pinned.available is False and "SHA-256" in pinned.reason
     finally:
         metrics.load_sscd.forget()
+    assert result.available is False and "download" not in result.reason and "HOTFIX_SSCD_SHA256" in result.reason, result.reason
+    with pytest.raises(ValueError, match="HOTFIX_SSCD_SHA256"):
+        settings.Settings.from_env({"HOTFIX_SSCD_SHA256": "not-a-digest"})
 
 
 def test_a_forged_alexnet_file_leaves_lpips_unavailable(tmp_path, monkeypatch):

@@ -81,6 +81,12 @@ class _Loaded:
 
 
 SSCD_DIMENSIONS = 512
+# SHA-256 digests of the official sscd_disc_mixup.torchscript.pt, as published by
+# facebookresearch/sscd-copy-detection. Empty: no published digest was found where it could be
+# checked, and a digest nobody has seen published or computed from the official file must never be
+# written here. Until one is, only the operator's HOTFIX_SSCD_SHA256 makes a file trusted.
+SSCD_KNOWN_SHA256: frozenset[str] = frozenset()
+UNVERIFIED = "unverified weights (set HOTFIX_SSCD_SHA256 to its digest to trust it)"
 
 
 def _sha256(path: Path) -> str:
@@ -117,17 +123,26 @@ def _sscd_problem(model) -> str:
 def _load_sscd() -> tuple[torch.jit.ScriptModule | None, str]:
     """The official `sscd_disc_mixup` TorchScript, from `Settings.sscd_path`, the cache, or its URL.
 
-    The file is code (TorchScript), so it is checked before it scores anything: its SHA-256 against
-    `Settings.sscd_sha256` when one is configured, then a forward pass (`_sscd_problem`). Any
-    failure makes SSCD unavailable, with the reason, instead of a faked or crashing score."""
+    The file is code (TorchScript), so it is verified before it is even loaded: its SHA-256 must be
+    the operator's HOTFIX_SSCD_SHA256, or, where none is set, one of SSCD_KNOWN_SHA256. A file that
+    matches neither is never labelled SSCD: it is reported unavailable as UNVERIFIED (a forged
+    network passes any behavioural check its author wants it to). A verified file must still run
+    as SSCD (`_sscd_problem`). Where nothing could verify a file, none is downloaded. Any failure
+    makes SSCD unavailable, with the reason, instead of a faked or crashing score."""
     config = settings.current()
     path = config.sscd_path or config.cache_dir / "sscd_disc_mixup.torchscript.pt"
     help_text = "set HOTFIX_SSCD_PATH to a local sscd_disc_mixup.torchscript.pt"
+    pinned = (config.sscd_sha256 or "").strip().lower()
+    trusted = {pinned} if pinned else SSCD_KNOWN_SHA256
     try:
         if not path.is_file():
+            if not trusted:
+                return None, f"SSCD needs its network weights: {help_text} and HOTFIX_SSCD_SHA256 to its SHA-256 digest"
             _download(SSCD_URL, path)
-        if config.sscd_sha256 and _sha256(path) != config.sscd_sha256.lower():
-            return None, f"SSCD weights unavailable (the file's SHA-256 is not HOTFIX_SSCD_SHA256's); {help_text}"
+        if _sha256(path) not in trusted:
+            if pinned:
+                return None, f"SSCD weights unavailable (the file's SHA-256 is not HOTFIX_SSCD_SHA256's); {help_text}"
+            return None, UNVERIFIED
         model = torch.jit.load(str(path), map_location="cpu").eval()
     except OSError:
         return None, f"SSCD needs its network weights, which this server could not download (offline?); {help_text}"

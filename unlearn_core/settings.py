@@ -9,6 +9,7 @@ to what needs it; nothing else reads `HOTFIX_*` variables. The server binds to `
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class Settings:
     cache_dir: Path = Path.home() / ".cache" / "hotfix-studio"
     cache_max_gb: float = 5.0  # HOTFIX_CACHE_MAX_GB: the generation cache (pretrained images, recorded sampling) is kept under this size, least recently used first out
     sscd_path: Path | None = None
-    sscd_sha256: str | None = None  # when set, a SSCD file with another digest is refused
+    sscd_sha256: str | None = None  # HOTFIX_SSCD_SHA256: the digest of the one SSCD file trusted; unset, only a digest known in code (metrics.SSCD_KNOWN_SHA256) is
     clip_model: str | None = None
     download_timeout_s: float = 10.0
     max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 17,000 at most, every one of its `steps` counted; the paper preset 34,000)
@@ -107,6 +108,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1; got {value!r}")
         if not self.cache_max_gb >= 0:  # also refuses NaN
             raise ValueError(f"HOTFIX_CACHE_MAX_GB must be a number of gigabytes, 0 or more; got {self.cache_max_gb!r}")
+        if self.sscd_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sscd_sha256.strip()):
+            raise ValueError(f"HOTFIX_SSCD_SHA256 must be a SHA-256 digest (64 hexadecimal digits, as sha256sum prints); got {self.sscd_sha256!r}")
         if not self.lease_s > 0:
             raise ValueError(f"HOTFIX_LEASE_S must be a positive number of seconds; got {self.lease_s!r}")
 
