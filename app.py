@@ -65,7 +65,7 @@ def build(services: Services) -> gr.Blocks:
             with gr.Tab("Instruction forgetting", elem_id="tab-instruction"):
                 instruction_tab()
     refuse_non_finite(demo.blocks.values())
-    guard_handlers(demo)  # every handler's error message leaves through ui.common.fail: no server paths, no raw bug text
+    guard_handlers(demo)  # every handler's error message leaves through ui.messages.fail: no server paths, no raw bug text
     return demo
 
 

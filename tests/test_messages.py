@@ -1,7 +1,7 @@
 """No message leaves the server with a server path in it (issue 37, finding 8).
 
-Every handler of the app is wrapped by `ui.common.guard_handlers`, so its errors pass through
-`ui.common.fail`: a `gr.Error` is scrubbed of absolute paths, anything unexpected becomes one
+Every handler of the app is wrapped by `ui.messages.guard_handlers`, so its errors pass through
+`ui.messages.fail`: a `gr.Error` is scrubbed of absolute paths, anything unexpected becomes one
 plain line (its traceback goes to the server's log). The handlers are called directly on a page
 built by `app.build`, with real files: an unreadable after_0.png, a missing image, and an adapter
 upload whose safetensors header claims a 40 GB tensor.
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.test_jobs import instance
-from ui.common import UNEXPECTED, fail, guarded
+from ui.messages import UNEXPECTED, fail, guarded
 from unlearn_core.config import UnlearnConfig
 from unlearn_core.errors import ImageError
 from unlearn_core.images import open_image
