@@ -182,8 +182,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu (the study's machine) | cuda | auto: where the demo model runs, in fp32")
     parser.add_argument("--shared-machine", action="store_true", help="say in the report that other work shared the machine, so job times are not timings")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's results.csv and extras.json")
-    parser.add_argument("--merge", default="", help="another run's results.csv whose rows join this report (variant names renamed by --merge-as)")
-    parser.add_argument("--merge-as", default="{}", help='JSON renaming of merged variants, e.g. \'{"default": "previous default"}\'; unnamed ones are dropped')
+    parser.add_argument("--merge", default="[]", help='other runs whose rows join this report, as JSON [[results.csv, {variant: name in this report}], ...]; '
+                        'variants a run does not name are dropped, e.g. \'[["runs/old/results.csv", {"default": "previous default"}]]\'')
+    parser.add_argument("--pictures", default="[]", help='with --report-only: runs whose training seed 0 gives the cases picture, as JSON [[out folder, variant], ...]')
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -210,14 +211,25 @@ def write_results(results: list[Measured], path: Path) -> None:
 
 
 def merged(results: list[Measured], args) -> list[Measured]:
-    """This run's rows plus --merge's, renamed by --merge-as (the same cases and seeds pair up)."""
-    if not args.merge:
-        return results
-    names = json.loads(args.merge_as)
-    other = [row for row in read_results(Path(args.merge)) if row.variant in names]
-    for row in other:
-        row.variant = names[row.variant]
-    return results + other
+    """This run's rows plus --merge's, renamed (the same cases and training seeds pair up)."""
+    rows = list(results)
+    for path, names in json.loads(args.merge):
+        for row in read_results(Path(path)):
+            if row.variant in names:
+                row.variant = names[row.variant]
+                rows.append(row)
+    return rows
+
+
+def pictures_of_runs(runs: list) -> dict[str, dict]:
+    """{case: target, surrogate, after} of training seed 0 of each [out folder, variant], from the files the runs wrote."""
+    pictures = {}
+    for folder, variant in runs:
+        for case in sorted(Path(folder, "cases").iterdir()):
+            after = Path(folder, variant.replace(" ", "_"), case.name, "seed0", "after_target.png")
+            if after.is_file():
+                pictures[case.name] = {name: Image.open(path).convert("RGB") for name, path in (("target", case / "target.png"), ("surrogate", case / "surrogate.png"), ("after", after))}
+    return pictures
 
 
 def main(args) -> list[Measured]:
@@ -226,7 +238,10 @@ def main(args) -> list[Measured]:
     out = Path(args.out)
     if args.report_only:
         extras = json.loads((out / "extras.json").read_text())
-        quality_report.write(merged(read_results(out / "results.csv"), args), extras, {}, Path(args.report))
+        rows = merged(read_results(out / "results.csv"), args)
+        extras["argv"] = args.argv  # this report's command, which names the runs it merges
+        extras["variants"] = {row.variant: VARIANTS.get(row.variant, extras.get("variants", {}).get(row.variant, {})) for row in rows}
+        quality_report.write(rows, extras, pictures_of_runs(json.loads(args.pictures)), Path(args.report))
         return []
     torch.manual_seed(0)
     started = time.perf_counter()
