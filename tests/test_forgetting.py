@@ -446,3 +446,15 @@ def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(ti
     stored.write_bytes(stored.read_bytes()[:100])
     assert torch.equal(cache.get_or_record(model, PROMPT, [3, 4, 5], 3, 2.0).x_t, frozen.x_t)
     assert cache.get_or_record(model, PROMPT, [3, 4], 3, 2.0).x_t.shape[0] == 2 * 3, "other seeds are another record"
+
+
+def test_the_work_estimate_counts_every_step_a_job_may_take():
+    """The estimate grows with `steps`, the most a job trains (the stop rule only ends it sooner;
+    no setting plans more), by the work of one step and its share of re-recordings."""
+    from unlearn_core.config import UnlearnConfig, estimated_work
+
+    config = UnlearnConfig()
+    per_step = (config.batch_size + config.remember_batch_size) * 3
+    per_refresh = config.generation_steps * 2 * 2  # guided: two rows per sampling step, then the frozen model's pass
+    longer = UnlearnConfig(steps=config.steps + config.trajectory_refresh)
+    assert estimated_work(longer) - estimated_work(config) == config.trajectory_refresh * per_step + per_refresh
