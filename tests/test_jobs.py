@@ -247,15 +247,17 @@ def test_a_preloaded_model_serves_one_job_of_its_name_and_device_under_the_web_r
     from unlearn_core import settings
     from unlearn_core.errors import ModelLoadError
 
+    from unlearn_core import job_process
+
     loaded, other = object(), object()
-    monkeypatch.setitem(worker_module._preloaded, ("assets/demo-model", "cpu"), loaded)
-    monkeypatch.setitem(worker_module._preloaded, ("/models/private", "cpu"), other)
+    monkeypatch.setitem(job_process._preloaded, ("assets/demo-model", "cpu"), loaded)
+    monkeypatch.setitem(job_process._preloaded, ("/models/private", "cpu"), other)
     monkeypatch.setattr(settings, "_current", settings.Settings(host="0.0.0.0"))  # a server others reach
-    assert worker_module._take_preloaded("assets/demo-model", "cuda", web=True) is None  # another device: the job loads its own
-    assert worker_module._take_preloaded("assets/demo-model", "cpu", web=True) is loaded
-    assert worker_module._take_preloaded("assets/demo-model", "cpu", web=True) is None  # one job per process
+    assert job_process._take_preloaded("assets/demo-model", "cuda", web=True) is None  # another device: the job loads its own
+    assert job_process._take_preloaded("assets/demo-model", "cpu", web=True) is loaded
+    assert job_process._take_preloaded("assets/demo-model", "cpu", web=True) is None  # one job per process
     with pytest.raises(ModelLoadError, match="offers the demo model"):
-        worker_module._take_preloaded("/models/private", "cpu", web=True)  # preloaded or not, the web's rules hold
+        job_process._take_preloaded("/models/private", "cpu", web=True)  # preloaded or not, the web's rules hold
 
 
 def test_another_owner_sees_nothing_and_can_do_nothing(store):

@@ -87,9 +87,9 @@ def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
     targets = "\n".join(f"- prompt `{t['prompt']}`, seed {t['seed']}" for t in card["targets"])
     config = card["config"]
     settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "steps", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
+    shown = "<the base model's folder>" if base != DEMO_MODEL and Path(base).exists() else base  # never a server path
     where = ("# the base: Hotfix Studio's demo model, the folder assets/demo-model of its repository\n" if base == DEMO_MODEL
              else "# the base: the local folder the adapter was trained on, not shipped with it\n" if Path(base).exists() else "")
-    shown = "<the base model's folder>" if base != DEMO_MODEL and Path(base).exists() else base  # never a server path
     load = (f'```python\nfrom diffusers import DiffusionPipeline\n\n{where}pipe = DiffusionPipeline.from_pretrained("{shown}")\npipe.load_lora_weights("<this repo or folder>")\n```'
             if card["family"] != "ddpm" else '```python\nfrom peft import PeftModel\n\nunet = PeftModel.from_pretrained(pipe.unet, "<this repo or folder>")\n```')
     comfy = (f"In ComfyUI or AUTOMATIC1111, load `{folder.kohya_weights.name}` with a LoRA loader at strength 1." if kohya
@@ -98,7 +98,7 @@ def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
 {data.to_yaml()}
 ---
 
-# Hotfix LoRA for `{base}`
+# Hotfix LoRA for `{shown}`
 
 A LoRA made with Hotfix Studio {card['hotfix_studio_version']} that removes one specific output of the base model (prompt-free instance unlearning: a forget loss toward an operator-made surrogate, a remember loss that keeps the rest, per-timestep weighting, gradient projection) and leaves the rest of the model as it was.
 
