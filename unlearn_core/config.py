@@ -71,6 +71,7 @@ class UnlearnConfig:
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
+    remember_renoised: int = field(default=0, metadata=_meta("distill remembering: remember samples per step, besides remember_batch_size, at fresh noisings x_t = a·x0 + b·ε of the recorded remember seeds' final images, the frozen model's prediction there computed on the fly: states no recorded trajectory holds (0 = recorded states only)", min=0, max=256, method="ours"))
     remember_batch_size: int = field(default=16, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="decoder", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; decoder: attention and ResNet convolutions of a U-Net's up blocks, where details and colours are drawn, leaving the blocks that set every seed's layout frozen (a transformer: every layer); all: attention, convolutions and feed-forward layers everywhere (more capacity, more risk)", choices=LORA_LAYERS))
     seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))
@@ -152,7 +153,8 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     remember = config.remember_count * prompts * sampling
     steps = config.steps  # the most a run may train: the stop rule only ends it sooner
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
-    training = steps * (config.batch_size + config.remember_batch_size) * 3 + (refreshes + 1) * targets * sampling * 2
+    renoised = config.remember_renoised * 4 if config.method == "ours" and config.remember_loss == "distill" else 0  # the teacher's forward, then forward and backward
+    training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2
     evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
 
@@ -176,7 +178,7 @@ def check_job_size(config: "UnlearnConfig", targets: int, ceiling: int) -> None:
 # method (docs/QUALITY.md, "What the lean method removed").
 REMOVED_SETTINGS = {
     "siss_superfactor", "extend_until_fixed", "extend_remember_factor", "consolidate_steps", "consolidate_remember_factor",
-    "neighbour_checks", "steps_when_held", "remember_renoised", "renoised_seed_multiple", "remember_choice",
+    "neighbour_checks", "steps_when_held", "renoised_seed_multiple", "remember_choice",
 }
 
 

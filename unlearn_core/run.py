@@ -110,6 +110,17 @@ def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnC
     return [cache.get_or_record(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts]
 
 
+def renoise_sources(model: DiffusionModel, records: list[SamplingRecord]) -> tuple[torch.Tensor, dict]:
+    """The recorded remember seeds' final images as x0, each with its prompt's conditioning (the
+    empty prompt's record gives the unconditional rows): what renoised remembering noises afresh."""
+    from unlearn_core.images import to_tensor
+
+    with torch.no_grad():
+        x0 = torch.cat([model.encode_images(to_tensor(record.images)) for record in records])
+    conds = [{key: value[:1].expand(len(record.images), *value.shape[1:]) for key, value in record.cond.items()} for record in records]
+    return x0, {key: torch.cat([c[key] for c in conds]).to(model.device) for key in conds[0]}
+
+
 def warm_remember_cache(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> None:
     """Put the recorded remember trajectories a job distils in the cache ahead of it, so a timed job runs warm."""
     remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache)
@@ -127,7 +138,10 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     sets.pictures = [(t.target, t.surrogate) for t in targets]
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            sets.remember_states = remember_pool(remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache))
+            records = remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache)
+            sets.remember_states = remember_pool(records)
+            if config.remember_renoised:
+                sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, config.generation_steps, config.guidance_scale)
     return sets

@@ -101,11 +101,25 @@ def forget_at_random_states(ctx: StepContext, batch: int, lam: Schedule, loss_sp
     return (lam(s) * forget_error(ctx, prediction, x_t, a, b, index, frozen, loss_space, box)).mean()
 
 
-def remember_distilled(ctx: StepContext, batch: int, lam: Schedule, weight: float, large_t_boost: float, loss_space: str) -> torch.Tensor:
-    """Match the frozen model's prediction at its own sampling states of other seeds and prompts,
-    with weight w·(1 − λ(s))·(1 + k·s): held hardest at large t, where every seed's layout is decided."""
+def renoised_samples(ctx: StepContext, batch: int):
+    """(x_t, t, cond, teacher) at fresh noisings x_t = a·x0 + b·ε of remember images, at random t:
+    the frozen model's prediction there, computed now, is the teacher."""
+    t, a, b, _ = ctx.draws.levels(ctx.model, batch)
+    x0, cond = ctx.remember_batch(batch)
+    x_t = objectives.noisy_sample(x0, ctx.draws.noise_like(x0), a, b)
+    return x_t, t, cond, ctx.predict_frozen(x_t, t, cond)
+
+
+def remember_distilled(ctx: StepContext, batch: int, lam: Schedule, weight: float, large_t_boost: float, loss_space: str, renoised: int = 0) -> torch.Tensor:
+    """Match the frozen model's prediction at its own sampling states of other seeds and prompts
+    (and at `renoised` fresh noisings of their final images, in the same forward pass), with weight
+    w·(1 − λ(s))·(1 + k·s): held hardest at large t, where every seed's layout is decided."""
     pool = ctx.sets.remember_states
     x_t, t, cond, teacher, _ = pool.take(ctx.draws.indices(len(pool), batch), ctx.model.device)
+    if renoised:
+        more_x_t, more_t, more_cond, more_teacher = renoised_samples(ctx, renoised)
+        x_t, t, teacher = torch.cat([x_t, more_x_t]), torch.cat([t, more_t.to(t.dtype)]), torch.cat([teacher, more_teacher])
+        cond = {key: torch.cat([value, more_cond[key]]) for key, value in cond.items()}
     a, b, s, prediction = ctx.predict_at(x_t, t, cond)
     error = in_loss_space(ctx, objectives.per_sample_mse(prediction, teacher), a, b, loss_space)
     return weight * ((1 - lam(s)) * (1 + large_t_boost * s) * error).mean()

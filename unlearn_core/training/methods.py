@@ -55,7 +55,7 @@ class Ours(Method):
             "the target seeds' sampling states": config.forget_states == "trajectory" and sets.target_states is None,
             "the painted mask": self.painted and (sets.paint_mask is None or sets.paint_mask_pixels is None),
             "remember sampling states": config.remember_loss == "distill" and sets.remember_states is None,
-            "remember images": config.remember_loss == "denoise" and sets.remember_x0 is None,
+            "remember images": (config.remember_loss == "denoise" or config.remember_renoised > 0) and sets.remember_x0 is None,
         }
         return ", ".join(name for name, lacking in needs.items() if lacking)
 
@@ -68,7 +68,7 @@ class Ours(Method):
     def remember_loss(self, ctx: StepContext) -> torch.Tensor:
         config = self.config
         if config.remember_loss == "distill":
-            return losses.remember_distilled(ctx, config.remember_batch_size, self.lam, config.remember_weight, config.remember_large_t_boost, config.loss_space)
+            return losses.remember_distilled(ctx, config.remember_batch_size, self.lam, config.remember_weight, config.remember_large_t_boost, config.loss_space, config.remember_renoised)
         return losses.remember_denoised(ctx, config.remember_batch_size, self.lam, config.remember_weight)
 
     def gradients(self, ctx: StepContext):
