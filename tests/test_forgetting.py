@@ -233,6 +233,25 @@ def test_remember_weight_scales_the_remember_loss_of_either_kind(remember_loss, 
     assert light > 0 and heavy == pytest.approx(3.0 * light, rel=1e-5)
 
 
+def test_renoised_remember_samples_take_the_frozen_model_as_teacher(tiny_models):
+    """remember_renoised: remember images noised afresh at random t; the teacher is the frozen
+    model's prediction there (every LoRA layer off), which the moved adapter no longer gives, and
+    the samples join the distilled loss."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.trainer import UnlearnTrainer
+    from unlearn_core.training import losses
+
+    model, sets = _moved_adapter_and_remember_states(tiny_models)
+    trainer = UnlearnTrainer(model, UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=3, seed=3), sets)
+    with torch.no_grad():
+        x_t, t, cond, teacher = losses.renoised_samples(trainer.context, 3)
+        with model.adapter_disabled():
+            frozen = model.predict(model.denoiser, x_t, t, cond).float()
+        adapted = model.predict(model.denoiser, x_t, t, cond).float()
+    assert x_t.shape[0] == 3 and torch.allclose(teacher, frozen) and not torch.allclose(adapted, teacher, atol=1e-4)
+    assert _remember_loss(model, sets, remember_renoised=3) != pytest.approx(_remember_loss(model, sets))
+
+
 # -- the forget loss on decoded pixels ----------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
 def test_decode_x0_gives_the_pipelines_image_and_passes_gradients(kind, tiny_models):
