@@ -59,12 +59,12 @@ def make_trainer(model, sets, **overrides) -> UnlearnTrainer:
 def plain_lora_step(trainer: UnlearnTrainer) -> None:
     """One ordinary diffusion-loss step on 2×batch remember samples: the baseline of ratio a."""
     batch = trainer.config.batch_size * 2
-    index = torch.randint(0, trainer.sets.remember_x0.shape[0], (batch,), generator=trainer.draws.generator)
+    index = torch.randint(0, trainer.sets.remember_x0.shape[0], (batch,), generator=trainer.generator)
     x0 = trainer.sets.remember_x0[index]
     cond = {k: v[index] for k, v in trainer.sets.remember_cond.items()}
-    t, a, b, _ = trainer.model.sample_noise_levels(batch, trainer.draws.generator)
+    t, a, b, _ = trainer.model.sample_noise_levels(batch, trainer.generator)
     a, b = a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=trainer.draws.generator)
+    noise = torch.randn(x0.shape, generator=trainer.generator)
     prediction = trainer.model.predict(trainer.denoiser, objectives.noisy_sample(x0, noise, a, b), t, cond)
     loss = objectives.per_sample_mse(prediction, objectives.training_target(trainer.model.prediction_type, x0, noise, a, b)).mean()
     trainer.optimizer.zero_grad(set_to_none=True)

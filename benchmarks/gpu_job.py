@@ -35,7 +35,7 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sam
 TINY_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, sample_size=128)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
-QUICK = ["--steps", "20", "--remember-count", "8", "--eval-seeds", "4"]
+QUICK = ["--steps", "20", "--extend-until-fixed", "0", "--remember-count", "8", "--renoised-seed-multiple", "1", "--eval-seeds", "4"]
 
 
 def build_pipeline(folder: Path, tiny: bool) -> int:

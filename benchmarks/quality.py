@@ -41,29 +41,50 @@ JUDGE = ROOT / "assets" / "flag-classifier.safetensors"
 
 # Baselines use our LoRA (rank 8, on the decoder) and learning rate, with their own losses and step
 # counts: SISS 35 (its Stable Diffusion recipe), the paper's 240 for the paper preset, 60 otherwise.
+# "forget loss on latents" is the default before the forget loss moved to decoded pixels (and before
+# training went on past `steps` for a target not yet fixed, and while `steps` was 90 with no
+# neighbour checks); "previous defaults" are this tool's
+# settings before that, the remember loss held hardest at large t and the
+# LoRA moved to the decoder.
+PREVIOUS_REMEMBER_SET = {"remember_count": 16, "remember_batch_size": 8}  # before 2026-12-04: 16 remember seeds, 8 recorded states per step
+NO_CONSOLIDATION = {"consolidate_steps": 0}  # before 2026-12-05: training ended where the target was fixed
+NINETY_STEPS = {"steps": 90, "neighbour_checks": 0}  # before 2026-12-04 (session 18): 90 planned steps, the remember weight fixed
 BASELINES: dict[str, dict] = {
     "NegGrad": {"method": "neggrad", "steps": 60},
     "SISS": {"method": "siss", "steps": 35},
     "EraseDiff": {"method": "erasediff", "steps": 60},
     "paper preset": dict(PRESETS["paper"]),
+    "forget loss on latents": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET, **NO_CONSOLIDATION, **NINETY_STEPS},
+    "previous defaults": {"loss_space": "x0", "extend_until_fixed": 0, "remember_renoised": 0, **PREVIOUS_REMEMBER_SET, **NO_CONSOLIDATION, **NINETY_STEPS, "remember_weight": 4.0, "remember_large_t_boost": 0.0, "lora_layers": "all", "learning_rate": 1e-3},
     "gentle preset": dict(PRESETS["gentle"]),
     "strong preset": dict(PRESETS["strong"]),
 }
-# One component of the default changed at a time: each row of the paired ablation.
 ABLATIONS: dict[str, dict] = {
-    "random forget states": {"forget_states": "random"},
-    "whole-surrogate aim": {"forget_target": "surrogate"},
-    "forget loss on latents": {"loss_space": "x0"},
-    "ε-space loss": {"loss_space": "native"},
     "λ(s)=s^γ (paper's direction)": {"lambda_schedule": "timestep"},
     "constant λ": {"lambda_schedule": "constant"},
+    "ε-space loss": {"loss_space": "native"},
     "no projection": {"projection": "none"},
     "project both (PCGrad)": {"projection": "both"},
+    "random forget states": {"forget_states": "random"},
+    "random forget states (60 steps)": {"forget_states": "random", "steps": 60, "extend_until_fixed": 0},
+    "whole-surrogate aim": {"forget_target": "surrogate"},
     "denoise remember": {"remember_loss": "denoise"},
-    "no large-t remember boost": {"remember_large_t_boost": 0.0},
-    "16 remember seeds": {"remember_count": 16},
     "attention-only LoRA": {"lora_layers": "attention"},
     "LoRA on every layer": {"lora_layers": "all"},
+    "no early stop": {"stop_at_r": 0.0},
+    "no large-t remember boost": {"remember_large_t_boost": 0.0},
+    "no renoised remember": {"remember_renoised": 0},
+    "renoise remember seeds only": {"renoised_seed_multiple": 1},
+    "full remember weight while extending": {"extend_remember_factor": 1.0},
+    "first remember seeds": {"remember_choice": "first"},
+    "16 remember seeds and 8 samples": dict(PREVIOUS_REMEMBER_SET),
+    "no consolidation": dict(NO_CONSOLIDATION),
+    "90 planned steps": {"steps": 90},
+    "no neighbour checks": {"neighbour_checks": 0},
+    "90 steps without neighbour checks": dict(NINETY_STEPS),
+    # The lean candidate of 2026-12-07: every control knob off, one stop rule (docs/quality/lean-candidate.md; rejected).
+    "lean candidate": {"neighbour_checks": 0, "extend_remember_factor": 1.0, "remember_renoised": 0, "remember_choice": "first", "consolidate_steps": 0,
+                       "steps": 150, "extend_until_fixed": 0, "stop_at_r": 0.75},
 }
 VARIANTS: dict[str, dict] = {"default": {}, **BASELINES, **ABLATIONS}
 
@@ -185,6 +206,8 @@ def parse_args(argv=None):
     parser.add_argument("--merge", default="[]", help='other runs whose rows join this report, as JSON [[results.csv, {variant: name in this report}], ...]; '
                         'variants a run does not name are dropped, e.g. \'[["runs/old/results.csv", {"default": "previous default"}]]\'')
     parser.add_argument("--pictures", default="[]", help='with --report-only: runs whose training seed 0 gives the cases picture, as JSON [[out folder, variant], ...]')
+    parser.add_argument("--baseline", default="default", help="the variant every other is paired with in the report")
+    parser.add_argument("--findings", default="", help="hand-written prose the report includes (default: docs/quality/findings.md beside docs/QUALITY.md)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "QUALITY.md"))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -241,7 +264,7 @@ def main(args) -> list[Measured]:
         rows = merged(read_results(out / "results.csv"), args)
         extras["argv"] = args.argv  # this report's command, which names the runs it merges
         extras["variants"] = {row.variant: VARIANTS.get(row.variant, extras.get("variants", {}).get(row.variant, {})) for row in rows}
-        quality_report.write(rows, extras, pictures_of_runs(json.loads(args.pictures)), Path(args.report))
+        quality_report.write(rows, extras, pictures_of_runs(json.loads(args.pictures)), Path(args.report), args.baseline, Path(args.findings) if args.findings else None)
         return []
     torch.manual_seed(0)
     started = time.perf_counter()

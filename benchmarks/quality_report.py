@@ -60,9 +60,9 @@ def group_of(case: str) -> str:
     return "edits against the prompt's concept" if case in {c.name for c in EDITS} else "global surrogates"
 
 
-def paired(results, variant: str) -> list[str]:
-    """The variant minus the default on the same case and training seed, per PAIRED column."""
-    default = {(r.case, r.train_seed): r for r in results if r.variant == "default"}
+def paired(results, variant: str, baseline: str = "default") -> list[str]:
+    """The variant minus the baseline on the same case and training seed, per PAIRED column."""
+    default = {(r.case, r.train_seed): r for r in results if r.variant == baseline}
     pairs = [(row, default[(row.case, row.train_seed)]) for row in results if row.variant == variant and (row.case, row.train_seed) in default]
     cells = [interval(_values([a for a, _ in pairs], column) and [x - y for x, y in zip(_values([a for a, _ in pairs], column), _values([b for _, b in pairs], column))]) for column in PAIRED]
     return [variant, str(len(pairs)), *cells]
@@ -105,14 +105,16 @@ def cases_picture(pictures: dict[str, dict], path: Path, scale: int = 2) -> None
     picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def write(results, extras: dict, pictures: dict, path: Path) -> None:
-    """docs/QUALITY.md and its pictures."""
-    figures = path.parent / "quality"
+def write(results, extras: dict, pictures: dict, path: Path, baseline: str = "default", findings: Path | None = None) -> None:
+    """docs/QUALITY.md (or another report) and its pictures, each variant paired with `baseline`;
+    `findings` (default docs/quality/findings.md) is the hand-written prose included."""
+    figures = path.parent / "quality" if path.name == "QUALITY.md" else path.parent / f"{path.stem}-figures"
+    link = figures.relative_to(path.parent).as_posix()
     pareto_plot(results, figures / "pareto.png")
     if pictures:
         cases_picture(pictures, figures / "cases.png")
     variants = list(dict.fromkeys(row.variant for row in results))
-    default = [r for r in results if r.variant == "default"]
+    default = [r for r in results if r.variant == baseline]
     speed = extras.get("speed")
     lines = [
         "# Quality: does the hotfix fix, and what does it cost?", "",
@@ -124,20 +126,20 @@ def write(results, extras: dict, pictures: dict, path: Path) -> None:
         + (f" The machine's speed at the end of the run: the generation row of `python -m benchmarks` took {speed:.2f} s (1.05 s idle), so job times scale with it." if speed else "")
         + (" Other work shared the machine, so job times are not timings." if extras.get("shared_machine") else ""), "",
     ]
-    findings = path.parent / "quality" / "findings.md"
+    findings = findings or path.parent / "quality" / "findings.md"
     if findings.is_file():
         lines += [findings.read_text().strip(), ""]
     lines += [
-        "## The paired ablation: each variant minus the default (same case and training seed; mean [95 % bootstrap interval])", "",
-        table(["variant", "pairs", *PAIRED.values()], [paired(results, variant) for variant in variants if variant != "default"]), "",
+        f"## The paired ablation: each variant minus the {baseline} (same case and training seed; mean [95 % bootstrap interval])", "",
+        table(["variant", "pairs", *PAIRED.values()], [paired(results, variant, baseline) for variant in variants if variant != baseline]), "",
         "## Every variant on the suite", "",
         table(["variant", "runs", "meets every bar", *COLUMNS.values()], [[v, str(len(rows)), bars_met(rows), *[mean_spread(_values(rows, c)) for c in COLUMNS]] for v in variants if (rows := [r for r in results if r.variant == v])]), "",
-        "![forgetting against integrity](quality/pareto.png)", "",
-        "## Default settings, per case", "",
+        f"![forgetting against integrity]({link}/pareto.png)", "",
+        f"## {baseline[0].upper() + baseline[1:]}, per case", "",
         table(["case", "kind", "meets every bar", *COLUMNS.values()],
               [[case, next(r.kind for r in default if r.case == case), bars_met(rows), *[mean_spread(_values(rows, c)) for c in COLUMNS]] for case in dict.fromkeys(r.case for r in default) if (rows := [r for r in default if r.case == case])]
               + [[f"**all {group}**", "", bars_met(rows), *[mean_spread(_values(rows, c)) for c in COLUMNS]] for group in ("corrections of real errors", "edits against the prompt's concept", "global surrogates") if (rows := [r for r in default if group_of(r.case) == group])]), "",
-        "![target | surrogate | after, default settings, training seed 0](quality/cases.png)", "",
+        f"![target | surrogate | after, {baseline}, training seed 0]({link}/cases.png)", "",
     ]
     if extras.get("robust"):
         checks = list(next(iter(extras["robust"].values())))

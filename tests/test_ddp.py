@@ -19,7 +19,8 @@ PROMPT = "flag of japan"
 def _unlearn_args(model: str, surrogate: str, out: str, per_process_batch: int) -> list[str]:
     return ["unlearn", f"--model={model}", f"--prompt={PROMPT}", "--seed=7", f"--surrogate={surrogate}", f"--out={out}", "--device=cpu",
             "--steps=3", "--learning-rate=0.05", "--remember-count=2", "--eval-seeds=0", "--generation-steps=3", "--guidance-scale=2.0",
-            "--checkpoint-every=0", f"--batch-size={per_process_batch}", f"--remember-batch-size={per_process_batch}"]
+            "--checkpoint-every=0", f"--batch-size={per_process_batch}", f"--remember-batch-size={per_process_batch}",
+            f"--remember-renoised={per_process_batch}"]
 
 
 @pytest.mark.timeout(600)

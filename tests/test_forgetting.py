@@ -184,7 +184,7 @@ def test_a_fix_that_also_changes_the_rest_is_flagged():
 
 def _moved_adapter_and_remember_states(tiny_models):
     """A tiny SD model whose LoRA has moved away from the frozen model, and fixed sets holding the
-    frozen model's sampling states of two seeds as the remember pool (and its images to denoise)."""
+    frozen model's sampling states of two seeds as the remember pool."""
     from PIL import Image as PILImage
 
     from unlearn_core.sets import encode_sets, remember_pool
@@ -197,59 +197,45 @@ def _moved_adapter_and_remember_states(tiny_models):
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
     picture = PILImage.new("RGB", (16, 16), (200, 40, 40))
-    sets = encode_sets(model, [picture], [picture], ["x"], [picture, picture], ["x", "y"], [0])
+    sets = encode_sets(model, [picture], [picture], ["x"], [], [], [0])
     with model.adapter_disabled():
         sets.remember_states = remember_pool([model.record_sampling("x", [1, 2], 6, 5.0)])
     return model, sets
-
-
-def _remember_loss(model, sets, **settings) -> float:
-    """Ours' remember loss of one step's draw, under `settings` (a fresh trainer: the same draw each time)."""
-    from unlearn_core.config import UnlearnConfig
-    from unlearn_core.trainer import UnlearnTrainer
-
-    config = UnlearnConfig(**{"forget_states": "random", "forget_target": "surrogate", "remember_batch_size": 12, "seed": 3, **settings})
-    trainer = UnlearnTrainer(model, config, sets)
-    with torch.no_grad():
-        return float(trainer.method.remember_loss(trainer.context))
 
 
 def test_the_remember_loss_holds_large_noise_levels_harder_when_boosted(tiny_models):
     """remember_large_t_boost k weights each remember sample by (1 + k·s): over a batch of sampling
     states at every noise level the loss grows by more than 1× and less than (1 + k)×, and not at
     all with k = 0 (the same draw, the same adapter)."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.trainer import UnlearnTrainer
+
     model, sets = _moved_adapter_and_remember_states(tiny_models)
-    losses = {boost: _remember_loss(model, sets, remember_large_t_boost=boost) for boost in (0.0, 3.0)}
+    losses = {}
+    for boost in (0.0, 3.0):
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_batch_size=12, remember_renoised=0, remember_large_t_boost=boost, seed=3)
+        with torch.no_grad():
+            losses[boost] = float(UnlearnTrainer(model, config, sets)._remember_loss_distill())
     assert losses[0.0] > 0
     assert 1.05 < losses[3.0] / losses[0.0] < 4.0, losses
 
 
-@pytest.mark.parametrize("remember_loss", ["distill", "denoise"])
-def test_remember_weight_scales_the_remember_loss_of_either_kind(remember_loss, tiny_models):
-    """remember_weight multiplies the remember loss exactly, for distillation and for the denoising
-    loss alike (the denoising loss once ignored it)."""
-    model, sets = _moved_adapter_and_remember_states(tiny_models)
-    light, heavy = (_remember_loss(model, sets, remember_loss=remember_loss, remember_weight=weight) for weight in (1.0, 3.0))
-    assert light > 0 and heavy == pytest.approx(3.0 * light, rel=1e-5)
-
-
-def test_renoised_remember_samples_take_the_frozen_model_as_teacher(tiny_models):
-    """remember_renoised: remember images noised afresh at random t; the teacher is the frozen
-    model's prediction there (every LoRA layer off), which the moved adapter no longer gives, and
-    the samples join the distilled loss."""
+def test_past_the_planned_steps_the_remember_loss_weighs_extend_remember_factor(tiny_models):
+    """Training past `steps` (only while a target is not yet fixed) holds the other seeds with
+    extend_remember_factor × remember_weight; before that, with the full weight."""
     from unlearn_core.config import UnlearnConfig
     from unlearn_core.trainer import UnlearnTrainer
-    from unlearn_core.training import losses
 
     model, sets = _moved_adapter_and_remember_states(tiny_models)
-    trainer = UnlearnTrainer(model, UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=3, seed=3), sets)
-    with torch.no_grad():
-        x_t, t, cond, teacher = losses.renoised_samples(trainer.context, 3)
-        with model.adapter_disabled():
-            frozen = model.predict(model.denoiser, x_t, t, cond).float()
-        adapted = model.predict(model.denoiser, x_t, t, cond).float()
-    assert x_t.shape[0] == 3 and torch.allclose(teacher, frozen) and not torch.allclose(adapted, teacher, atol=1e-4)
-    assert _remember_loss(model, sets, remember_renoised=3) != pytest.approx(_remember_loss(model, sets))
+    losses = {}
+    for step in (9, 10, 14):
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=0, steps=10, extend_remember_factor=0.25, seed=3)
+        trainer = UnlearnTrainer(model, config, sets)
+        trainer.step = step  # steps done so far: the next is step + 1
+        with torch.no_grad():
+            losses[step] = float(trainer._remember_loss_distill())
+    assert losses[9] > 0
+    assert losses[10] == pytest.approx(0.25 * losses[9], rel=1e-5) and losses[14] == pytest.approx(losses[10], rel=1e-5), losses
 
 
 # -- the forget loss on decoded pixels ----------------------------------------------------------
@@ -281,10 +267,10 @@ def _pixel_trainer(model, target, surrogate, forget_target="painted"):
     return UnlearnTrainer(model, config, sets)
 
 
-def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapter(tiny_models, monkeypatch):
+def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapter(tiny_models):
     """The box holds every painted pixel and its cells map onto its pixels; the whole-surrogate
     target decodes everything; the loss reaches the LoRA weights through the VAE decoder."""
-    from unlearn_core.training import losses
+    from unlearn_core import trainer as trainer_module
 
     model = load_model(str(tiny_models["sd"]), "cpu")
     model.add_lora(2, 2.0)
@@ -292,18 +278,21 @@ def test_the_pixel_forget_loss_decodes_only_the_painted_box_and_trains_the_adapt
     painted = np.asarray(target).copy()
     painted[2:5, 12:15] = (200, 0, 40)  # a small patch in the top-right corner
     trainer = _pixel_trainer(model, target, Image.fromarray(painted))
-    cells, pixels = trainer.method.box
+    cells, pixels = trainer.painted_box
     mask = trainer.sets.paint_mask_pixels
     assert float(mask[pixels].sum()) == float(mask.sum()) > 0, "every painted pixel is inside the box"
     latent_box = torch.zeros(model.x0_shape)[cells[1:]]
     assert latent_box.shape[-1] * model.pixels_per_x0_cell == mask[pixels].shape[-1]
-    with monkeypatch.context() as patch:
-        patch.setattr(losses, "PAINTED_BOX_MARGIN", 0)
-        tight_cells, tight_pixels = losses.painted_box(trainer.context, painted=True)
+    margin = trainer_module.PAINTED_BOX_MARGIN
+    trainer_module.PAINTED_BOX_MARGIN = 0
+    try:
+        tight_cells, tight_pixels = _pixel_trainer(model, target, Image.fromarray(painted)).painted_box
         assert mask[tight_pixels].numel() < mask.numel(), "an unpainted border is not decoded"
+    finally:
+        trainer_module.PAINTED_BOX_MARGIN = margin
     whole = _pixel_trainer(model, target, Image.fromarray(painted), forget_target="surrogate")
-    assert whole.method.box[1] == (slice(None),) * 4
-    loss = trainer.method.forget_loss(trainer.context)
+    assert whole.painted_box[1] == (slice(None),) * 4
+    loss = trainer._forget_loss_trajectory()
     loss.backward()
     grads = [p.grad for name, p in model.denoiser.named_parameters() if "lora_B" in name]
     assert torch.isfinite(loss) and any(g is not None and float(g.abs().sum()) > 0 for g in grads)
@@ -328,94 +317,198 @@ def test_a_job_with_several_targets_spends_its_forget_batch_on_the_unfixed_ones(
         return UnlearnTrainer(model, config, sets)
 
     focused = trainer()
-    focused.stop_rule.target_r = [0.85, 0.3]
-    rows = focused._rows_to_forget()
+    focused.target_r = [0.85, 0.3]
+    rows = focused._unfixed_target_rows()
     labels = sets.target_states.label
     assert rows is not None and set(labels[rows].tolist()) == {1} and len(rows) == int((labels == 1).sum())
-    assert set(labels[rows[focused.draws.indices(len(rows), 16)]].tolist()) == {1}
+    drawn = focused._predict_on_pool(sets.target_states, 16, rows)[6]
+    assert set(drawn.tolist()) == {1}
     for target_r, stop_at_r in (([0.85, 0.9], 0.8), ([0.1, 0.3], 0.8), ([0.85, 0.3], 0.0), ([], 0.8)):
         unfocused = trainer(stop_at_r)
-        unfocused.stop_rule.target_r = target_r
-        assert unfocused._rows_to_forget() is None
+        unfocused.target_r = target_r
+        assert unfocused._unfixed_target_rows() is None
 
 
 def _tiny_trajectory_trainer(tiny_models):
     """A tiny real SD with a LoRA and the sets of trajectory forgetting, and a maker of trainers on
-    them (the trajectory re-recorded every step, the LoRA drawn afresh from the same seed)."""
+    them (two steps, the trajectory re-recorded every step, up to three more steps while not fixed)."""
     from unlearn_core.config import UnlearnConfig
     from unlearn_core.run import EvalTarget, paint_masks
     from unlearn_core.sets import encode_sets, record_target_states
     from unlearn_core.trainer import UnlearnTrainer
 
     model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
     sets = encode_sets(model, [TARGET], [SURROGATE], [PROMPT], [TARGET], [PROMPT], [0])
     sets.paint_mask_pixels, sets.paint_mask = paint_masks(model, [EvalTarget(PROMPT, 0, TARGET, SURROGATE)])
     sets.pictures = [(TARGET, SURROGATE)]
     with model.adapter_disabled():
-        prepared = record_target_states(model, sets.targets, 3, 2.0)
+        sets.target_states = record_target_states(model, sets.targets, 3, 2.0)
 
-    def trainer(folder=None, fresh=True, **settings):
-        if fresh:
-            model.remove_lora()
-            torch.manual_seed(0)
-            model.add_lora(2, 2.0)
-        sets.target_states = prepared
-        config = UnlearnConfig(**{"remember_loss": "denoise", "generation_steps": 3, "guidance_scale": 2.0, "steps": 4, "trajectory_refresh": 1, "seed": 1, **settings})
+    def trainer(folder=None, **settings):
+        config = UnlearnConfig(**{"remember_loss": "denoise", "generation_steps": 3, "guidance_scale": 2.0, "steps": 2, "trajectory_refresh": 1, "extend_until_fixed": 3, "seed": 1, **settings})
         return UnlearnTrainer(model, config, sets, folder)
 
     return model, trainer
 
 
+def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny_models):
+    """After `steps`, a target short of r 0.7 gets up to `extend_until_fixed` more steps (the
+    reported total says so); one already fixed, a run that never measures r and a run with
+    stop_at_r 0 stop at `steps`."""
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    log = trainer().train()  # two steps of a tiny random model cannot move the target to r 0.7
+    assert log[1]["toward_surrogate"] < 0.7
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [2, 5, 5, 5, 5]
+    model.remove_lora()
+    model.add_lora(2, 2.0)
+    assert len(trainer(extend_until_fixed=0).train()) == 2
+    fixed = trainer()
+    fixed.step, fixed.target_r = 2, [0.75]
+    assert fixed.step_budget == 2
+    fixed.target_r = [0.5]
+    assert fixed.step_budget == 5
+    for settings in ({"forget_states": "random"}, {"stop_at_r": 0.0}):  # r never measured, or exactly `steps` asked for
+        unextended = trainer(**settings)
+        unextended.step, unextended.target_r = 2, [0.5]
+        assert unextended.step_budget == 2
+
+
 def _scripted_r(monkeypatch, values):
     """Each re-recording of the target's trajectory really happens; its r is then the next of
     `values` (a tiny random model cannot move its output toward a surrogate on cue)."""
-    from unlearn_core.training.control import StopWhenFixed
+    from unlearn_core.trainer import UnlearnTrainer
 
-    record = getattr(StopWhenFixed.refresh, "__wrapped__", StopWhenFixed.refresh)  # the real one, if scripted before
+    record = getattr(UnlearnTrainer._refresh_target_states, "__wrapped__", UnlearnTrainer._refresh_target_states)  # the real one, if scripted before
     script = iter(values)
 
-    def refresh(self, ctx):
-        record(self, ctx)
+    def refresh(self):
+        record(self)
         self.target_r = [next(script)]
 
     refresh.__wrapped__ = record
-    monkeypatch.setattr(StopWhenFixed, "refresh", refresh)
+    monkeypatch.setattr(UnlearnTrainer, "_refresh_target_states", refresh)
 
 
-def test_training_stops_at_the_first_refresh_that_finds_the_target_fixed(tiny_models, monkeypatch):
-    """r ≥ stop_at_r at a refresh ends training there; short of it, the run goes on to `steps`,
-    and every row reports `steps` as the most it may take. Forgetting at random states measures no
-    r and stop_at_r 0 asks for every step."""
-    _, trainer = _tiny_trajectory_trainer(tiny_models)
-    _scripted_r(monkeypatch, [0.3, 0.5, 0.76, 0.9])
-    log = trainer(steps=6, stop_at_r=0.75).train()
-    assert [row["step"] for row in log] == [1, 2, 3] and {row["total"] for row in log} == {6}
-    assert [row["toward_surrogate"] for row in log] == [0.3, 0.5, 0.76]
-    _scripted_r(monkeypatch, [0.3, 0.5, 0.6, 0.7])
-    assert len(trainer(steps=4, stop_at_r=0.75).train()) == 4
-    _scripted_r(monkeypatch, [0.9] * 4)
-    assert len(trainer(steps=4, stop_at_r=0.0).train()) == 4
-    random_states = trainer(steps=3, forget_states="random")
-    assert random_states.stop_rule is None and len(random_states.train()) == 3
+def test_once_fixed_the_run_consolidates_with_the_heavier_remember_loss(tiny_models, monkeypatch):
+    """Fixed at step 2 (r ≥ stop_at_r): `consolidate_steps` more steps follow, the remember loss
+    weighted consolidate_remember_factor × remember_weight, and the last weights are kept while
+    r stays within CONSOLIDATION_R_SLACK of where it was fixed. consolidate_steps 0 stops where
+    the target is fixed, and so does a target fixed with less than CONSOLIDATION_R_SLACK to spare."""
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    _scripted_r(monkeypatch, [0.3, 0.85, 0.84, 0.81, 0.83])
+    run = trainer(steps=10, consolidate_steps=3, consolidate_remember_factor=4.0)
+    assert run._remember_weight == pytest.approx(run.config.remember_weight)
+    log = run.train()
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [10, 10, 5, 5, 5]
+    assert run.consolidating_since == 2 and run.consolidation_floor == pytest.approx(0.8)
+    assert run.kept_step is None and run.toward_surrogate == 0.83
+    assert run._remember_weight == pytest.approx(4.0 * run.config.remember_weight)
+    model.remove_lora()
+    model.add_lora(2, 2.0)
+    _scripted_r(monkeypatch, [0.3, 0.85])
+    assert len(trainer(steps=10, consolidate_steps=0).train()) == 2
+    _scripted_r(monkeypatch, [0.3, 0.72])  # fixed at `steps` with less than CONSOLIDATION_R_SLACK to spare above 0.7
+    thin = trainer(steps=2, consolidate_steps=3)
+    assert len(thin.train()) == 2 and thin.consolidating_since is None and thin.toward_surrogate == 0.72
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_one(tiny_models, tmp_path):
-    """Cancelled after step 2 and resumed from its checkpoint, a run trains steps 3 and 4 exactly as
-    the run that was never stopped: the weights, AdamW, the shared draws, the method and the stop
-    rule all come back through their state_dicts."""
-    from unlearn_core.trainer import TrainingCancelled
+def _neighbours(model, *seeds):
+    """(prompt, seed, image) of the frozen model's `seeds`, as `nearest_neighbours` gives them."""
+    with model.adapter_disabled():
+        return [(PROMPT, seed, image) for seed, (image, _) in zip(seeds, model.generate(PROMPT, list(seeds), 3, 2.0))]
 
-    _, trainer = _tiny_trajectory_trainer(tiny_models)
-    whole = trainer(tmp_path / "whole", checkpoint_every=0, stop_at_r=0.99).train()
-    steps_done = []
-    cut = trainer(tmp_path / "cut", checkpoint_every=0, stop_at_r=0.99)
-    cut.on_step, cut.should_stop = (lambda report: steps_done.append(report.step)), (lambda: len(steps_done) >= 2)
-    with pytest.raises(TrainingCancelled):
-        cut.train()
-    resumed = trainer(tmp_path / "cut", fresh=False, checkpoint_every=0, stop_at_r=0.99).train()
-    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
-    for key in ("loss_forget", "loss_remember", "cosine", "toward_surrogate"):
-        assert [row[key] for row in resumed] == pytest.approx([row[key] for row in whole], rel=1e-5), key
+
+def test_a_slow_climb_whose_neighbours_are_kept_halves_the_remember_weight(tiny_models, monkeypatch):
+    """neighbour_checks: while r climbs fast, no check; once it gains under 0.05 in 10 steps, the
+    nearest seeds are sampled, at most every 10 steps. An adapter that has hardly moved (a tiny
+    learning rate) keeps them at SSIM ≥ 0.95, so each check halves the remember weight."""
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    run = trainer(steps=35, extend_until_fixed=0, neighbour_checks=2, learning_rate=1e-7)
+    run.sets.neighbours = _neighbours(model, 5, 6)
+    _scripted_r(monkeypatch, [0.05 * step for step in range(1, 11)] + [0.6] * 25)
+    log = run.train()
+    assert [(row["step"], row["remember_scale"]) for row in log if row["neighbours_ssim"] is not None] == [(21, 0.5), (31, 0.25)]
+    assert all(row["neighbours_ssim"] >= 0.95 for row in log if row["neighbours_ssim"] is not None)
+    assert log[19]["remember_scale"] == 1.0 and log[-1]["remember_scale"] == 0.25
+    assert run._remember_weight == pytest.approx(0.25 * run.config.extend_remember_factor * run.config.remember_weight)
+    from ui.results_tab import neighbours_note
+    from unlearn_core.run import summarise
+
+    assert "lightened to 25%" in neighbours_note(summarise(run)) and "step 31" in neighbours_note(summarise(run))
+
+
+def test_neighbours_that_have_left_double_the_remember_weight_back_then_end_the_checks(tiny_models, monkeypatch, tmp_path):
+    """A check that finds a neighbour under SSIM 0.9 doubles the remember weight back, up to the
+    configured weight; one that finds it so at the full weight ends the checks, and the target then
+    keeps the full weight past `steps` too: its slow climb is what holds its neighbours. A resumed
+    job carries on from the same point."""
+    from PIL import Image
+
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    run = trainer(tmp_path, steps=45, extend_until_fixed=0, neighbour_checks=1, checkpoint_every=40)
+    prompt, seed, image = _neighbours(model, 5)[0]
+    run.sets.neighbours = [(prompt, seed, Image.new("RGB", image.size, (128, 128, 128)))]  # not what the model draws
+    run.remember_scale = 0.25
+    _scripted_r(monkeypatch, [0.3] * 46)
+    log = run.train()
+    assert [(row["step"], row["remember_scale"]) for row in log if row["neighbours_ssim"] is not None] == [(11, 0.5), (21, 1.0), (31, 1.0)]
+    assert run.neighbours_settled and run.step == 45
+    assert run._remember_weight == pytest.approx(run.config.remember_weight)
+    from ui.results_tab import neighbours_note
+    from unlearn_core.run import summarise
+
+    summary = summarise(run)
+    assert [check["step"] for check in summary["neighbour_checks"]] == [11, 21, 31] and summary["remember_scale"] == 1.0
+    assert "kept at full weight" in neighbours_note(summary) and "step 31" in neighbours_note(summary)
+    resumed = UnlearnTrainer(model, run.config, run.sets, tmp_path)  # the checkpoint of step 40
+    assert resumed.load_checkpoint() and resumed.step == 40
+    assert resumed.neighbours_settled and resumed.remember_scale == 1.0 and resumed.last_neighbour_check == 31 and resumed._r_at(30) == 0.3
+
+
+def test_a_target_whose_neighbours_are_leaving_trains_to_steps_when_held_before_a_fix_ends_it(tiny_models, monkeypatch):
+    """Not yet fixed at `steps` (r 0.3 at step 25), with its nearest seed found leaving at the full
+    remember weight: the target is held, and reaching r 0.72 at step 31 does not end the job; the
+    first fixed refresh at or past steps_when_held (40) does. Without the checks it ends at 31."""
+    from PIL import Image
+
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    prompt, seed, image = _neighbours(model, 5)[0]
+    ends = {}
+    for checks in (1, 0):
+        run = trainer(steps=25, steps_when_held=40, extend_until_fixed=30, neighbour_checks=checks)
+        run.sets.neighbours = [(prompt, seed, Image.new("RGB", image.size, (128, 128, 128)))]
+        _scripted_r(monkeypatch, [0.3] * 30 + [0.72] * 20)
+        log = run.train()
+        ends[checks] = (log[-1]["step"], run.held)
+    assert ends == {1: (40, True), 0: (31, False)}
+
+
+def test_consolidation_that_loses_the_fix_keeps_the_last_weights_that_had_it(tiny_models, monkeypatch, tmp_path):
+    """r 0.85 at step 1 begins consolidation, which may let r fall to 0.8; steps 2 and 3 keep it,
+    step 4 does not: consolidation ends there, the saved weights are step 3's, and r and the
+    summary say so. A checkpoint taken while consolidating resumes it."""
+    from unlearn_core.run import summarise
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model, trainer = _tiny_trajectory_trainer(tiny_models)
+    _scripted_r(monkeypatch, [0.85, 0.8, 0.82, 0.75, 0.9])
+    weights = {}
+    run = trainer(tmp_path, steps=10, consolidate_steps=4, checkpoint_every=2)
+    run.on_step = lambda report: weights.setdefault(report.step, {name: value.clone() for name, value in run._trainable_state().items()})
+    run.train()
+    assert run.consolidating_since == 1 and run.step == 4 and run.kept_step == 3 and run.toward_surrogate == 0.82
+    assert not torch.equal(weights[3][next(iter(weights[3]))], weights[4][next(iter(weights[4]))])
+    for name, value in run._trainable_state().items():
+        assert torch.equal(value, weights[3][name]), name
+    summary = summarise(run)
+    assert summary["steps_run"] == 4 and summary["weights_of_step"] == 3 and summary["consolidated_from_step"] == 1
+    assert summary["toward_surrogate_when_stopped"] == 0.82
+    resumed = UnlearnTrainer(model, run.config, run.sets, tmp_path)  # the checkpoint of step 2, mid-consolidation
+    assert resumed.load_checkpoint() and resumed.step == 2 and resumed.consolidating_since == 1
+    assert resumed.fixed_weights["step"] == 2 and resumed.consolidation_floor == pytest.approx(0.8) and resumed.step_budget == 5
 
 
 def test_a_fresh_run_in_a_used_folder_starts_its_loss_log_anew(tiny_models, tmp_path):
@@ -426,9 +519,106 @@ def test_a_fresh_run_in_a_used_folder_starts_its_loss_log_anew(tiny_models, tmp_
 
     _, trainer = _tiny_trajectory_trainer(tiny_models)
     for _ in range(2):
-        trainer(tmp_path, steps=2, checkpoint_every=0).train()
+        trainer(tmp_path, extend_until_fixed=0, checkpoint_every=0).train()
         with open(tmp_path / "loss_log.csv", newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]
+
+
+def test_renoised_remember_distils_the_frozen_model_at_fresh_noisings(tiny_models):
+    """remember_renoised: the remember seeds' final images, each with its own prompt's conditioning
+    (the empty prompt's record gives the unconditional rows), noised afresh; the frozen model's
+    prediction there is the teacher, so an adapter that has not moved has exactly zero error and
+    one that has moved does not."""
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import renoise_sources
+    from unlearn_core.sets import encode_sets, remember_pool
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    sets = encode_sets(model, [TARGET], [SURROGATE], [PROMPT], [], [], [0])
+    with model.adapter_disabled():
+        records = [model.record_sampling(prompt, [1, 2, 3], 3, 2.0) for prompt in (PROMPT, "")]
+    sets.remember_states = remember_pool(records)
+    sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
+    assert sets.remember_x0.shape[0] == 6
+    embeds = sets.remember_cond["encoder_hidden_states"]
+    assert torch.allclose(embeds[:3], model.encode_prompts([PROMPT] * 3)["encoder_hidden_states"], atol=1e-5)  # batched text encoding rounds differently
+    assert torch.allclose(embeds[3:], model.encode_prompts([""] * 3)["encoder_hidden_states"], atol=1e-5)
+    assert not torch.allclose(embeds[:3], embeds[3:], atol=1e-2)
+    config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_renoised=5, seed=2)
+
+    def renoised_error():
+        x_t, t, cond, teacher = UnlearnTrainer(model, config, sets)._renoised_remember_samples(5)
+        return objectives.per_sample_mse(model.predict(model.denoiser, x_t, t, cond).float(), teacher)
+
+    with torch.no_grad():
+        unmoved = renoised_error()
+        for name, parameter in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+        moved = renoised_error()
+    assert unmoved.shape == moved.shape == (5,)
+    assert torch.all(unmoved == 0) and torch.all(moved > 0), (unmoved, moved)
+
+
+def test_renoised_images_beyond_the_remember_seeds_come_from_the_cache(tiny_models, tmp_path):
+    """renoised_seed_multiple > 1 (remember_choice 'first'): each remember prompt's next seeds (the target's skipped)
+    are generated into the cache and renoised with that prompt's conditioning; evaluation never
+    uses them; preparation inside adapter_disabled leaves a resumed adapter's layers off throughout."""
+    from unlearn_core.cache import GenerationCache
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.images import to_tensor
+    from unlearn_core.run import EvalTarget, prepare_sets
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    config = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0, trajectory_refresh=0, remember_choice="first")
+    cache = GenerationCache(tmp_path / "cache")
+    sets = prepare_sets(model, [EvalTarget(PROMPT, 13, TARGET, SURROGATE)], config, cache)
+    assert list(config.remember_seeds) == [10, 11, 12, 13, 14, 15]
+    assert sets.remember_x0.shape[0] == 2 * 5  # (PROMPT, "") × (seeds 10, 11 recorded; 12, 14, 15 from the cache)
+    for row, prompt in ((2, PROMPT), (7, "")):
+        extra, generated = cache.get_or_generate(model, prompt, [12, 14, 15], 3, 2.0)
+        assert generated == 0
+        assert torch.allclose(sets.remember_x0[row : row + 3], model.encode_images(to_tensor(extra)), atol=1e-5)
+    embeds = sets.remember_cond["encoder_hidden_states"]
+    assert torch.allclose(embeds[:5], model.encode_prompts([PROMPT] * 5)["encoder_hidden_states"], atol=1e-5)
+    assert torch.allclose(embeds[5:], model.encode_prompts([""] * 5)["encoder_hidden_states"], atol=1e-5)
+    with model.adapter_disabled():
+        with model.adapter_disabled():
+            pass
+        assert all(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
+    assert not any(layer.disable_adapters for layer in model.denoiser.modules() if hasattr(layer, "lora_A"))
+
+
+def test_a_flagged_prompts_recorded_remember_seeds_are_the_pool_seeds_nearest_the_flagged_image(tiny_models, tmp_path):
+    """remember_choice 'nearest': of the flagged prompt's pool (remember_count × renoised_seed_multiple
+    seeds), the remember_count whose images are nearest the flagged output are recorded and the rest
+    renoised; the empty prompt, with no flagged image, keeps its first seeds; 'first' keeps them everywhere."""
+    from unlearn_core.cache import GenerationCache
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import EvalTarget, nearest_neighbours, remember_records, remember_seed_plan
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    cache = GenerationCache(tmp_path / "cache")
+    pool = [10, 11, 12, 13, 14, 15]
+    images = cache.get_or_generate(model, PROMPT, pool, 3, 2.0)[0]
+    flagged = images[4]  # seed 14's image, flagged as if it were seed 99's: at distance 0
+    distance = [np.abs(np.asarray(image, dtype=float) - np.asarray(flagged, dtype=float)).mean() for image in images]
+    second = pool[int(np.argsort(distance)[1])]  # the nearest is seed 14 itself, which 'first' would not record
+    targets = [EvalTarget(PROMPT, 99, flagged, SURROGATE)]
+    nearest = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=3, guidance_scale=2.0)
+    plan = remember_seed_plan(model, [PROMPT, ""], nearest, targets, cache)
+    assert plan[0] == (sorted([14, second]), [seed for seed in pool if seed not in (14, second)])
+    assert plan[1] == ([10, 11], [12, 13, 14, 15])
+    first = UnlearnConfig(**{**nearest.to_dict(), "remember_choice": "first"})
+    assert remember_seed_plan(model, [PROMPT, ""], first, targets, cache)[0] == ([10, 11], [12, 13, 14, 15])
+    records, more = remember_records(model, [PROMPT], nearest, targets, cache)
+    assert [np.asarray(image).tolist() for image in records[0].images] == [np.asarray(images[pool.index(seed)]).tolist() for seed in sorted([14, second])]
+    assert len(more[0]) == 4
+    checked = nearest_neighbours(model, targets, UnlearnConfig(**{**nearest.to_dict(), "neighbour_checks": 1}), cache)
+    assert [(prompt, seed) for prompt, seed, _ in checked] == [(PROMPT, 14)] and np.array_equal(np.asarray(checked[0][2]), np.asarray(images[4]))
 
 
 def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(tiny_models, tmp_path):
@@ -467,13 +657,35 @@ def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(ti
     assert cache.get_or_record(model, PROMPT, [3, 4], 3, 2.0).x_t.shape[0] == 2 * 3, "other seeds are another record"
 
 
+def test_remember_weight_scales_the_denoising_remember_loss_too(tiny_models):
+    """remember_weight multiplies the denoising remember loss exactly, as it does distillation
+    (the denoising loss once ignored it, so extension and consolidation did nothing there)."""
+    from PIL import Image as PILImage
+
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.sets import encode_sets
+    from unlearn_core.trainer import UnlearnTrainer
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    model.add_lora(2, 2.0)
+    picture = PILImage.new("RGB", (16, 16), (200, 40, 40))
+    sets = encode_sets(model, [picture], [picture], ["x"], [picture, picture], ["x", "y"], [0])
+    losses = {}
+    for weight in (1.0, 3.0):
+        config = UnlearnConfig(forget_states="random", forget_target="surrogate", remember_loss="denoise", remember_weight=weight, seed=3)
+        with torch.no_grad():
+            losses[weight] = float(UnlearnTrainer(model, config, sets)._remember_loss_denoise())
+    assert losses[1.0] > 0 and losses[3.0] == pytest.approx(3.0 * losses[1.0], rel=1e-5)
+
+
 def test_the_work_estimate_counts_every_step_a_job_may_take():
-    """The estimate grows with `steps`, the most a job trains (the stop rule only ends it sooner;
-    no setting plans more), by the work of one step and its share of re-recordings."""
+    """The estimate covers the most steps the trainer may take: a held target's `steps_when_held`,
+    the extension past `steps` and consolidation (issue: it once counted `steps` alone)."""
     from unlearn_core.config import UnlearnConfig, estimated_work
 
-    config = UnlearnConfig()
-    per_step = (config.batch_size + config.remember_batch_size) * 3
-    per_refresh = config.generation_steps * 2 * 2  # guided: two rows per sampling step, then the frozen model's pass
-    longer = UnlearnConfig(steps=config.steps + config.trajectory_refresh)
-    assert estimated_work(longer) - estimated_work(config) == config.trajectory_refresh * per_step + per_refresh
+    config = UnlearnConfig(steps=60, steps_when_held=400, extend_until_fixed=90, consolidate_steps=15)
+    per_step = (config.batch_size + config.remember_batch_size) * 3 + config.remember_renoised * 4
+    more = UnlearnConfig(**{**config.to_dict(), "steps_when_held": 410})
+    assert estimated_work(more) - estimated_work(config) >= 10 * per_step, "steps_when_held beyond the extension is counted"
+    unheld = UnlearnConfig(**{**config.to_dict(), "steps_when_held": 1, "neighbour_checks": 0})
+    assert estimated_work(unheld) < estimated_work(config)

@@ -23,12 +23,26 @@ KEPT_SSIM = 0.9
 COLUMNS = ["comparison", "SSCD", "LPIPS", "SSIM", "PSNR", "reading"]
 
 
-def steps_note(timing: dict, trained: int, total: int) -> str:
-    """How many steps the job trained, of the most it could, and why it stopped sooner."""
-    r = timing.get("toward_surrogate_when_stopped")
-    if trained < total and r is not None:
-        return f"trained {trained} steps (at most {total}): stopped once the target seed had moved {r:.0%} of the way to the surrogate"
-    return f"trained {trained} of {total} steps"
+def consolidation_note(timing: dict, trained: int) -> str:
+    """How the run ended once the target was fixed: the steps consolidating the other seeds, and
+    which step's weights were saved when the last ones no longer fixed the target."""
+    since = timing.get("consolidated_from_step")
+    if not since:
+        return ""
+    kept = timing.get("weights_of_step") or trained
+    note = f" (fixed at step {since}, then {trained - since} steps pulling the other seeds back"
+    return note + (f"; the last ones lost the fix, so the weights of step {kept} are saved)" if kept != trained else ")")
+
+
+def neighbours_note(timing: dict) -> str:
+    """What the neighbour checks did to the remember loss: lightened while the target's nearest
+    other seeds stayed untouched, restored when they began to change."""
+    checks = timing.get("neighbour_checks") or []
+    if not checks:
+        return ""
+    scale, last = timing.get("remember_scale", 1.0), checks[-1]
+    weight = f"lightened to {scale:.0%}" if scale < 1.0 else "kept at full weight"
+    return f" · remember loss {weight} (the target's nearest other seeds: least SSIM {last['least_ssim']:.2f} at the last check, step {last['step']})"
 
 
 def _value(scores: dict, name: str):
@@ -189,7 +203,7 @@ def render(services: Services, tab: gr.Tab) -> None:
             notes.append(info["damaged"])
         timing = report.get("timing", {})
         trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
-        text = f"**Job `{found.id}`** — {found.state}, {steps_note(timing, trained, int(timing.get('max_steps') or info['total']))}"
+        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps{consolidation_note(timing, trained)}{neighbours_note(timing)}"
         if not report and not notes:
             text += " · no metrics yet (they are written when the job finishes)."
         else:

@@ -118,8 +118,7 @@ def phase_line(info: dict, elapsed: float | None = None) -> str:
     current = len(PHASES) if state == "done" else PHASES.index(phase) if state == "running" and phase in PHASES else None
     if current is None:  # failed, cancelled, interrupted: where it stopped is the training step
         return f"stopped ({state}) at training step {step}/{total}"
-    stopped_early = 0 < step < total and current > 2
-    trained = f" {step} steps (stopped once the target had moved far enough; at most {total})" if stopped_early else f" {step} of at most {total} steps"
+    trained = f" {step}/{total}" + (" (stopped early: the target had moved far enough)" if 0 < step < total and current > 2 else "")
     parts = []
     for index, name in enumerate(PHASES):
         detail = trained if name == "training" and index <= current else ""
@@ -127,7 +126,7 @@ def phase_line(info: dict, elapsed: float | None = None) -> str:
             parts.append(f"✓ {name}{detail}")
         elif index == current:
             if name == "training" and info.get("eta_s") is not None:
-                detail += f", at most {info['eta_s']:.0f} s more (it stops sooner once the target is fixed)"
+                detail += f", ETA {info['eta_s']:.0f} s"
             elif name != "training":
                 doing = {"loading": "loading the model", "preparing": "the target and surrogate", "remember set": "what to keep: other seeds and prompts",
                          "evaluating": "the after images and metrics"}.get(info.get("phase"), "starting")

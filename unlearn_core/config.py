@@ -50,15 +50,18 @@ class UnlearnConfig:
     checks in `__post_init__`."""
 
     method: str = field(default="ours", metadata=_meta("ours | neggrad | siss | erasediff", choices=METHODS, level="basic"))
-    steps: int = field(default=150, metadata=_meta("the most optimisation steps; trajectory forgetting stops sooner, once the target has moved stop_at_r toward the surrogate", min=1, max=20000, level="basic"))
+    steps: int = field(default=60, metadata=_meta("optimisation steps (fewer when stop_at_r ends training earlier; up to extend_until_fixed more while the target is not yet fixed)", min=1, max=20000, level="basic"))
     batch_size: int = field(default=4, metadata=_meta("forget samples per step (NegGrad, SISS and EraseDiff: also their remember samples)", min=1, max=256))
     learning_rate: float = field(default=1.5e-3, metadata=_meta("AdamW learning rate of the LoRA weights", min=1e-7, max=1.0, level="basic"))
     lora_rank: int = field(default=8, metadata=_meta("LoRA rank", min=1, max=256))
     lora_alpha: float = field(default=8.0, metadata=_meta("LoRA alpha (scale = alpha / rank)", min=1e-3, max=1024.0))
     # Defaults chosen by `python -m benchmarks.quality` (docs/QUALITY.md): forgetting late in
-    # sampling at the target seed's own states, measured on the decoded pixels; remembering by
-    # distillation everywhere, held hardest at large t (remember_large_t_boost); LoRA on the U-Net's
-    # decoder; one stop rule (stop_at_r). Each part kept beat its spread in the paired ablation.
+    # sampling, measured on the decoded pixels, with remembering everywhere, held hardest at large t
+    # (remember_large_t_boost) and also distilled at fresh noisings of three times as many of the
+    # prompt's images (remember_renoised, renoised_seed_multiple), and LoRA on the U-Net's decoder,
+    # fixed the most cases with the fewest other images changed; λ(s)=s^γ and LoRA on every layer
+    # changed more other seeds. 60 planned steps with neighbour checks ended the slow corrections'
+    # jobs sooner than 90 without, keeping the same seeds.
     lambda_schedule: str = field(default="timestep-late", metadata=_meta("timestep-late: λ(s)=c·(1−s)^γ, forgetting where the details are drawn (small t) and remembering everywhere; timestep: λ(s)=s^γ, the paper's form (forgetting at large t); constant: λ=c", choices=LAMBDA_SCHEDULES, method="ours"))
     gamma: float = field(default=1.0, metadata=_meta("exponent γ of λ(s)=s^γ", min=0.0, max=20.0, method="ours"))
     constant_lambda: float = field(default=0.5, metadata=_meta("c: λ of the constant schedule, the peak of timestep-late", min=0.0, max=1.0, method="ours"))
@@ -67,11 +70,19 @@ class UnlearnConfig:
     forget_states: str = field(default="trajectory", metadata=_meta("trajectory: forget at the target seed's own guided sampling states, re-recorded as the model changes; random: x_t drawn from the target at random t (the paper's form)", choices=FORGET_STATES, method="ours"))
     forget_target: str = field(default="painted", metadata=_meta("painted: aim x̂0 at the surrogate on the painted pixels and at the frozen model's own estimate elsewhere; surrogate: at the whole surrogate (the paper's Eq. 9–11)", choices=FORGET_TARGETS, method="ours"))
     trajectory_refresh: int = field(default=5, metadata=_meta("re-record the target's trajectory every N steps (0 = never)", min=0, max=100000, method="ours"))
-    stop_at_r: float = field(default=0.75, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step). With several targets: once every one has, the forget batch meanwhile drawn from those not yet there", min=0.0, max=1.0, level="basic", method="ours"))
+    stop_at_r: float = field(default=0.8, metadata=_meta("trajectory forgetting: stop once the target seed's output has moved this far toward the surrogate (r, checked at each refresh; 0 = run every step). With several targets: once every one has, the forget batch meanwhile drawn from those not yet there", min=0.0, max=1.0, level="basic", method="ours"))
+    extend_until_fixed: int = field(default=90, metadata=_meta("trajectory forgetting: if the target is not yet fixed (r < 0.7) after `steps`, train up to this many more steps, stopping once it is (0 = never; stop_at_r 0 also turns it off: exactly `steps`)", min=0, max=20000, method="ours"))
+    extend_remember_factor: float = field(default=0.5, metadata=_meta("trajectory forgetting: past `steps`, while training on for a target not yet fixed (extend_until_fixed), the remember loss is weighted this share of remember_weight: a correction that has not arrived within the planned steps is held back less by the other seeds (1 = the same weight throughout)", min=0.0, max=1.0, method="ours"))
+    consolidate_steps: int = field(default=15, metadata=_meta("trajectory forgetting: once the target is fixed (r ≥ stop_at_r, or ≥ 0.7 at or past `steps`), train up to this many more steps with the remember loss weighted consolidate_remember_factor × remember_weight: the forget loss holds the fix while the other seeds it spilled onto are pulled back. It ends early once r falls more than 0.05 below where it stood, and the weights kept are the last whose r did not. A target fixed below r 0.75 has no r to trade and is not consolidated (0 = stop as soon as the target is fixed)", min=0, max=20000, method="ours"))
+    consolidate_remember_factor: float = field(default=4.0, metadata=_meta("trajectory forgetting: the remember loss's multiplier during the consolidate_steps (1 = the same weight as before)", min=0.0, max=1e4, method="ours"))
+    neighbour_checks: int = field(default=4, metadata=_meta("trajectory forgetting: while the target's r climbs slowly (under 0.05 in 10 steps) short of stop_at_r, sample this many of its nearest recorded remember seeds with the adapter, at most every 10 steps: if each still has SSIM ≥ 0.95 to its frozen image, the remember loss has room to give and its weight is halved (down to 1/8); if one has fallen under 0.9, it is doubled back (0 = never: the weight stays as set)", min=0, max=64, method="ours"))
+    steps_when_held: int = field(default=90, metadata=_meta("trajectory forgetting: planned steps for a target not yet fixed at `steps` whose neighbour checks found its nearest seeds leaving under the full remember weight: it stops at the first fixed refresh at or past this step, so the remember loss has time to pull those seeds back (the other targets stop at the first fixed refresh at or past `steps`)", min=1, max=20000, method="ours"))
     remember_loss: str = field(default="distill", metadata=_meta("distill: match the frozen model at its sampling states of other seeds and prompts; denoise: the diffusion loss on generated remember images (the paper's Eq. 8)", choices=REMEMBER_LOSSES, method="ours"))
     remember_weight: float = field(default=1.5, metadata=_meta("multiplier of the remember loss against the forget loss (higher: other seeds keep more, the target moves slower)", min=0.0, max=1e4, method="ours"))
     remember_large_t_boost: float = field(default=12.0, metadata=_meta("k: the distilled remember loss is weighted remember_weight·(1 + k·s) at noise level s ∈ [0, 1], holding hardest where every seed's layout is decided (large t)", min=0.0, max=1e4, method="ours"))
-    remember_renoised: int = field(default=0, metadata=_meta("distill remembering: remember samples per step, besides remember_batch_size, at fresh noisings x_t = a·x0 + b·ε of the recorded remember seeds' final images, the frozen model's prediction there computed on the fly: states no recorded trajectory holds (0 = recorded states only)", min=0, max=256, method="ours"))
+    remember_renoised: int = field(default=4, metadata=_meta("distill remembering: remember samples per step, besides remember_batch_size, at fresh noisings x_t = a·x0 + b·ε of the remember seeds' final images, the frozen model's prediction there computed on the fly: states no recorded trajectory holds, so the adapter learns to leave the prompt's images alone, not only the recorded states (0 = recorded states only)", min=0, max=256, method="ours"))
+    renoised_seed_multiple: int = field(default=3, metadata=_meta("distill remembering: the renoised samples are drawn from the images of remember_count × this many seeds per remember prompt (the pool): the recorded seeds' own final images, then the pool's other seeds' from the generation cache (generated once; more of the prompt's neighbourhood held), 1 = the recorded seeds' only", min=1, max=64, method="ours"))
+    remember_choice: str = field(default="nearest", metadata=_meta("distill remembering: which seeds of a flagged prompt give recorded trajectories. nearest: the remember_count seeds, of the remember_count × renoised_seed_multiple whose images are renoised, whose images look most like the flagged output (its neighbours, the seeds a fix spills onto first); first: the first remember_count seeds", choices=REMEMBER_CHOICES, method="ours"))
     remember_batch_size: int = field(default=16, metadata=_meta("remember samples per step", min=1, max=256, method="ours"))
     lora_layers: str = field(default="decoder", metadata=_meta("text-kv: only the keys and values computed from the prompt (the change follows the prompt's words); attention: all attention projections; decoder: attention and ResNet convolutions of a U-Net's up blocks, where details and colours are drawn, leaving the blocks that set every seed's layout frozen (a transformer: every layer); all: attention, convolutions and feed-forward layers everywhere (more capacity, more risk)", choices=LORA_LAYERS))
     seed_noise_fraction: float = field(default=1.0, metadata=_meta("random forget states: share noised with the target seed's own initial noise (0 = random noise only, as in the paper)", min=0.0, max=1.0, method="ours"))
@@ -119,8 +130,14 @@ class UnlearnConfig:
 
     @property
     def remember_seeds(self) -> range:
-        """Seeds of the remember set (never used for evaluation)."""
-        return range(self.remember_seed_offset, self.remember_seed_offset + self.remember_count)
+        """Seeds of the remember set, renoised images included (never used for evaluation)."""
+        return range(self.remember_seed_offset, self.remember_seed_offset + max(self.remember_count, self.renoised_seed_count))
+
+    @property
+    def renoised_seed_count(self) -> int:
+        """Seeds per remember prompt whose images renoised remembering draws from (0 when it is off)."""
+        renoising = self.method == "ours" and self.remember_loss == "distill" and self.remember_renoised > 0
+        return self.remember_count * self.renoised_seed_multiple if renoising else 0
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides) -> "UnlearnConfig":
@@ -150,11 +167,14 @@ def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     and backward of every sample, and re-recording the targets' trajectories) and evaluation."""
     sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
     prompts = targets + len(config.remember_prompts) + 1
-    remember = config.remember_count * prompts * sampling
-    steps = config.steps  # the most a run may train: the stop rule only ends it sooner
+    remember = max(config.remember_count, config.renoised_seed_count) * prompts * sampling  # a cold cache generates the extra renoised images
+    measures_r = config.method == "ours" and config.forget_states == "trajectory" and config.trajectory_refresh > 0 and config.stop_at_r > 0
+    planned = max(config.steps, config.steps_when_held) if measures_r and config.neighbour_checks and config.remember_loss == "distill" else config.steps  # a held target plans steps_when_held
+    steps = max(planned, config.steps + config.extend_until_fixed if measures_r else 0) + (config.consolidate_steps if measures_r else 0)  # the most a run that measures r may train
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
-    renoised = config.remember_renoised * 4 if config.method == "ours" and config.remember_loss == "distill" else 0  # the teacher's forward, then forward and backward
-    training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2
+    renoised = config.remember_renoised * 4 if config.renoised_seed_count else 0  # the teacher's forward, then forward and backward
+    checks = config.neighbour_checks * targets * sampling * (steps // 10) if measures_r and config.remember_loss == "distill" else 0  # `neighbour_checks` at most every 10 steps
+    training = steps * ((config.batch_size + config.remember_batch_size) * 3 + renoised) + (refreshes + 1) * targets * sampling * 2 + checks
     evaluation = ((config.eval_seeds + len(config.review_seeds)) * 2 * (1 + min(len(config.eval_prompts), 8)) + 3 * targets) * sampling
     return remember + training + evaluation
 
@@ -173,13 +193,7 @@ def check_job_size(config: "UnlearnConfig", targets: int, ceiling: int) -> None:
                            f"this server takes at most {ceiling:,}: lower steps, remember_count, eval_seeds or batch sizes")
 
 
-# Settings of older versions, ignored when their jobs load: SISS now rescales its deletion gradient
-# (siss_deletion_norm); the control knobs and the renoised remember samples left with the lean
-# method (docs/QUALITY.md, "What the lean method removed").
-REMOVED_SETTINGS = {
-    "siss_superfactor", "extend_until_fixed", "extend_remember_factor", "consolidate_steps", "consolidate_remember_factor",
-    "neighbour_checks", "steps_when_held", "renoised_seed_multiple", "remember_choice",
-}
+REMOVED_SETTINGS = {"siss_superfactor"}  # SISS now rescales its deletion gradient (siss_deletion_norm)
 
 
 def check_prompt(prompt) -> str:
@@ -242,18 +256,16 @@ def _coerce(name: str, kind, value):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "gentle": {"learning_rate": 1e-3, "remember_weight": 2.0, "stop_at_r": 0.7},
+    "gentle": {"learning_rate": 1e-3, "remember_weight": 2.0, "stop_at_r": 0.75},
     "balanced": {},
-    "strong": {"steps": 200, "learning_rate": 2e-3, "remember_weight": 0.25, "stop_at_r": 0.9},
+    "strong": {"steps": 150, "learning_rate": 2e-3, "remember_weight": 0.25, "stop_at_r": 0.9},
     "paper": {"lambda_schedule": "timestep", "loss_space": "native", "forget_states": "random", "forget_target": "surrogate", "remember_loss": "denoise", "seed_noise_fraction": 0.0, "steps": 240, "batch_size": 8, "remember_count": 100, "learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16.0},
 }
 PRESETS["quick"] = PRESETS["balanced"]  # the old name of the defaults, still accepted (API, CLI)
-# What `python -m benchmarks` measured for the README's default job (docs/PERFORMANCE.md), as the form promises it.
-DEFAULT_JOB_TIME = "about 30–60 s per job on the demo model on a 2-core CPU with the prompt seen before, the first job on a prompt about a minute more"
 PRESET_DESCRIPTIONS: dict[str, str] = {  # what the web form offers, in this order
-    "gentle": "changes the least: a lower learning rate, a heavier remember loss, and training stops once the target moved 70 % of the way; other seeds keep more, the fix may stay partial",
-    "balanced": f"the defaults: training stops once the target has moved 75 % of the way to the surrogate (checked every 5 steps), at most 150 steps; {DEFAULT_JOB_TIME}",
-    "strong": "for a fix that stayed partial: up to 200 steps, a higher learning rate and a lighter remember loss, stops at 90 %; other seeds change more, so check the integrity grid",
+    "gentle": "changes the least: a lower learning rate, a heavier remember loss, and training stops once the target moved 75 % of the way; other seeds keep more, the fix may stay partial",
+    "balanced": "the defaults: up to 60 steps until the target has moved 80 % of the way (more while it is not yet fixed), then up to 15 more that pull the other seeds back while the fix holds; about 30–60 s per job on the demo model on a 2-core CPU with the prompt seen before, about a minute more for a prompt's first job (docs/PERFORMANCE.md)",
+    "strong": "for a fix that stayed partial: up to 150 steps, a higher learning rate and a lighter remember loss, stops at 90 %; other seeds change more, so check the integrity grid",
     "paper": "the paper's original recipe (random noise levels, a denoising remember loss, 240 steps): for comparison; slower and less precise",
 }
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -102,27 +103,77 @@ def paint_masks(model: DiffusionModel, targets: list[EvalTarget]) -> tuple[torch
     return masks.to(model.device), torch.nn.functional.adaptive_max_pool2d(masks, model.x0_shape[1:]).to(model.device)
 
 
-def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, targets: list[EvalTarget], cache: GenerationCache) -> list[SamplingRecord]:
-    """The frozen model's recorded sampling of each prompt's remember seeds (a target's own
-    trajectory is never a teacher), from the cache when recorded before."""
-    target_seeds = {t.seed for t in targets}
-    seeds = [seed for seed in config.remember_seeds if seed not in target_seeds]
-    return [cache.get_or_record(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts]
-
-
-def renoise_sources(model: DiffusionModel, records: list[SamplingRecord]) -> tuple[torch.Tensor, dict]:
-    """The recorded remember seeds' final images as x0, each with its prompt's conditioning (the
-    empty prompt's record gives the unconditional rows): what renoised remembering noises afresh."""
+def renoise_sources(model: DiffusionModel, records, more_images: list[list[Image.Image]] | None = None) -> tuple[torch.Tensor, dict]:
+    """The remember seeds' final images (and `more_images` of the same prompts, one list per record)
+    as x0, each with its prompt's conditioning (the empty prompt's record gives the unconditional rows)."""
     from unlearn_core.images import to_tensor
 
+    more_images = more_images or [[] for _ in records]
+    per_prompt = [record.images + more for record, more in zip(records, more_images)]
     with torch.no_grad():
-        x0 = torch.cat([model.encode_images(to_tensor(record.images)) for record in records])
-    conds = [{key: value[:1].expand(len(record.images), *value.shape[1:]) for key, value in record.cond.items()} for record in records]
+        x0 = torch.cat([model.encode_images(to_tensor(images)) for images in per_prompt])
+    conds = [{key: value[:1].expand(len(images), *value.shape[1:]) for key, value in record.cond.items()} for record, images in zip(records, per_prompt)]
     return x0, {key: torch.cat([c[key] for c in conds]).to(model.device) for key in conds[0]}
 
 
+def nearest_seeds(images: list[Image.Image], seeds: list[int], references: list[Image.Image], count: int) -> list[int]:
+    """The `count` seeds whose images lie nearest any reference image (mean absolute pixel
+    difference), in seed order. Written by hand: a ranking by a plain distance, no library call."""
+    stacked = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    distance = np.min([np.abs(stacked - np.asarray(reference.resize(images[0].size), dtype=np.float32)).mean(axis=(1, 2, 3)) for reference in references], axis=0)
+    return sorted(seeds[index] for index in np.argsort(distance, kind="stable")[:count])
+
+
+def remember_seed_plan(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, targets: list[EvalTarget], cache: GenerationCache) -> list[tuple[list[int], list[int]]]:
+    """Per remember prompt, (seeds whose sampling is recorded and distilled, the rest of its pool
+    whose final images are renoised). The pool is `config.remember_seeds` less the target seeds.
+
+    remember_choice 'nearest': for a flagged prompt, the recorded seeds are the pool's remember_count
+    seeds whose frozen images look most like the flagged outputs. Their sampling passes closest to
+    the target's, so a fix spills onto them first; holding them is what keeps the target's
+    neighbours. Other prompts (the empty one, extra remember prompts) have no flagged image and
+    keep the first seeds."""
+    target_seeds = {t.seed for t in targets}
+    pool = [seed for seed in config.remember_seeds if seed not in target_seeds]
+    renoising = config.renoised_seed_count > 0
+    plans = []
+    for prompt in prompts:
+        references = [t.target for t in targets if t.prompt == prompt]
+        recorded = pool[: config.remember_count]
+        if config.remember_choice == "nearest" and references and len(pool) > config.remember_count:
+            images = cache.get_or_generate(model, prompt, pool, config.generation_steps, config.guidance_scale)[0]
+            recorded = nearest_seeds(images, pool, references, config.remember_count)
+        plans.append((recorded, [seed for seed in pool if seed not in recorded] if renoising else []))
+    return plans
+
+
+def remember_records(model: DiffusionModel, prompts: list[str], config: UnlearnConfig, targets: list[EvalTarget], cache: GenerationCache) -> tuple[list[SamplingRecord], list[list[Image.Image]]]:
+    """The frozen model's recorded sampling of each prompt's recorded seeds (a target's own
+    trajectory is never a teacher), from the cache when recorded before, and the cached images of
+    the rest of its pool for renoising (generated once, then read back)."""
+    records, more = [], []
+    for prompt, (recorded, rest) in zip(prompts, remember_seed_plan(model, prompts, config, targets, cache)):
+        records.append(cache.get_or_record(model, prompt, recorded, config.generation_steps, config.guidance_scale))
+        more.append(cache.get_or_generate(model, prompt, rest, config.generation_steps, config.guidance_scale)[0] if rest else [])
+    return records, more
+
+
+def nearest_neighbours(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> list[tuple[str, int, Image.Image]]:
+    """(prompt, seed, frozen image) of the `neighbour_checks` recorded remember seeds of each flagged
+    prompt whose images look most like its flagged outputs: the other seeds a fix spills onto
+    first, which the trainer re-samples to see whether the remember loss has room to give."""
+    prompts = list(dict.fromkeys(t.prompt for t in targets))
+    neighbours = []
+    for prompt, (recorded, _) in zip(prompts, remember_seed_plan(model, prompts, config, targets, cache)):
+        images = cache.get_or_generate(model, prompt, recorded, config.generation_steps, config.guidance_scale)[0]
+        chosen = nearest_seeds(images, recorded, [t.target for t in targets if t.prompt == prompt], config.neighbour_checks)
+        neighbours += [(prompt, seed, images[recorded.index(seed)]) for seed in chosen]
+    return neighbours
+
+
 def warm_remember_cache(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> None:
-    """Put the recorded remember trajectories a job distils in the cache ahead of it, so a timed job runs warm."""
+    """Put what a job's distilled remember set reads from the cache there ahead of it (recorded
+    trajectories, pool images), so a timed job runs warm."""
     remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache)
 
 
@@ -138,17 +189,21 @@ def prepare_sets(model: DiffusionModel, targets: list[EvalTarget], config: Unlea
     sets.pictures = [(t.target, t.surrogate) for t in targets]
     with model.adapter_disabled():
         if config.remember_loss == "distill":
-            records = remember_records(model, remember_prompts_for(model, targets, config), config, targets, cache)
+            prompts = remember_prompts_for(model, targets, config)
+            records, more = remember_records(model, prompts, config, targets, cache)
             sets.remember_states = remember_pool(records)
             if config.remember_renoised:
-                sets.remember_x0, sets.remember_cond = renoise_sources(model, records)
+                sets.remember_x0, sets.remember_cond = renoise_sources(model, records, more)
         if config.forget_states == "trajectory":
             sets.target_states = record_target_states(model, sets.targets, config.generation_steps, config.guidance_scale)
+            if config.neighbour_checks and config.remember_loss == "distill":
+                sets.neighbours = nearest_neighbours(model, targets, config, cache)
     return sets
 
 
 def summarise(trainer: UnlearnTrainer) -> dict:
-    """Loss and conflict summary of a finished run: steps run, and r where training stopped."""
+    """Loss and conflict summary of a finished run, and which step's weights it saved (the last,
+    unless consolidating pulled the target back under 'fixed' and an earlier step's were kept)."""
     log = trainer.log
     if not log:
         return {}
@@ -159,8 +214,11 @@ def summarise(trainer: UnlearnTrainer) -> dict:
         "mean_cosine": sum(r["cosine"] for r in log) / len(log),
         "mean_seconds_per_step": sum(r["seconds_per_step"] for r in log) / len(log),
         "steps_run": log[-1]["step"],
-        "max_steps": trainer.config.steps,
-        "toward_surrogate_when_stopped": trainer.toward_surrogate,
+        "toward_surrogate_when_stopped": trainer.toward_surrogate if trainer.target_r else log[-1].get("toward_surrogate"),
+        "consolidated_from_step": trainer.consolidating_since,
+        "weights_of_step": trainer.kept_step or log[-1]["step"],
+        "remember_scale": trainer.remember_scale,
+        "neighbour_checks": [{"step": r["step"], "least_ssim": r["neighbours_ssim"], "remember_scale": r["remember_scale"]} for r in log if r.get("neighbours_ssim") is not None],
     }
 
 

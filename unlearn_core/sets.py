@@ -119,6 +119,7 @@ class FixedSets:
     paint_mask_pixels: torch.Tensor | None = None  # (targets, 1, H, W): the same at the images' resolution
     surrogate_pixels: torch.Tensor | None = None  # (targets, 3, H, W) in [-1, 1]: x_s as painted, for the pixel-space forget loss
     pictures: list[tuple] | None = None  # (target, surrogate) images, to measure r while training
+    neighbours: list[tuple] | None = None  # (prompt, seed, frozen image) of the flagged prompts' nearest remember seeds (`neighbour_checks`)
 
 
 def encode_sets(model: DiffusionModel, targets, surrogates, target_prompts, remember_images, remember_prompts, target_seeds=None) -> FixedSets:
