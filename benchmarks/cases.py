@@ -81,7 +81,7 @@ CORRECTIONS: tuple[Case, ...] = (
     Case("japan-77-disc", "emblem colour", "flag of japan", 77, (Recolour("281536", "bc002d", at=(32, 32)),)),
     Case("belgium-77-two-stripes", "two stripe colours", "flag of belgium", 77, (Recolour("46c893", "fdda24"), Recolour("6d1989", "ef3340"))),
     # A slow correction: teal bottom band to the Dutch blue, a small shift of a large region that the
-    # remember loss holds near r 0.65–0.7 for many steps.
+    # full remember weight holds near r 0.65–0.7 (fixed only at step 140 before extend_remember_factor).
     Case("netherlands-62-stripe", "stripe colour", "flag of the netherlands", 62, (Recolour("005798", "21468b", at=(32, 42)),)),
     # A wrong element: seed 68 draws a red patch in the white band's top corner, which Poland's flag
     # does not have; the operator paints it the white around it.

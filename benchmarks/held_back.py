@@ -80,7 +80,7 @@ def kept(before: list[Image.Image], after: list[Image.Image]) -> int:
 
 def warm_cache(case: HeldBackCase, surrogate: Image.Image) -> None:
     """Put what the CLI job reads from the user's generation cache there first (the target image,
-    the recorded remember trajectories), so the timed job runs warm, as
+    the recorded remember trajectories, the extra renoised images), so the timed job runs warm, as
     the goal is stated; an operator's second job on a prompt finds them there."""
     from unlearn_core.models import load_model
 

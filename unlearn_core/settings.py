@@ -51,7 +51,7 @@ class Settings:
     sscd_sha256: str | None = None  # HOTFIX_SSCD_SHA256: the digest of the one SSCD file trusted; unset, only a digest known in code (metrics.SSCD_KNOWN_SHA256) is
     clip_model: str | None = None
     download_timeout_s: float = 10.0
-    max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 17,000 at most, every one of its `steps` counted; the paper preset 34,000)
+    max_job_work: int = 200_000  # estimated image-steps of one web job (the default job is about 30,000 at most: its extension past `steps` and its consolidation counted in; the paper preset 34,000)
     max_pending_per_owner: int = 8  # queued or running web jobs per owner
     max_pending_per_address: int = 8  # HOTFIX_MAX_PENDING_PER_ADDRESS: queued or running jobs of all anonymous sessions from one network address
     max_queued: int = 32  # HOTFIX_MAX_QUEUED: queued or running web jobs of everyone together
