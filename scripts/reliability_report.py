@@ -29,7 +29,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The hardening table and durability tests, plus the classes that live beside their subjects:
 # sign-in owners (accounts), forged metric weights (metrics), two-process training (DDP).
-SUITE = ["tests/test_hardening.py", "tests/test_restart.py", "tests/test_accounts.py", "tests/test_metrics_images.py", "tests/test_ddp.py"]
+SUITE = ["tests/test_hardening.py", "tests/test_restart.py", "tests/test_accounts.py", "tests/test_metrics_images.py", "tests/test_ddp.py",
+         "tests/test_jobs.py", "tests/test_job_faults.py", "tests/test_disk.py", "tests/test_messages.py", "tests/test_forgetting.py::test_the_work_estimate_counts_every_step_a_job_may_take"]
+
+# The red team's findings of 2026-12-07 (issue "faults and abuse, round two"), each with the tests
+# that failed on the code before its fix and pass after, and the fault each injects.
+FINDINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("1. a job left running by a server on another host stays running (High)", "a row of a host that no longer exists; kill -9 of a peer holding a lease; a peer paused past its lease",
+     ("test_expired_leases_are_interrupted_on_any_host_live_ones_kept_and_resume_requeues", "test_a_store_of_an_older_version_gets_leases_and_its_running_jobs_are_interrupted",
+      "test_a_survivor_marks_the_job_of_a_killed_peer_interrupted_and_runs_it_again", "test_a_runner_that_lost_its_lease_stops_its_job")),
+    ("2. one SQLite error kills the job worker thread (High)", "the runs folder bind-mounted read-only while idle and mid-job",
+     ("test_the_worker_outlives_a_read_only_store_and_runs_the_next_job",)),
+    ("3. anonymous limits per invented session; check-then-insert (Medium)", "four simultaneous starts; several sessions from one address",
+     ("test_simultaneous_starts_pass_the_limit_once", "test_anonymous_sessions_of_one_address_share_a_limit_and_the_queue_has_one", "test_the_client_address_is_the_proxy_s_only_where_one_is_trusted")),
+    ("4. login blocks the server and reveals usernames (Medium)", "parallel bad logins; unknown against known users",
+     ("test_unknown_users_cost_the_same_hashing_and_failures_are_rate_limited", "test_login_is_required")),
+    ("5. decompression bomb through the paint canvas (Medium)", "a 12 500 × 12 500 PNG as the canvas background",
+     ("test_a_canvas_bomb_is_refused_before_it_is_decoded", "test_every_image_door_checks_the_header_first")),
+    ("6. uploads and the cache fill the disk (Medium)", "a full 256 kB tmpfs; a cache over its limit",
+     ("test_the_generation_cache_stays_under_its_limit_least_recently_used_out_first", "test_gradio_s_temporary_files_are_deleted_on_a_schedule", "test_a_full_disk_is_answered_in_plain_words")),
+    ("7. a forged SSCD network is accepted (Low–Medium)", "TorchScript files, unpinned, pinned and mis-pinned",
+     ("test_a_forged_or_wrong_sscd_file_is_unavailable_not_trusted", "test_without_a_digest_to_check_sscd_is_not_downloaded")),
+    ("8. server paths leak (Low)", "an unreadable after image; a safetensors header claiming 40 GB; unexpected exceptions",
+     ("test_fail_and_the_guard_scrub_every_message", "test_image_messages_name_the_file_not_its_folder", "test_results_with_an_unreadable_after_image", "test_try_adapter_with_a_header_claiming_40_gb")),
+    ("9. a damaged run file breaks pages (Low)", "random bytes in loss_log.csv, corrupt adapter_card.json, metrics.json and config.json",
+     ("test_damaged_run_files_are_named_and_the_pages_keep_working",)),
+    ("10. the work estimate misses steps_when_held (Low)", "a configuration that holds its target longest",
+     ("test_the_work_estimate_counts_every_step_a_job_may_take",)),
+    ("11. a read-only runs folder at start-up gives a traceback (Low)", "the runs folder under a regular file and under /proc",
+     ("test_an_unusable_runs_folder_stops_the_start_with_one_line",)),
+)
 
 
 def machine() -> str:
@@ -141,6 +170,11 @@ def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float
     lines += [f"- {s['what']}" + (f" (at step {s['step']})" if "step" in s else "") for s in faults] or ["- (none recorded)"]
     if restart:
         lines.append("- SIGKILL to the server's process group mid-training, restart, resume (`tests/test_restart.py`)")
+    by_name = {t["name"]: t for t in tests}
+    lines += ["", "## The findings of round two, each with its tests", "", "| finding | fault injected | tests (outcome, seconds) |", "|---|---|---|"]
+    for finding, fault, names in FINDINGS:
+        results = [f"`{name}` ({by_name[name]['outcome']}, {by_name[name]['time']:.1f})" if name in by_name else f"`{name}` (not run)" for name in names]
+        lines.append(f"| {finding} | {fault} | {'<br>'.join(results)} |")
     lines += ["", "## Every case", "", "| case | door | fault | expected | outcome | message (excerpt) |", "|---|---|---|---|---|---|"]
     for case in CASES:
         test = case_tests.get(case.id, {"outcome": "not run", "time": 0})
