@@ -170,10 +170,17 @@ def write_report(out: Path, tests: list[dict], stats: list[dict], seconds: float
     lines += [f"- {s['what']}" + (f" (at step {s['step']})" if "step" in s else "") for s in faults] or ["- (none recorded)"]
     if restart:
         lines.append("- SIGKILL to the server's process group mid-training, restart, resume (`tests/test_restart.py`)")
-    by_name = {t["name"]: t for t in tests}
+    def outcome(name: str) -> str:
+        """A test's outcome and seconds, its parametrized cases taken together."""
+        runs = [t for t in tests if t["name"] == name or t["name"].startswith(name + "[")]
+        if not runs:
+            return f"`{name}` (not run)"
+        outcomes = Counter(t["outcome"] for t in runs)
+        return f"`{name}` ({', '.join(f'{k} ×{v}' if len(runs) > 1 else k for k, v in outcomes.items())}, {sum(t['time'] for t in runs):.1f})"
+
     lines += ["", "## The findings of round two, each with its tests", "", "| finding | fault injected | tests (outcome, seconds) |", "|---|---|---|"]
     for finding, fault, names in FINDINGS:
-        results = [f"`{name}` ({by_name[name]['outcome']}, {by_name[name]['time']:.1f})" if name in by_name else f"`{name}` (not run)" for name in names]
+        results = [outcome(name) for name in names]
         lines.append(f"| {finding} | {fault} | {'<br>'.join(results)} |")
     lines += ["", "## Every case", "", "| case | door | fault | expected | outcome | message (excerpt) |", "|---|---|---|---|---|---|"]
     for case in CASES:
