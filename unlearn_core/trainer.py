@@ -23,6 +23,10 @@ Methods (`UnlearnConfig.method`):
 - siss: SISS's importance-sampled mixture, deletion gradient rescaled to a fixed norm;
 - erasediff: EraseDiff's uniform-noise forget target, step g_r + λ·g_f.
 
+The loop, its shared random draws and its checkpoints live here; ours' losses in `ours_losses`,
+the baselines' in `baselines`, and when to stop and how much to remember in `control`, each a mixin
+of `UnlearnTrainer` that reads and sets its state.
+
 Forget and remember terms are two forward/backward passes, so g_f and g_r come without a second
 backward over the same graph. Works under `accelerate launch` (DDP all-reduces each backward)
 and on one CPU.
@@ -41,28 +45,16 @@ import torch
 
 from unlearn_core import objectives
 from unlearn_core.baselines import BaselineLosses
+from unlearn_core.control import ControlPolicy
+from unlearn_core.ours_losses import OursLosses
 from unlearn_core.config import UnlearnConfig
 from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.sets import FixedSets, StatePool, record_target_states
+from unlearn_core.sets import FixedSets
 
 PAINTED_BOX_MARGIN = 8  # x0 cells of context around the painted region that the pixel forget loss decodes
-# How far below the r at which the target was fixed consolidation may let it fall. A correction's
-# r falls under the heavier remember loss (chad, italy: 0.81 → 0.70 in 15 steps) while its other
-# seeds were already kept; an edit against the concept (the crosses) holds its r and gets its
-# other seeds back (docs/QUALITY.md). The first refresh below ends consolidation.
-CONSOLIDATION_R_SLACK = 0.05
-# `neighbour_checks`: the target climbs slowly when r gains less than NEIGHBOUR_CHECK_CLIMB over
-# NEIGHBOUR_CHECK_EVERY steps; its nearest remember seeds then decide the remember weight's scale.
-# A slow climb is the remember loss holding the target (netherlands-62: r 0.5–0.65 from step 25 to
-# 90), which only costs something if the seeds it holds are near leaving: netherlands-62's nearest
-# seeds kept SSIM ≥ 0.96 there, belgium-77's had fallen to 0.85 (docs/QUALITY.md).
-NEIGHBOUR_CHECK_EVERY = 10
-NEIGHBOUR_CHECK_CLIMB = 0.05
-NEIGHBOURS_KEPT_SSIM = 0.95  # every checked seed at or above: the remember weight is halved
-NEIGHBOURS_LOST_SSIM = 0.9  # one below: it is doubled back, up to the configured weight
-MIN_REMEMBER_SCALE = 0.125
+
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,7 +100,7 @@ def _unflat(vector: torch.Tensor, params) -> list[torch.Tensor]:
     return out
 
 
-class UnlearnTrainer(BaselineLosses):
+class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
     """Runs `config.steps` steps on a model that already carries a LoRA (or full weights)."""
 
     def __init__(
@@ -240,50 +232,6 @@ class UnlearnTrainer(BaselineLosses):
         self.accelerator.backward(loss, retain_graph=retain_graph)
         return _flat([p.grad for p in self.params], self.params)
 
-    def _losses_ours(self):
-        """λ(s)-weighted surrogate forget loss and (1 − λ(s))-weighted remember loss, as two gradients."""
-        loss_forget = self._forget_loss_trajectory() if self.config.forget_states == "trajectory" else self._forget_loss_random()
-        g_forget = self._gradient(loss_forget)
-        loss_remember = self._remember_loss_distill() if self.config.remember_loss == "distill" else self._remember_loss_denoise()
-        return loss_forget, loss_remember, g_forget, self._gradient(loss_remember)
-
-    def _lambda(self, s: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        return objectives.forget_weight(s, config.lambda_schedule, config.gamma, config.constant_lambda)
-
-    def _forget_error(self, prediction, x_t, a, b, label, frozen=None) -> torch.Tensor:
-        """Per-sample distance of the prediction's x0-estimate to its aim: the surrogate on the
-        painted pixels and the frozen model's estimate (from its prediction `frozen`) elsewhere, or
-        the whole surrogate when `frozen` is None. Measured on the decoded image (loss_space
-        'pixels'), on x0 (so λ(s), not SNR(t), decides where forgetting acts) or in the prediction's
-        own space."""
-        pt = self.model.prediction_type
-        if self.config.loss_space == "pixels":
-            return self._pixel_forget_error(prediction, x_t, a, b, label, frozen)
-        aim = self.sets.surrogate_x0[label]
-        if frozen is not None:
-            aim = objectives.painted_aim(objectives.implied_x0(pt, x_t, frozen, a, b), aim, self.sets.paint_mask[label])
-        return self._in_loss_space(objectives.per_sample_mse(prediction, objectives.surrogate_target(pt, x_t, aim, a, b)), a, b)
-
-    def _pixel_forget_error(self, prediction, x_t, a, b, label, frozen=None) -> torch.Tensor:
-        """The forget error on the images x̂0 decodes to, inside the painted box.
-
-        A latent model's colours are a nonlinear function of its latents: fitting the surrogate's
-        latents to 86 % left the painted stripe of the demo's romania case only 66 % of the way to
-        the surrogate's colour, and the one-pixel brush edge of a correction is finer than a latent
-        cell. Decoding x̂0 (the VAE's own decoder, gradients flowing through it) lets the loss see
-        what the operator painted. Only the painted box is decoded (`painted_box`), so the cost
-        follows the correction's size, not the image's."""
-        pt = self.model.prediction_type
-        cells, pixels = self.painted_box
-        decoded = self.model.decode_x0(objectives.implied_x0(pt, x_t, prediction, a, b)[cells])
-        aim = self.sets.surrogate_pixels[label][pixels]
-        if frozen is not None:
-            with torch.no_grad():
-                frozen_pixels = self.model.decode_x0(objectives.implied_x0(pt, x_t, frozen, a, b)[cells])
-            aim = objectives.painted_aim(frozen_pixels, aim, self.sets.paint_mask_pixels[label][pixels])
-        return objectives.per_sample_mse(decoded, aim)
-
     @functools.cached_property
     def painted_box(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         """Index of x0 cells and of image pixels to decode: the painted cells of every target,
@@ -302,272 +250,6 @@ class UnlearnTrainer(BaselineLosses):
         cells = (slice(None), slice(None), slice(top, bottom), slice(left, right))
         pixels = (slice(None), slice(None), slice(top * scale, bottom * scale), slice(left * scale, right * scale))
         return cells, pixels
-
-    def _in_loss_space(self, error: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """A per-sample prediction error, restated as the clean-image error it implies (loss_space
-        pixels or x0: the remember loss stays on x0 either way)."""
-        if self.config.loss_space in ("pixels", "x0"):
-            return error * objectives.x0_error_weight(self.model.prediction_type, a, b).flatten()
-        return error
-
-    def _forget_loss_trajectory(self):
-        """At the target seed's own guided sampling states: make the *guided* prediction imply x_s.
-
-        The unconditional half is the recorded one (no gradient), so the change lands in the
-        target prompt's conditional branch, which only that prompt's images use.
-        """
-        pool = self.sets.target_states
-        index, x_t, a, b, s, unconditional, label, conditional = self._predict_on_pool(pool, self.config.batch_size, self._unfixed_target_rows())
-        guided = objectives.guided_prediction(unconditional, conditional, self.config.guidance_scale) if pool.guided else conditional
-        frozen = pool.frozen[index].to(x_t.device) if self.config.forget_target == "painted" else None
-        return (self._lambda(s) * self._forget_error(guided, x_t, a, b, label, frozen)).mean()
-
-    def _unfixed_target_rows(self) -> torch.Tensor | None:
-        """Rows of the target pool whose target is not yet fixed, when some targets are fixed and
-        others not: a job with several targets spends its forget batch on the ones still short of
-        `stop_at_r` (it stops only once all are fixed). A target that slips back is drawn again.
-        None: every row."""
-        moved = self.target_r
-        if self.config.stop_at_r <= 0 or not moved or len(moved) < 2:
-            return None
-        unfixed = [index for index, r in enumerate(moved) if r is None or r < self.config.stop_at_r]
-        if not unfixed or len(unfixed) == len(moved):
-            return None
-        return torch.nonzero(torch.isin(self.sets.target_states.label, torch.tensor(unfixed)), as_tuple=True)[0]
-
-    def _refresh_target_states(self) -> None:
-        """Re-record the targets' trajectories with the adapter as trained so far: the states the
-        model now visits from the target seeds are the ones that decide the output. The recorded
-        outputs give r, how far each target has moved toward its surrogate (the least is kept)."""
-        from unlearn_core.metrics import toward_surrogate
-
-        self.denoiser.eval()
-        config = self.config
-        self.sets.target_states = record_target_states(self.model, self.sets.targets, config.generation_steps, config.guidance_scale)
-        self.denoiser.train()
-        if self.sets.pictures:
-            self.target_r = [toward_surrogate(image, target, surrogate).r for image, (target, surrogate) in zip(self.sets.target_states.images, self.sets.pictures)]
-
-    def _climbing_slowly(self) -> bool:
-        """Whether to check the neighbours now: checks are on, the target is short of stop_at_r and
-        not being consolidated, r gained less than NEIGHBOUR_CHECK_CLIMB over the last
-        NEIGHBOUR_CHECK_EVERY steps, and the last check was at least that long ago."""
-        config, r = self.config, self.toward_surrogate
-        earlier = self._r_at(self.step - NEIGHBOUR_CHECK_EVERY)
-        if not (config.neighbour_checks and self.sets.neighbours and config.stop_at_r > 0) or self.consolidating_since is not None:
-            return False
-        if r is None or earlier is None or r >= config.stop_at_r or self.step - self.last_neighbour_check < NEIGHBOUR_CHECK_EVERY or self.neighbours_settled:
-            return False
-        return r - earlier < NEIGHBOUR_CHECK_CLIMB
-
-    def _r_at(self, step: int) -> float | None:
-        """The least target r as it stood at `step` (the log's row of it; None before step 1 or before a refresh)."""
-        return self.log[step - 1]["toward_surrogate"] if 1 <= step <= len(self.log) else None
-
-    def _neighbours_least_ssim(self) -> float:
-        """Sample the target's nearest remember seeds with the adapter as trained so far; the least
-        SSIM of one to its frozen image."""
-        from unlearn_core import metrics
-
-        neighbours, worst = self.sets.neighbours, 1.0
-        self.denoiser.eval()
-        for prompt in dict.fromkeys(prompt for prompt, _, _ in neighbours):
-            seeds, frozen = [seed for p, seed, _ in neighbours if p == prompt], [image for p, _, image in neighbours if p == prompt]
-            after = [image for image, _ in self.model.generate(prompt, seeds, self.config.generation_steps, self.config.guidance_scale)]
-            worst = min(worst, min(metrics.ssim(frozen, after).per_pair))
-        self.denoiser.train()
-        return worst
-
-    def _check_neighbours(self) -> float | None:
-        """While the target climbs slowly: halve the remember weight if its nearest seeds all keep
-        SSIM ≥ NEIGHBOURS_KEPT_SSIM (the slow climb buys nothing), double it back if one fell under
-        NEIGHBOURS_LOST_SSIM. The least SSIM, or None when not checked at this step."""
-        if not self._climbing_slowly():
-            return None
-        self.last_neighbour_check = self.step
-        worst = self._neighbours_least_ssim()
-        scale = self.remember_scale
-        if worst >= NEIGHBOURS_KEPT_SSIM:
-            self.remember_scale = max(scale / 2, MIN_REMEMBER_SCALE)
-        else:
-            if worst < NEIGHBOURS_LOST_SSIM:
-                self.remember_scale = min(scale * 2, 1.0)
-            self.neighbours_settled = scale == 1.0
-        return worst
-
-    @property
-    def toward_surrogate(self) -> float | None:
-        """The least r of the targets at the last refresh (None before one)."""
-        return min((r for r in self.target_r if r is not None), default=None)
-
-    def _measures_r_while_training(self) -> bool:
-        """Whether this run re-records the targets' trajectories (and so measures r while training)."""
-        return self.config.method == "ours" and self.config.forget_states == "trajectory" and self.config.trajectory_refresh > 0
-
-    def _trajectory_due(self) -> bool:
-        return self._measures_r_while_training() and self.step % self.config.trajectory_refresh == 0
-
-    def _fixed(self) -> bool:
-        """Early stop: the target seeds' outputs have reached `stop_at_r` (checked at each refresh)."""
-        return self.config.stop_at_r > 0 and self.toward_surrogate is not None and self.toward_surrogate >= self.config.stop_at_r
-
-    @property
-    def _fixed_floor(self) -> float:
-        """The verdict 'fixed', or stop_at_r if set lower."""
-        from unlearn_core.metrics import FIXED_AT
-
-        return min(self.config.stop_at_r, FIXED_AT)
-
-    def _forgetting_done(self) -> bool:
-        """Where training used to end with the target fixed: r ≥ stop_at_r, or r ≥ the verdict
-        'fixed' at or past `steps` (an extension that got there, or a target fixed but short of
-        stop_at_r at `steps`)."""
-        r = self.toward_surrogate
-        return self._fixed() or (self.config.stop_at_r > 0 and r is not None and self.step >= self._planned_steps and r >= self._fixed_floor)
-
-    @property
-    def _planned_steps(self) -> int:
-        """`steps`, or `steps_when_held` for a target the remember loss holds (`_note_held`)."""
-        return max(self.config.steps, self.config.steps_when_held) if self.held else self.config.steps
-
-    def _note_held(self) -> None:
-        """At the first refresh at or past `steps`: the target is held if it is not yet fixed there
-        and the neighbour checks found its nearest seeds leaving under the full remember weight.
-        Such a target crosses r 0.7 slowly while the remember loss pulls its neighbours back, and
-        stopping it the moment it crosses leaves them half pulled (belgium-77, training seed 1:
-        11/16 same-prompt seeds kept when stopped at step 80 as it reached r 0.70, 14/16 at step 95,
-        r 0.73; docs/QUALITY.md), so it trains to `steps_when_held` before a fix ends the job."""
-        from unlearn_core.metrics import FIXED_AT
-
-        if self.held is None and self.step >= self.config.steps and self.consolidating_since is None:
-            self.held = self.neighbours_settled and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
-
-    def _consolidates(self) -> bool:
-        return self._measures_r_while_training() and self.config.consolidate_steps > 0
-
-    def _begin_consolidation(self) -> bool:
-        """The target is fixed: from the next step on, the heavier remember loss (`_remember_weight`)
-        for `consolidate_steps` steps (`step_budget`), or until r falls more than
-        CONSOLIDATION_R_SLACK below where it stands now. These weights are the first kept, measured
-        now if the last refresh was before this step. False, and no consolidation, when r has less
-        than CONSOLIDATION_R_SLACK to spare above `_fixed_floor`: such a fix has no r to trade
-        (belgium-77 kept one seed fewer for it, docs/QUALITY.md), and its job ends sooner."""
-        if not self._trajectory_due():
-            self._refresh_target_states()
-        r = self.toward_surrogate
-        if r is None or r - CONSOLIDATION_R_SLACK < self._fixed_floor:
-            return False
-        self.consolidating_since = self.step
-        self.consolidation_floor = r - CONSOLIDATION_R_SLACK
-        self._keep_if_holding()
-        return True
-
-    def _keep_if_holding(self) -> bool:
-        """While consolidating, at each refresh: remember these weights if the fix holds (r at or
-        above the floor); False if it does not."""
-        if self.toward_surrogate is None or self.toward_surrogate < self.consolidation_floor:
-            return False
-        self.fixed_weights = {"step": self.step, "target_r": list(self.target_r), "weights": self._trainable_state()}
-        return True
-
-    def _end_consolidation(self) -> None:
-        """Measure the last weights (re-recording the target if this step did not) and, if the
-        heavier remember loss has pulled the target under the floor, restore the last weights that
-        held it. Every process holds the same weights and r, so all restore alike."""
-        if not self._trajectory_due():
-            self._refresh_target_states()
-            self._keep_if_holding()
-        kept = self.fixed_weights
-        if kept is None or kept["step"] == self.step:
-            return
-        self._load_trainable_state(kept["weights"])
-        self.target_r, self.kept_step = kept["target_r"], kept["step"]
-
-    def _forget_loss_random(self):
-        """The paper's form: x_t drawn from q(x_t | x_f) at random t (a share of samples noised with
-        the target seed's own initial noise, tying the change to that seed)."""
-        t, a, b, s = self._levels()
-        x_f, _, cond_f = self._forget_batch()
-        x_t, prediction = self._forward(x_f, cond_f, t, a, b, self._forget_noise(x_f))
-        frozen = None
-        if self.config.forget_target == "painted":
-            with torch.no_grad(), self.model.adapter_disabled():
-                frozen = self.model.predict(self.denoiser, x_t, t, cond_f).float()
-        return (self._lambda(s) * self._forget_error(prediction, x_t, a, b, self._forget_index, frozen)).mean()
-
-    def _remember_loss_distill(self):
-        """Match the frozen model's prediction at its own sampling states of other seeds and prompts
-        (conditional and unconditional), and at `remember_renoised` fresh noisings of their images,
-        in the same space and with weight w·(1 − λ(s))·(1 + k·s).
-
-        The factor (1 + k·s) holds the large-t predictions hardest: there every seed of the prompt
-        decides its layout, and a small change shifts the whole flag of seeds the operator never
-        flagged, while the target's colours are still free to change at mid and small t."""
-        pool = self.sets.remember_states
-        index = self._draw(len(pool), self.config.remember_batch_size)
-        x_t, t, cond, teacher, _ = pool.take(index, self.model.device)
-        if self.config.remember_renoised:  # one forward for both kinds of samples: fewer, larger passes
-            more_x_t, more_t, more_cond, more_teacher = self._renoised_remember_samples(self.config.remember_renoised)
-            x_t, t, teacher = torch.cat([x_t, more_x_t]), torch.cat([t, more_t.to(t.dtype)]), torch.cat([teacher, more_teacher])
-            cond = {key: torch.cat([value, more_cond[key]]) for key, value in cond.items()}
-        a, b, s, prediction = self._predict_at(x_t, t, cond)
-        error = self._in_loss_space(objectives.per_sample_mse(prediction, teacher), a, b)
-        return self._remember_weight * ((1 - self._lambda(s)) * (1 + self.config.remember_large_t_boost * s) * error).mean()
-
-    @property
-    def _remember_weight(self) -> float:
-        """remember_weight times the scale the neighbour checks set (`_check_neighbours`); times
-        consolidate_remember_factor while consolidating; times extend_remember_factor once training
-        runs past `steps` (unless the checks found the target's neighbours leaving), which it
-        does only while a target is not yet fixed (`step_budget`): netherlands-62 (in the quality
-        suite), -75 (held back) and -81 (scratch) settle near r 0.65–0.7 under the full weight and
-        take 140–170 steps to reach 'fixed'; at half the weight they are fixed by step 100–135,
-        keeping every other seed (docs/QUALITY.md)."""
-        config = self.config
-        weight = config.remember_weight * self.remember_scale
-        if self.consolidating_since is not None:
-            return weight * config.consolidate_remember_factor
-        lighter = self.step >= config.steps and not self.neighbours_settled
-        return weight * (config.extend_remember_factor if lighter else 1.0)
-
-    def _renoised_remember_samples(self, batch: int):
-        """Distillation at fresh noisings x_t = a·x0 + b·ε of remember images, at random t: the
-        frozen model's prediction there, computed now, is the teacher. (x_t, t, cond, teacher)
-
-        The recorded states are a few hundred fixed points, each seen once or twice in a job: the
-        adapter learns to leave *them* alone (belgium-77: its 16 remember seeds kept 14/16 at SSIM
-        ≥ 0.9, 16 unseen seeds of the prompt 8/16). Fresh noise at every step covers the
-        neighbourhood of the prompt's images instead (docs/QUALITY.md, `no renoised remember`)."""
-        t, a, b, _ = self._levels(batch)
-        x0, cond = self._remember_batch(batch)
-        x_t = objectives.noisy_sample(x0, self._noise_like(x0), a, b)
-        with torch.no_grad(), self.model.adapter_disabled(), self._autocast():
-            teacher = self.model.predict(self.denoiser, x_t, t, cond).float()
-        return x_t, t, cond, teacher
-
-    def _predict_on_pool(self, pool: StatePool, batch: int, rows: torch.Tensor | None = None):
-        """A random batch of a state pool (of its `rows` only, if given), its noise levels (a, b
-        shaped for broadcasting, s flat) and the model's prediction there: (index, x_t, a, b, s,
-        reference, label, prediction)."""
-        index = self._draw(len(pool), batch) if rows is None else rows[self._draw(len(rows), batch)]
-        x_t, t, cond, reference, label = pool.take(index, self.model.device)
-        a, b, s, prediction = self._predict_at(x_t, t, cond)
-        return index, x_t, a, b, s, reference, label, prediction
-
-    def _predict_at(self, x_t, t, cond):
-        """The noise levels of timesteps t (a, b shaped for broadcasting, s flat) and the model's prediction at x_t."""
-        a, b, s = self.model.noise_levels_at(t)
-        with self._autocast():
-            prediction = self.model.predict(self.denoiser, x_t, t, cond).float()
-        return a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1), s, prediction
-
-    def _remember_loss_denoise(self):
-        """The ordinary diffusion loss on remember images (Eq. 8), weighted w·(1 − λ(s)) with the same
-        remember weight as distillation (extension and consolidation included), in the space
-        diffusers trains each family in (ε/v for SD and DDPM, x0 for SD3) whatever `loss_space` says."""
-        t, a, b, s = self._levels(self.config.remember_batch_size)
-        error = self._denoise_error(*self._remember_batch(self.config.remember_batch_size), t, a, b)
-        return self._remember_weight * ((1 - self._lambda(s)) * self.model.remember_loss_weight(a, b).flatten() * error).mean()
 
     def _denoise_error(self, x0, cond, t, a, b) -> torch.Tensor:
         """Per-sample ordinary diffusion loss (squared error to T(x0, ε)) at the given noise levels."""
@@ -603,25 +285,6 @@ class UnlearnTrainer(BaselineLosses):
         report = StepReport(self.step, max(self.step_budget, self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate, self.remember_scale, checked)
         self.log.append(report.to_dict())
         return report
-
-    @property
-    def step_budget(self) -> int:
-        """`config.steps` (`steps_when_held` for a target `_note_held` found held), or up to
-        `extend_until_fixed` more once there while a target is still
-        short of the verdict 'fixed' (r < FIXED_AT at the last refresh): the operator came for
-        the fix, and a slow correction is often on its way (held-back netherlands-75: r 0.57 at
-        step 90, fixed at step 130, the remember weight halved meanwhile: `_remember_weight`). A
-        target already fixed but short of `stop_at_r` stops at `steps`, so the other seeds pay no
-        more for it, and so does a run with stop_at_r 0. Once the target is fixed, the
-        `consolidate_steps` after that step."""
-        from unlearn_core.metrics import FIXED_AT
-
-        config = self.config
-        if self.consolidating_since is not None:
-            return self.consolidating_since + config.consolidate_steps
-        measured = self._measures_r_while_training() and config.stop_at_r > 0  # stop_at_r 0 asks for exactly `steps`
-        short = measured and self.toward_surrogate is not None and self.toward_surrogate < FIXED_AT
-        return config.steps + config.extend_until_fixed if self.step >= config.steps and short else self._planned_steps
 
     def train(self) -> list[dict]:
         """Run to `step_budget`, resuming from the run folder's checkpoint if there is one."""
