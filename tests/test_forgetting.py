@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unlearn_core.config import max_training_steps
 from unlearn_core import metrics, objectives
 from unlearn_core.models import load_model, wrap_pipeline
 
@@ -359,7 +360,8 @@ def test_training_goes_on_past_steps_only_while_the_target_is_not_yet_fixed(tiny
     model, trainer = _tiny_trajectory_trainer(tiny_models)
     log = trainer().train()  # two steps of a tiny random model cannot move the target to r 0.7
     assert log[1]["toward_surrogate"] < 0.7
-    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [2, 5, 5, 5, 5]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5]
+    assert [row["total"] for row in log] == [max_training_steps(trainer().config)] * 5 == [2 + 3 + 15] * 5  # one total, the most it may train
     model.remove_lora()
     model.add_lora(2, 2.0)
     assert len(trainer(extend_until_fixed=0).train()) == 2
@@ -400,7 +402,8 @@ def test_once_fixed_the_run_consolidates_with_the_heavier_remember_loss(tiny_mod
     run = trainer(steps=10, consolidate_steps=3, consolidate_remember_factor=4.0)
     assert run._remember_weight == pytest.approx(run.config.remember_weight)
     log = run.train()
-    assert [row["step"] for row in log] == [1, 2, 3, 4, 5] and [row["total"] for row in log] == [10, 10, 5, 5, 5]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5]  # fixed at step 2, then 3 steps consolidating
+    assert [row["total"] for row in log] == [max_training_steps(run.config)] * 5 == [10 + 3 + 3] * 5  # the reported total never moves
     assert run.consolidating_since == 2 and run.consolidation_floor == pytest.approx(0.8)
     assert run.kept_step is None and run.toward_surrogate == 0.83
     assert run._remember_weight == pytest.approx(4.0 * run.config.remember_weight)
@@ -619,6 +622,26 @@ def test_a_flagged_prompts_recorded_remember_seeds_are_the_pool_seeds_nearest_th
     assert len(more[0]) == 4
     checked = nearest_neighbours(model, targets, UnlearnConfig(**{**nearest.to_dict(), "neighbour_checks": 1}), cache)
     assert [(prompt, seed) for prompt, seed, _ in checked] == [(PROMPT, 14)] and np.array_equal(np.asarray(checked[0][2]), np.asarray(images[4]))
+
+
+def test_the_remember_set_knows_beforehand_how_many_images_it_will_sample(tiny_models, tmp_path):
+    """The remember set's progress count: `remember_set_images` says how many images preparing the
+    sets will sample (pool, recorded trajectories, the target's own), and that many are sampled,
+    on a cold cache and on the warm one the first job left (only the target's trajectory)."""
+    from unlearn_core.cache import GenerationCache
+    from unlearn_core.config import UnlearnConfig
+    from unlearn_core.run import EvalTarget, prepare_sets, remember_set_images
+
+    model = load_model(str(tiny_models["sd"]), "cpu")
+    cache = GenerationCache(tmp_path / "cache")
+    targets = [EvalTarget(PROMPT, 99, TARGET, SURROGATE)]
+    config = UnlearnConfig(remember_count=2, renoised_seed_multiple=3, remember_seed_offset=10, generation_steps=2, guidance_scale=2.0, neighbour_checks=1)
+    for expected in (6 + 2 + 6 + 1, 1):  # the flagged prompt's pool of 6 and its 2 nearest recorded; the empty prompt's 2 recorded and 4 more; the target
+        sampled = []
+        assert remember_set_images(model, targets, config, cache) == expected
+        with model.counting_images(sampled.append):
+            prepare_sets(model, targets, config, cache)
+        assert sum(sampled) == expected
 
 
 def test_remember_trajectories_are_recorded_once_and_read_back_from_the_cache(tiny_models, tmp_path):

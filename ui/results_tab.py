@@ -203,7 +203,7 @@ def render(services: Services, tab: gr.Tab) -> None:
             notes.append(info["damaged"])
         timing = report.get("timing", {})
         trained = int(timing["steps_run"]) if timing.get("steps_run") is not None else info["step"]
-        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of {info['total']} steps{consolidation_note(timing, trained)}{neighbours_note(timing)}"
+        text = f"**Job `{found.id}`** — {found.state}, trained {trained} of up to {info['total']} steps{consolidation_note(timing, trained)}{neighbours_note(timing)}"
         if not report and not notes:
             text += " · no metrics yet (they are written when the job finishes)."
         else:

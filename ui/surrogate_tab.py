@@ -27,8 +27,10 @@ from unlearn_core.images import open_image
 from unlearn_core.surrogate import (
     SURROGATE_METHODS,
     SurrogateOptions,
+    colour_at,
     keep_main_change,
     make_surrogate,
+    recolour_region,
     surrogate_reach,
 )
 
@@ -36,22 +38,37 @@ EDITOR_SIDE = 256  # the target is shown enlarged on the canvas so a brush strok
 BRUSH_COLOURS = ["#d62728", "#2ca02c", "#1f77b4", "#ff7f0e", "#ffffff", "#000000", "#ffdd00"]
 
 
-def similarity_markdown(target: Image.Image, surrogate: Image.Image) -> str:
-    """Target vs surrogate under each metric's own name; unavailable networks say why."""
-    lines = ["**Surrogate vs target** (the surrogate should keep the structure and drop what is wrong)", ""]
+ORIGINS = {"sdedit": "SDEdit", "image": "your image", "canvas": "the canvas", "region": "the recoloured region", "flip": "the flip baseline",
+           "noise": "the noise baseline", "main change": "its main change only"}
+LOCAL_SSIM = 0.7  # below: the surrogate changes more than a region
+
+
+def similarity_markdown(target: Image.Image, surrogate: Image.Image, origin: str = "") -> str:
+    """Which surrogate is in use and where it came from, then target vs surrogate under each
+    metric's own name; unavailable networks say why."""
+    reach = surrogate_reach(target, surrogate)
+    lines = [f"**Surrogate in use: from {ORIGINS.get(origin, origin)}**, SSIM {reach.ssim:.2f} to the target." if origin else "", ""]
+    if origin and reach.ssim < LOCAL_SSIM and not reach.is_global:
+        lines[0] += " This changes more than the region you meant; paint or recolour the region instead?"
+    lines += ["**Surrogate vs target** (the surrogate should keep the structure and drop what is wrong)", ""]
     for result in metrics.compare([surrogate], [target]).values():
         if result["available"]:
             lines.append(f"- **{result['name']}**: {result['value']:.4g}")
         else:
             lines.append(f"- {result['name']}: unavailable: {result['reason']}")
-    note = surrogate_reach(target, surrogate).warning()
+    note = reach.warning()
     return "\n".join(lines + ([f"\n**Global surrogate.** {note}"] if note else []))
+
+
+def enlarged(image: Image.Image) -> Image.Image:
+    """The image at EDITOR_SIDE, each pixel a block, so a click or a stroke lands where it is aimed."""
+    return image.convert("RGB").resize((EDITOR_SIDE, EDITOR_SIDE), Image.Resampling.NEAREST)
 
 
 def editor_value(target: dict | None):
     if not target:
         return None
-    return target["image"].convert("RGB").resize((EDITOR_SIDE, EDITOR_SIDE), Image.Resampling.NEAREST)
+    return enlarged(target["image"])
 
 
 def canvas_image(value) -> Image.Image:
@@ -87,10 +104,23 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="sur-seed")
                 steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="sur-steps")
             sdedit_button = gr.Button("Preview SDEdit", variant="primary", elem_id="sur-sdedit")
+        with gr.Tab("Recolour region"):
+            with gr.Row():
+                region = gr.Image(label="Click a region of the target", type="pil", interactive=False, height=EDITOR_SIDE, width=EDITOR_SIDE,
+                                  format="png", elem_classes=PIXELS, elem_id="sur-region")
+                with gr.Column():
+                    click_does = gr.Radio(["recolour", "pick its colour"], value="recolour", label="A click on the image…", elem_id="sur-click")
+                    colour = gr.ColorPicker(BRUSH_COLOURS[0], label="New colour", elem_id="sur-colour")
+                    tolerance = gr.Slider(0, 255, 60, step=5, label="Tolerance", elem_id="sur-tolerance",
+                                          info="how far a pixel's colour (R+G+B) may be from the clicked one and still join the region")
+                    with gr.Row():
+                        undo = gr.Button("Undo", size="sm", elem_id="sur-undo")
+                        region_button = gr.Button("Use recoloured image as surrogate", variant="primary", elem_id="sur-use-region")
+            region_history = gr.State([])
         with gr.Tab("Paint"):
             editor = CheckedImageEditor(
                 label="Paint the correction over the target", type="pil", image_mode="RGB", sources=("upload", "clipboard"),
-                brush=gr.Brush(colors=BRUSH_COLOURS, default_color=BRUSH_COLOURS[0], default_size=12, color_mode="defaults"),
+                brush=gr.Brush(colors=BRUSH_COLOURS, default_color=BRUSH_COLOURS[0], default_size=12, color_mode="defaults"),  # the editor's own toolbar sizes the brush and undoes
                 layers=False, format="png", canvas_size=(EDITOR_SIDE, EDITOR_SIDE), height=420, elem_id="sur-editor",
             )
             canvas_button = gr.Button("Use canvas as surrogate", variant="primary", elem_id="sur-use-canvas")
@@ -107,7 +137,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             make_button = gr.Button("Make surrogate", elem_id="sur-make")
 
     @on_gpu
-    def build(target, options: SurrogateOptions, model_id):
+    def build(target, options: SurrogateOptions, model_id, origin: str = ""):
         """Make the surrogate; returns it, its metrics and the state."""
         if target is None:
             raise NotReady("no target: flag an image in 'Generate & flag' first (or pass a target image)")
@@ -116,7 +146,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         surrogate = make_surrogate(model, target, options)
         if np.array_equal(np.asarray(surrogate), np.asarray(target)):
             gr.Warning("the surrogate is identical to the target: unlearning would change nothing")
-        return surrogate, similarity_markdown(target, surrogate), surrogate
+        return surrogate, similarity_markdown(target, surrogate, origin or options.method), surrogate
 
     def make(method_name, target, prompt, strength_value, sigma_value, seed_value, step_count, image, model_id):
         """The one handler behind every button (and the API's make_surrogate)."""
@@ -136,7 +166,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             gr.Warning(plain(error))
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            return build(target["image"], SurrogateOptions("image", image=painted), model_id)
+            return build(target["image"], SurrogateOptions("image", image=painted), model_id, "canvas")
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
 
@@ -149,12 +179,41 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             kept = keep_main_change(target, open_image(surrogate, "surrogate"))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
-        return kept, similarity_markdown(target, kept), kept
+        return kept, similarity_markdown(target, kept, "main change"), kept
 
     def on_target(target):
         if not target:
-            return None, None, None, None
-        return target["image"], editor_value(target), None, None
+            return None, None, None, None, None, [], "Flag a target in *Generate & flag*, then make a surrogate here."
+        image = target["image"].convert("RGB")
+        return image, editor_value(target), None, None, enlarged(image), [image], "Now make a surrogate: recolour a region, paint, SDEdit or upload."
+
+    def on_region_click(history, action, new_colour, tolerance_value, evt: gr.SelectData):
+        """Recolour the clicked region (a new step of the history), or pick its colour."""
+        if not history:
+            gr.Warning("flag a target in 'Generate & flag' first")
+            return gr.skip(), gr.skip(), gr.skip()
+        current = history[-1]
+        point = (int(evt.index[0]) * current.width // EDITOR_SIDE, int(evt.index[1]) * current.height // EDITOR_SIDE)
+        if action == "pick its colour":
+            return gr.skip(), gr.skip(), colour_at(current, point)
+        try:
+            recoloured = recolour_region(current, point, new_colour, int(tolerance_value))
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        return enlarged(recoloured), history + [recoloured], gr.skip()
+
+    def undo_region(history):
+        kept = history[:-1] if len(history) > 1 else history
+        return (enlarged(kept[-1]) if kept else None), kept
+
+    def use_region(history, target, model_id):
+        if not target or len(history) < 2:
+            gr.Warning("click a region of the target to recolour it first")
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            return build(target["image"], SurrogateOptions("image", image=history[-1]), model_id, "region")
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
 
     inputs = [target_image, edit_prompt, strength, sigma, seed, steps, upload, model_state]
     outputs = [surrogate_image, similarity, surrogate_state]
@@ -163,4 +222,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         button.click(functools.partial(make, name), inputs, outputs, **MODEL_QUEUE, **INTERNAL)
     main_change_button.click(keep_main, [target_image, surrogate_image], outputs, **INTERNAL)
     canvas_button.click(use_canvas, [editor, target_state, model_state], outputs, **MODEL_QUEUE, **INTERNAL)
-    target_state.change(on_target, [target_state], [target_image, editor, surrogate_image, surrogate_state], **INTERNAL)
+    region.select(on_region_click, [region_history, click_does, colour, tolerance], [region, region_history, colour], **INTERNAL)
+    undo.click(undo_region, [region_history], [region, region_history], **INTERNAL)
+    region_button.click(use_region, [region_history, target_state, model_state], outputs, **MODEL_QUEUE, **INTERNAL)
+    target_state.change(on_target, [target_state], [target_image, editor, surrogate_image, surrogate_state, region, region_history, similarity], **INTERNAL)

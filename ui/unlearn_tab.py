@@ -107,6 +107,12 @@ def describe_preset(name: str) -> str:
     return f"**{name}**: {PRESET_DESCRIPTIONS.get(name, '')}"
 
 
+def images_count(done: int, total: int, elapsed: float | None) -> str:
+    """The remember set's progress: images sampled of those it needs, and the time left at the rate so far."""
+    left = f", about {elapsed * (total - done) / done:.0f} s left" if elapsed and done else ""
+    return f"{done} of {total} images of other seeds sampled{left}"
+
+
 def phase_line(info: dict, elapsed: float | None = None) -> str:
     """preparing → remember set → training → evaluating, with the current phase's own progress."""
     state, step, total = info["state"], info["step"], info["total"]
@@ -118,7 +124,8 @@ def phase_line(info: dict, elapsed: float | None = None) -> str:
     current = len(PHASES) if state == "done" else PHASES.index(phase) if state == "running" and phase in PHASES else None
     if current is None:  # failed, cancelled, interrupted: where it stopped is the training step
         return f"stopped ({state}) at training step {step}/{total}"
-    trained = f" {step}/{total}" + (" (stopped early: the target had moved far enough)" if 0 < step < total and current > 2 else "")
+    finished = current > PHASES.index("training")
+    trained = f" {step} of up to {total} steps" + (" (stopped early: the target was fixed)" if finished and 0 < step < total else "" if finished else "; stops early once fixed")
     parts = []
     for index, name in enumerate(PHASES):
         detail = trained if name == "training" and index <= current else ""
@@ -126,11 +133,13 @@ def phase_line(info: dict, elapsed: float | None = None) -> str:
             parts.append(f"✓ {name}{detail}")
         elif index == current:
             if name == "training" and info.get("eta_s") is not None:
-                detail += f", ETA {info['eta_s']:.0f} s"
+                detail += f", at most {info['eta_s']:.0f} s more"
             elif name != "training":
                 doing = {"loading": "loading the model", "preparing": "the target and surrogate", "remember set": "what to keep: other seeds and prompts",
                          "evaluating": "the after images and metrics"}.get(info.get("phase"), "starting")
                 clock = f"{elapsed:.0f} s so far" if elapsed is not None else ""
+                if name == "remember set" and info.get("images_total"):
+                    doing = images_count(info["images_done"], info["images_total"], elapsed)
                 detail = f" ({', '.join(text for text in (doing, clock) if text)})" if doing or clock else ""
             parts.append(f"**▶ {name}{detail}**")
         else:
@@ -267,7 +276,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         plot = loss_frame(found.run_dir) if found and key != last else gr.skip()
         elapsed = None
         if info and info["state"] == "running" and info.get("phase") != "training":
-            since = found.folder.read_status().get("updated")  # written when the phase began
+            since = info.get("phase_started")
             elapsed = max(0.0, time.time() - since) if isinstance(since, (int, float)) else None
         state = info["state"] if info else ""
         shown_info = info

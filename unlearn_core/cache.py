@@ -139,11 +139,23 @@ class GenerationCache:
             self.evict()
         return [images[seed] for seed in seeds], len(missing)
 
+    def missing_images(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> int:
+        """How many of `seeds`' images `get_or_generate` would have to sample."""
+        folder = self._folder(model, prompt, steps, guidance)
+        return sum(not (folder / f"seed_{seed}.png").is_file() for seed in seeds)
+
+    def has_record(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> bool:
+        """Whether `get_or_record` would read these seeds' sampling back instead of sampling it."""
+        return self._record_file(model, prompt, seeds, steps, guidance).is_file()
+
+    def _record_file(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> Path:
+        return self._folder(model, prompt, steps, guidance) / f"states_{hashlib.sha256(json.dumps(seeds).encode()).hexdigest()[:16]}.safetensors"
+
     def get_or_record(self, model: DiffusionModel, prompt: str, seeds: list[int], steps: int, guidance: float) -> SamplingRecord:
         """The frozen model's recorded sampling of `seeds` (`DiffusionModel.record_sampling`, adapter
         disabled), read back from disk when an earlier job recorded the same seeds; a new record is
         written there. Stored in float32, so a read-back record equals the one sampled."""
-        file = self._folder(model, prompt, steps, guidance) / f"states_{hashlib.sha256(json.dumps(seeds).encode()).hexdigest()[:16]}.safetensors"
+        file = self._record_file(model, prompt, seeds, steps, guidance)
         if file.is_file():
             try:
                 record = _record_from_tensors(load(file.read_bytes()), prompt)  # read into memory, not mapped: a later job may replace the file

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from unlearn_core import settings
-from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, parse_seeds
+from unlearn_core.config import DEMO_MODEL, PRESETS, GenerationRequest, InstanceTarget, UnlearnConfig, max_training_steps, parse_seeds
 from unlearn_core.errors import InvalidInput
 from unlearn_core.settings import DTYPES
 
@@ -113,7 +113,7 @@ def cmd_unlearn(args) -> int:
     if is_main_process():  # under torchrun every process runs this verb; one writes the request,
         folder.write_request(args.model, config.to_dict(), [vars(target) for target in targets])
     wait_for_everyone()  # and the others read it once it is there
-    bar = tqdm(total=config.steps, desc="unlearn", unit="step")
+    bar = tqdm(total=max_training_steps(config), desc="unlearn", unit="step")  # up to; training stops early once fixed
 
     def on_step(report):
         bar.n = report.step
@@ -121,7 +121,10 @@ def cmd_unlearn(args) -> int:
         bar.refresh()
 
     try:
-        result = execute(folder, args.device, RunCallbacks(on_step=on_step, on_phase=bar.set_description))
+        def on_images(done, total):
+            bar.set_description(f"remember set: {done}/{total} images")
+
+        result = execute(folder, args.device, RunCallbacks(on_step=on_step, on_phase=bar.set_description, on_images=on_images))
     except TrainingCancelled as error:
         print(f"cancelled: {error} (resume continues from the checkpoint in {args.out})", file=sys.stderr)
         return 3

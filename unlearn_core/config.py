@@ -162,15 +162,29 @@ MAX_LISTED_SEEDS = 64  # review_seeds: a Generate grid's worth
 MAX_PROMPT_BYTES = 16_000  # all prompts of one job together
 
 
+def _measures_r(config: "UnlearnConfig") -> bool:
+    """Whether training measures r as it goes (and so may stop early, train on or consolidate)."""
+    return config.method == "ours" and config.forget_states == "trajectory" and config.trajectory_refresh > 0 and config.stop_at_r > 0
+
+
+def max_training_steps(config: "UnlearnConfig") -> int:
+    """The most steps a job may train: its one step total, fixed when it starts. A run that measures
+    r plans `steps` (`steps_when_held` for a held target), trains on up to `extend_until_fixed` more
+    while the target is not fixed, then consolidates; it stops early once the target is fixed."""
+    if not _measures_r(config):
+        return config.steps
+    planned = max(config.steps, config.steps_when_held) if config.neighbour_checks and config.remember_loss == "distill" else config.steps
+    return max(planned, config.steps + config.extend_until_fixed) + config.consolidate_steps
+
+
 def estimated_work(config: "UnlearnConfig", targets: int = 1) -> int:
     """A job's size in single-image denoiser passes: the remember set's sampling, training (forward
     and backward of every sample, and re-recording the targets' trajectories) and evaluation."""
     sampling = config.generation_steps * (2 if config.guidance_scale > 1 else 1)  # guidance doubles each step
     prompts = targets + len(config.remember_prompts) + 1
     remember = max(config.remember_count, config.renoised_seed_count) * prompts * sampling  # a cold cache generates the extra renoised images
-    measures_r = config.method == "ours" and config.forget_states == "trajectory" and config.trajectory_refresh > 0 and config.stop_at_r > 0
-    planned = max(config.steps, config.steps_when_held) if measures_r and config.neighbour_checks and config.remember_loss == "distill" else config.steps  # a held target plans steps_when_held
-    steps = max(planned, config.steps + config.extend_until_fixed if measures_r else 0) + (config.consolidate_steps if measures_r else 0)  # the most a run that measures r may train
+    measures_r = _measures_r(config)
+    steps = max_training_steps(config)
     refreshes = steps // config.trajectory_refresh if config.trajectory_refresh else 0
     renoised = config.remember_renoised * 4 if config.renoised_seed_count else 0  # the teacher's forward, then forward and backward
     checks = config.neighbour_checks * targets * sampling * (steps // 10) if measures_r and config.remember_loss == "distill" else 0  # `neighbour_checks` at most every 10 steps

@@ -77,6 +77,15 @@ def _metric_lines(metrics: dict | None) -> list[str]:
     return lines
 
 
+def trained_line(training: dict) -> str:
+    """The steps actually trained and whose weights were saved (the planned `steps` is only a plan:
+    training stops early once fixed, trains on while it is not, and may keep an earlier step's weights)."""
+    if not training.get("steps_run"):
+        return ""
+    run, kept = training["steps_run"], training.get("weights_of_step") or training["steps_run"]
+    return f"Trained {run} steps; the weights of step {kept} are the ones saved. " if kept != run else f"Trained {run} steps. "
+
+
 def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
     """The Hub model card (README.md with YAML front matter) of a run, from its adapter card."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -86,7 +95,7 @@ def model_card(card: dict, folder: RunFolder, kohya: bool) -> str:
                          license="apache-2.0" if base == DEMO_MODEL else "other", library_name="diffusers")
     targets = "\n".join(f"- prompt `{t['prompt']}`, seed {t['seed']}" for t in card["targets"])
     config = card["config"]
-    settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "steps", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
+    settings = ", ".join(f"`{key}={config[key]}`" for key in ("method", "learning_rate", "lora_rank", "lora_alpha", "lora_layers", "lambda_schedule", "projection", "forget_states", "remember_loss") if key in config)
     shown = "<the base model's folder>" if base != DEMO_MODEL and Path(base).exists() else base  # never a server path
     where = ("# the base: Hotfix Studio's demo model, the folder assets/demo-model of its repository\n" if base == DEMO_MODEL
              else "# the base: the local folder the adapter was trained on, not shipped with it\n" if Path(base).exists() else "")
@@ -110,7 +119,7 @@ The flagged image and its correction are left out of the published files unless 
 
 ## Method and settings
 
-{settings}. Everything else: `{folder.card_file.name}`.
+{trained_line(card.get('training') or {})}{settings}. Everything else: `{folder.card_file.name}`.
 
 ## Measured after training
 

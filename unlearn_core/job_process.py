@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from unlearn_core.distributed import is_main_process
 from unlearn_core.errors import OperatorError, without_server_paths
@@ -26,7 +27,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     Raises what ended the run (after recording it): `TrainingCancelled`, `TrainingDiverged`, an
     `OperatorError`, or a bug.
     """
-    from unlearn_core.config import InstanceTarget, UnlearnConfig
+    from unlearn_core.config import InstanceTarget, UnlearnConfig, max_training_steps
     from unlearn_core.models import load_model
     from unlearn_core.run import RunCallbacks, run_unlearning
     from unlearn_core.trainer import TrainingCancelled
@@ -34,7 +35,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     request = folder.read_request()
     config = UnlearnConfig.from_dict(request["config"])
     targets = [InstanceTarget(**target) for target in request["targets"]]
-    steps = {"step": 0, "total": config.steps}
+    steps = {"step": 0, "total": max_training_steps(config)}  # one total, the most the job may train: it never changes
     main = is_main_process()  # under torchrun only the main process records the status
 
     def record(state, **extra):
@@ -42,16 +43,24 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
             folder.write_status(state, **extra)
 
     def on_step(report):
-        steps.update(step=report.step, total=report.total)
-        record("running", **steps)
+        steps.update(step=report.step)
+        record("running", **phase, **steps)
+
+    phase = {}
 
     def on_phase(name):
-        record("running", phase=name, **steps)
+        phase.clear()
+        phase.update(phase=name, phase_started=time.time())
+        record("running", **phase, **steps)
+
+    def on_images(done, total):  # the remember set's count, so its phase never looks hung
+        phase.update(images_done=done, images_total=total)
+        record("running", **phase, **steps)
 
     if main:
         folder.clear_cancel()
     on_phase("loading")
-    callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested).then(display)
+    callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested, on_images=on_images).then(display)
     try:
         model = _take_preloaded(request["model"], device, web) or load_model(request["model"], device, web=web)
         result = run_unlearning(model, targets, config, folder, callbacks)
@@ -61,7 +70,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     except Exception as error:
         record("failed", error=str(error) if isinstance(error, OperatorError) else without_server_paths(f"{type(error).__name__}: {error}"), **steps)
         raise
-    record("done", step=int(result["summary"].get("steps_run", steps["step"])), total=config.steps)  # the steps trained: the early stop may end before the total
+    record("done", step=int(result["summary"].get("steps_run", steps["step"])), total=steps["total"])  # the steps trained: the early stop may end before the total
     return result
 
 

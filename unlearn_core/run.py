@@ -39,6 +39,7 @@ class RunCallbacks:
     on_step: Callable[[StepReport], None] = _nothing
     on_phase: Callable[[str], None] = _nothing
     should_stop: Callable[[], bool] = lambda: False
+    on_images: Callable[[int, int], None] = _nothing  # (done, total) images sampled in the remember set
 
     def then(self, other: "RunCallbacks | None") -> "RunCallbacks":
         """These callbacks followed by `other`'s (which may also ask the run to stop)."""
@@ -53,7 +54,11 @@ class RunCallbacks:
             self.on_phase(name)
             other.on_phase(name)
 
-        return RunCallbacks(on_step, on_phase, lambda: self.should_stop() or other.should_stop())
+        def on_images(done, total):
+            self.on_images(done, total)
+            other.on_images(done, total)
+
+        return RunCallbacks(on_step, on_phase, lambda: self.should_stop() or other.should_stop(), on_images)
 
 
 def resolve_target_images(model: DiffusionModel, targets: list[InstanceTarget], config: UnlearnConfig, cache: GenerationCache) -> list[EvalTarget]:
@@ -171,6 +176,31 @@ def nearest_neighbours(model: DiffusionModel, targets: list[EvalTarget], config:
     return neighbours
 
 
+def remember_set_images(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> int:
+    """How many images preparing the sets will sample (the rest is read from the cache): each remember
+    prompt's pool images and recorded trajectories not yet cached, and the targets' own trajectories.
+    A flagged prompt's pool not yet generated means its nearest seeds are not yet recorded either."""
+    trajectories = len(targets) if config.method == "ours" and config.forget_states == "trajectory" else 0
+    if config.method != "ours" or config.remember_loss != "distill":  # `remember_images`
+        seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+        prompts = dict.fromkeys([t.prompt for t in targets] + config.remember_prompts)
+        return trajectories + (0 if config.remember_dir else sum(cache.missing_images(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts))
+    target_seeds = {t.seed for t in targets}
+    pool = [seed for seed in config.remember_seeds if seed not in target_seeds]
+    count = trajectories
+    for prompt in remember_prompts_for(model, targets, config):
+        flagged = config.remember_choice == "nearest" and any(t.prompt == prompt for t in targets) and len(pool) > config.remember_count
+        first = pool[: config.remember_count]
+        rest = pool[config.remember_count :] if config.renoised_seed_count else []
+        missing_pool = cache.missing_images(model, prompt, pool if flagged else rest, config.generation_steps, config.guidance_scale)
+        if flagged and missing_pool:
+            count += missing_pool + config.remember_count
+            continue
+        recorded = remember_seed_plan(model, [prompt], config, targets, cache)[0][0] if flagged else first
+        count += missing_pool + (0 if cache.has_record(model, prompt, recorded, config.generation_steps, config.guidance_scale) else len(recorded))
+    return count
+
+
 def warm_remember_cache(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig, cache: GenerationCache) -> None:
     """Put what a job's distilled remember set reads from the cache there ahead of it (recorded
     trajectories, pool images), so a timed job runs warm."""
@@ -251,7 +281,16 @@ def run_unlearning(
         save_image_atomic(target.target, folder.training_image("target", index))
         save_image_atomic(target.surrogate, folder.training_image("surrogate", index))
     callbacks.on_phase("remember set")
-    sets = prepare_sets(model, resolved, config, cache)
+    to_sample, sampled = remember_set_images(model, resolved, config, cache), 0
+
+    def count_images(batch: int) -> None:
+        nonlocal sampled
+        sampled += batch
+        callbacks.on_images(sampled, max(to_sample, sampled))
+
+    callbacks.on_images(0, to_sample)
+    with model.counting_images(count_images):
+        sets = prepare_sets(model, resolved, config, cache)
     prepared = time.time()
     if not model.has_lora() and not config.full_finetune:
         torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unlearn_core.config import InstanceTarget, UnlearnConfig, check_job_size, check_prompt, check_seed
+from unlearn_core.config import InstanceTarget, UnlearnConfig, check_job_size, check_prompt, check_seed, max_training_steps
 from unlearn_core.errors import AccessDenied, DamagedRunFile, InvalidInput, JobNotFound, JobStateError, NotReady
 from unlearn_core.files import save_image_atomic
 from unlearn_core import settings
@@ -169,7 +169,7 @@ class JobStore:
                     db.execute(
                         "INSERT INTO jobs (id, created, updated, model, targets, config, state, step, total, error, run_dir, owner, address) "
                         "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, '', ?, ?, ?)",
-                        (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), config.steps, str(folder.path), owner, address or ""),
+                        (job_id, now, now, model, json.dumps(targets), json.dumps(config.to_dict()), max_training_steps(config), str(folder.path), owner, address or ""),
                     )
                     db.execute("COMMIT")
                 except BaseException:
@@ -376,6 +376,9 @@ def progress(job: Job) -> dict:
                     toward_surrogate=next((r["toward_surrogate"] for r in reversed(rows) if r.get("toward_surrogate") is not None), None))
         if job.state == "running":
             info["eta_s"] = max(0.0, (total - step) * seconds)
-    phase = folder.read_status().get("phase") if job.state == "running" else None
-    info["phase"] = phase or ("training" if rows and job.state == "running" else job.state)
+    status = folder.read_status() if job.state == "running" else {}
+    info["phase"] = status.get("phase") or ("training" if rows and job.state == "running" else job.state)
+    info["phase_started"] = status.get("phase_started", status.get("updated"))
+    if info["phase"] == "remember set" and status.get("images_total"):
+        info.update(images_done=int(status.get("images_done", 0)), images_total=int(status["images_total"]))
     return info

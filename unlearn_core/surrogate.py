@@ -132,3 +132,29 @@ def keep_main_change(target: Image.Image, surrogate: Image.Image, threshold: flo
     if not mask.any():
         raise ImageError("the surrogate changes no region strongly enough to keep: paint the correction on the canvas instead")
     return Image.fromarray((np.where(mask[..., None], after, before) * 255).round().astype(np.uint8))
+
+
+def recolour_region(image: Image.Image, point: tuple[int, int], colour: str | tuple[int, int, int], tolerance: int = 60) -> Image.Image:
+    """The connected region around `point` whose pixels lie within `tolerance` of its colour (summed
+    over R, G and B), painted `colour`; every other pixel, the region's anti-aliased edge included,
+    is kept. A bucket fill for the commonest correction: a band, an emblem or a uniform in the wrong
+    colour. PIL's own `ImageDraw.floodfill` does the fill."""
+    from PIL import ImageColor, ImageDraw
+
+    x, y = int(point[0]), int(point[1])
+    if not (0 <= x < image.width and 0 <= y < image.height):
+        raise InvalidInput(f"the point ({x}, {y}) is outside the {image.width}×{image.height} image")
+    try:
+        fill = ImageColor.getrgb(colour) if isinstance(colour, str) else tuple(int(c) for c in colour)[:3]
+    except ValueError:
+        raise InvalidInput(f"cannot read the colour {colour!r}: use #rrggbb") from None
+    recoloured = image.convert("RGB").copy()
+    ImageDraw.floodfill(recoloured, (x, y), fill[:3], thresh=max(0, int(tolerance)))
+    return recoloured
+
+
+def colour_at(image: Image.Image, point: tuple[int, int]) -> str:
+    """The eyedropper: the pixel's colour as #rrggbb."""
+    x = min(max(int(point[0]), 0), image.width - 1)
+    y = min(max(int(point[1]), 0), image.height - 1)
+    return "#{:02x}{:02x}{:02x}".format(*image.convert("RGB").getpixel((x, y))[:3])

@@ -47,7 +47,7 @@ from unlearn_core import objectives
 from unlearn_core.baselines import BaselineLosses
 from unlearn_core.control import ControlPolicy
 from unlearn_core.ours_losses import OursLosses
-from unlearn_core.config import UnlearnConfig
+from unlearn_core.config import UnlearnConfig, max_training_steps
 from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
@@ -282,7 +282,7 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
             self._refresh_target_states()
             checked = self._check_neighbours()
             self._note_held()
-        report = StepReport(self.step, max(self.step_budget, self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate, self.remember_scale, checked)
+        report = StepReport(self.step, max(max_training_steps(self.config), self.step), float(loss_forget.detach()), float(loss_remember.detach()), cos, projected, time.perf_counter() - started, self.toward_surrogate, self.remember_scale, checked)
         self.log.append(report.to_dict())
         return report
 

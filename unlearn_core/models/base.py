@@ -98,6 +98,7 @@ class DiffusionModel:
         self.pipe = pipe.to(device)
         self.source = source
         self.device = device
+        self.image_counters: list = []  # `counting_images`
         if getattr(pipe, "vae", None) is not None:
             pipe.vae.requires_grad_(False)  # the pixel forget loss backpropagates through it, into the LoRA only
         if hasattr(self.pipe, "set_progress_bar_config"):
@@ -234,6 +235,8 @@ class DiffusionModel:
             chunk = seeds[start : start + batch_size]
             with self.lora_merged():
                 images = self._generate_batch(prompt, chunk, steps, guidance)
+            for counter in self.image_counters:
+                counter(len(chunk))
             width, height = images[0].size
             for seed, image in zip(chunk, images):
                 results.append((image, Provenance(self.source, self.family, prompt, int(seed), steps, float(guidance), self.scheduler_name, width, height)))
@@ -241,6 +244,16 @@ class DiffusionModel:
 
     def _generate_batch(self, prompt: str, seeds: list[int], steps: int, guidance: float) -> list[Image.Image]:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def counting_images(self, counter):
+        """Call `counter(n)` after every batch of n images sampled (generated or recorded) inside
+        the block: a long phase made of many samplings reports how far it has come."""
+        self.image_counters.append(counter)
+        try:
+            yield
+        finally:
+            self.image_counters.remove(counter)
 
     def sdedit(self, image: Image.Image, prompt: str, strength: float, seed: int, steps: int = 25, guidance: float = 5.0) -> Image.Image:
         """Noise `image` to `strength`·T and denoise it (SDEdit)."""
