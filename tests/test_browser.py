@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageColor
+
+from unlearn_core.metrics import painted_mask
 
 from benchmarks.app_server import AppServer
 
@@ -23,6 +28,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 EXAMPLES = ROOT / "assets" / "examples"
 PROMPT, SEEDS, TARGET_SEED = "flag of chad", "36-43", 40
+MODEL_SIDE = 64  # the demo model's images
+RED, BAND_PIXEL, TOLERANCE = "#b90b2d", (55, 30), 80  # Chad's red, a pixel of seed 40's purple stripe, the region tool's default tolerance
 UI_TIMEOUT_MS = 180_000
 JOB_TIMEOUT_MS = 900_000  # a default job: about 30 s on an idle 2-core CPU, minutes on a busy one
 
@@ -73,6 +80,33 @@ def natural_width(page, selector: str) -> int:
     return page.locator(selector).first.evaluate("e => e.naturalWidth")
 
 
+def image_at(page, src: str) -> "Image.Image":
+    """The image an <img> shows, fetched as the browser would."""
+    import base64
+    import io
+
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+    return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+
+
+def click_pixel(page, selector: str, pixel: tuple[int, int], side: int) -> None:
+    """Click the middle of one pixel of an image `side` pixels wide, however large it is shown."""
+    box = page.locator(selector).first.bounding_box()
+    page.mouse.click(box["x"] + (pixel[0] + 0.5) * box["width"] / side, box["y"] + (pixel[1] + 0.5) * box["height"] / side)
+
+
+def band_of(image: "Image.Image", pixel: tuple[int, int], tolerance: int) -> np.ndarray:
+    """The connected pixels whose colour lies within `tolerance` (R+G+B) of `pixel`'s: the band a
+    recolour at `pixel` should change, found with scipy's labelling, not the app's fill."""
+    from scipy import ndimage
+
+    rgb = np.asarray(image, dtype=np.int32)
+    near = np.abs(rgb - rgb[pixel[1], pixel[0]]).sum(axis=-1) <= tolerance
+    labels, _ = ndimage.label(near)
+    return labels == labels[pixel[1], pixel[0]]
+
+
 def pick(page, dropdown: str, option: str) -> None:
     page.locator(f"{dropdown} input").first.click()
     page.get_by_role("option", name=option, exact=True).click()
@@ -121,7 +155,28 @@ def test_operator_flow(page, server, tmp_path):
     page.wait_for_selector("#sur-upload img")
     page.click("#sur-use-upload")
     page.wait_for_function("([s, old]) => { const e = document.querySelector(s); return e && e.getAttribute('src') !== old; }", arg=["#sur-surrogate img", painted])
-    wait_text(page, "#sur-metrics", "SSIM")
+    wait_text(page, "#sur-metrics", "from your image")
+
+    # ... and the surrogate the job uses: the purple stripe recoloured red with the region tool
+    uploaded = page.locator("#sur-surrogate img").first.get_attribute("src")
+    open_tab(page, "Recolour region")
+    region = page.locator("#sur-region img").first
+    region.wait_for(state="visible")
+    target = image_at(page, region.get_attribute("src")).resize((MODEL_SIDE, MODEL_SIDE), Image.Resampling.NEAREST)  # shown enlarged, pixel by pixel
+    page.locator("#sur-colour .dialog-button").first.click()
+    hex_box = page.locator("#sur-colour input[type=text]").first
+    hex_box.fill(RED)
+    hex_box.press("Enter")
+    page.locator("#sur-tolerance").first.click(position={"x": 5, "y": 5})  # closes the colour dialog
+    before = region.get_attribute("src")
+    click_pixel(page, "#sur-region img", BAND_PIXEL, MODEL_SIDE)
+    page.wait_for_function("([s, old]) => { const e = document.querySelector(s); return e && e.getAttribute('src') !== old; }", arg=["#sur-region img", before])
+    page.click("#sur-use-region")
+    page.wait_for_function("([s, old]) => { const e = document.querySelector(s); return e && e.getAttribute('src') !== old; }", arg=["#sur-surrogate img", uploaded])
+    wait_text(page, "#sur-metrics", "from the recoloured region")
+    surrogate = image_at(page, page.locator("#sur-surrogate img").first.get_attribute("src"))
+    assert np.array_equal(painted_mask(target, surrogate), band_of(target, BAND_PIXEL, TOLERANCE)), "the recolour changed more or less than the band"
+    assert surrogate.getpixel(BAND_PIXEL) == ImageColor.getrgb(RED)
     page.wait_for_timeout(500)  # let the new image and metrics settle before the screenshot
     shoot(page, "surrogate")
 
@@ -142,7 +197,16 @@ def test_operator_flow(page, server, tmp_path):
     page.wait_for_function("() => { const e = document.querySelector('#unl-job-id textarea, #unl-job-id input'); return e && e.value.length > 8; }")
     job_id = page.locator("#unl-job-id textarea, #unl-job-id input").first.input_value()
     wait_text(page, "#unl-progress", "→")  # the phase line
-    wait_text(page, "#unl-progress", "Done", timeout=JOB_TIMEOUT_MS)
+    counted, totals = False, set()  # the remember set counts its images; the step total never changes
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+    while "Done" not in (progress := text_of(page, "#unl-progress")):
+        assert time.monotonic() < deadline, progress
+        counted |= bool(re.search(r"\d+ of \d+ images of other seeds sampled", progress))
+        totals |= set(re.findall(r"of up to (\d+) steps", progress))
+        page.wait_for_timeout(300)
+    totals |= set(re.findall(r"of up to (\d+) steps", progress))
+    assert counted, "the remember set showed no count"
+    assert len(totals) == 1, f"the step total changed during the job: {totals}"
     wait_text(page, "#job-table", job_id[:8])
     assert "✓ evaluating" in text_of(page, "#unl-progress")
     page.wait_for_function("() => document.querySelector('#unl-cancel').disabled && document.querySelector('#unl-resume').disabled")  # a finished job
@@ -154,6 +218,10 @@ def test_operator_flow(page, server, tmp_path):
     verdict = text_of(page, "#res-verdict")
     heading = re.search(r"(Fixed|Partly fixed|Not fixed)", verdict)
     assert heading, verdict
+    moved = re.search(r"moved (\d+)% of the way", verdict).group(1)
+    assert re.search(rf"moved {moved}% of the way to the surrogate[^\n]*: {heading.group(1).lower()}", progress), progress  # the Unlearn page's final line says the same
+    trained = re.search(r"trained (\d+) of up to (\d+) steps", text_of(page, "#res-summary"))
+    assert trained and {trained.group(2)} == totals and int(trained.group(1)) <= int(trained.group(2))
     assert "changed visibly" in verdict.lower()  # which seeds changed (or that none did)
     assert re.search(r"\d+/7 of the seeds you generated", verdict), verdict  # the operator's own grid, besides the fixed set
     assert page.locator("#res-rerun").is_visible() == (heading.group(1) != "Fixed")  # one click to the 'strong' preset when not fixed
@@ -166,6 +234,7 @@ def test_operator_flow(page, server, tmp_path):
     wait_text(page, "#res-metrics", "after vs target")
     metrics_text = text_of(page, "#res-metrics")
     assert "SSIM" in metrics_text and "integrity" in metrics_text
+    assert f"{moved}% of the way: {heading.group(1).lower()}" in metrics_text  # the headline's words and number
     wait_text(page, "#res-availability", "SSIM")
     shoot(page, "results")
 
@@ -182,6 +251,16 @@ def test_operator_flow(page, server, tmp_path):
     state = load_file(str(saved))
     assert state and any("lora" in key for key in state)
     wait_text(page, "#ada-card-json", "base_model")
+    model_card = (server.runs_dir / "jobs" / job_id / "README.md").read_text()  # the card that goes out with the adapter
+    assert f"**Verdict: {heading.group(1).lower()}** — the painted pixels of the target seed moved {moved}% of the way" in model_card
+    assert f"Trained {trained.group(1)} steps" in model_card
+
+    # compare base and adapter: the flagged seed first, the pairs large enough to see
+    page.click("#ada-compare")
+    page.wait_for_selector("#ada-gallery img")
+    captions = re.findall(r"seed (\d+)", text_of(page, "#ada-gallery"))
+    assert captions[0] == str(TARGET_SEED) and sorted(set(map(int, captions))) == list(range(TARGET_SEED, TARGET_SEED + 4)), captions
+    assert natural_width(page, "#ada-gallery img") >= 192
     shoot(page, "adapters")
 
     # 7. the instruction-forgetting tab: a short probe, its images, table and heat map
@@ -194,4 +273,6 @@ def test_operator_flow(page, server, tmp_path):
     page.wait_for_selector("#instr-gallery img")
     wait_text(page, "#instr-table", "unlearning")
     page.wait_for_selector("#instr-heatmap img")
+    wait_text(page, "#instr-status", "Done in")
+    assert re.search(r"(does not remove|cut the attention)", text_of(page, "#instr-status").split("\n")[0]), "no conclusion line"
     shoot(page, "instruction")

@@ -300,6 +300,19 @@ def test_probe_writes_csv_and_figures(demo_probe):
     assert calls[-1] == (8, 8)  # 4 variants x 2 steps
 
 
+def test_the_probe_concludes_in_one_line_from_its_own_numbers(demo_probe):
+    """The conclusion names the least share of the baseline's attention on the concept that any
+    variant keeps, as the run measured it."""
+    result, _, _ = demo_probe
+    base = np.mean(result.variants["baseline"].concept_auc)
+    shares = {name: np.mean(v.concept_auc) / base for name, v in result.variants.items() if name != "baseline"}
+    least = min(shares, key=shares.get)
+    line = probe.conclusion(result)
+    assert f"{shares[least]:.0%}" in line and least in line
+    assert ("does not remove" in line) == (shares[least] >= 0.5)
+    assert probe.summary_lines(result)[0] == line
+
+
 def test_probe_attention_and_heatmaps(demo_probe):
     result, out, _ = demo_probe
     v = result.variants["unlearning"]

@@ -9,12 +9,15 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, job_choices, on_gpu, owner_of, served_copies
 from unlearn_core.config import parse_seeds
 from unlearn_core.errors import AdapterError
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
 from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES, RunFolder
+
+COMPARE_SIDE = 192  # the least width of a compared image on the page
 
 
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
@@ -46,7 +49,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
             seeds = gr.Textbox("", label="Seeds (empty: the target seed and the three after it)", placeholder="e.g. 40-43", elem_id="ada-seeds")
             steps = gr.Number(25, label="Steps", precision=0, minimum=1, maximum=200, elem_id="ada-steps")
             compare = gr.Button("Compare base vs adapter", elem_id="ada-compare")
-    gallery = gr.Gallery(label="pairs of base | adapter, seed by seed", columns=8, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
+    gallery = gr.Gallery(label="pairs of base | adapter, seed by seed", columns=4, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
     verdict = gr.Markdown("", elem_id="ada-info")
 
     def choices(current, request: gr.Request):
@@ -92,6 +95,12 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         files = store.adapter_files(job_id or "", owner)
         return files[0].parent, RunFolder(files[0].parent).read_card() or {}
 
+    def shown_large(image):
+        """A pair's image at least COMPARE_SIDE pixels wide, each pixel a block: a small model's
+        64-pixel images show their difference only when enlarged."""
+        factor = max(1, -(-COMPARE_SIDE // image.width))
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
     @on_gpu
     def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request):
         try:
@@ -117,7 +126,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         items = []
         for (base, prov), (adapted, _) in zip(before, after):
             mark = " (target)" if prov.seed == target.get("seed") and text == target.get("prompt") else ""
-            items += [(base, f"base · seed {prov.seed}{mark}"), (adapted, f"adapter · seed {prov.seed}{mark}")]
+            items += [(shown_large(base), f"base · seed {prov.seed}{mark}"), (shown_large(adapted), f"adapter · seed {prov.seed}{mark}")]
         note = ""
         if card_data.get("base_model") and card_data["base_model"] != model.source:
             note = f"⚠ this adapter was trained on `{card_data['base_model']}`, the loaded model is `{model.source}`. "

@@ -37,7 +37,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
     with gr.Accordion("Provenance of the grid (JSON)", open=False):
         provenance = gr.JSON(label="Provenance", elem_id="gen-provenance")
     with gr.Row():
-        target_image = gr.Image(label="Flagged target x_f", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="target-image")
+        target_image = gr.Image(label="Flagged target", type="pil", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="target-image")
         target_info = gr.Markdown(describe_target(None), elem_id="target-info")
 
     @on_gpu

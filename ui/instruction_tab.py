@@ -73,7 +73,7 @@ def _run(model_path, concept, variants_text, seeds_text, steps, guidance, progre
     tokens, position = _token_update(result, first)
     steps_total = config.steps
     table = [[row[c] for c in probe.CSV_COLUMNS] for row in result.rows]
-    status = f"Done in {result.seconds:.1f} s: {len(result.variants)} variants x {len(config.seeds)} seeds, {steps_total} steps."
+    status = f"**{probe.conclusion(result)}**\n\nDone in {result.seconds:.1f} s: {len(result.variants)} variants x {len(config.seeds)} seeds, {steps_total} steps."
     if result.image_similarity_reason:
         status += f" CLIP image similarity not computed: {result.image_similarity_reason}"
         gr.Warning("CLIP image similarity not computed (no CLIP model available); the other analyses are complete.")

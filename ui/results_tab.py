@@ -66,15 +66,19 @@ def metrics_frame(report: dict) -> pd.DataFrame:
                 else:
                     reading = f"{'forgotten' if target['forgotten'] else 'NOT forgotten'} (SSCD {'<' if target['forgotten'] else '≥'} {threshold})"
             rows.append([f"{label}: {text}", *(_value(scores, n) for n in ("sscd", "lpips", "ssim", "psnr")), reading])
-        for key, text in (("toward_surrogate", "painted pixels toward the surrogate (r)"), ("denoise_probe_toward_surrogate", "denoise probe toward the surrogate (r)")):
+        for key, text in (("toward_surrogate", "painted pixels toward the surrogate"), ("denoise_probe_toward_surrogate", "denoise probe toward the surrogate")):
             moved = target.get(key) or {}
             if moved.get("r") is not None:
-                rows.append([f"{label}: {text}", "", "", "", "", f"r = {moved['r']:.2f} ({moved['verdict']}), residual {moved['residual']:.2f}"])
+                reading = (f"{moved['r']:.0%} of the way: {moved['verdict']}" if key == "toward_surrogate"
+                           else f"{moved['r']:.0%} of the way (a stricter test, not the verdict: the target re-noised halfway, then denoised)")
+                rows.append([f"{label}: {text}", "", "", "", "", reading])
     for prompt, scores in report.get("integrity", {}).items():
         seeds = scores.get("seeds", [])
         reading = f"{scores.get('ssim_at_least_0.9', 0)}/{len(seeds)} seeds with SSIM ≥ 0.9"
         rows.append([f"integrity: {prompt!r}, before vs after on {len(seeds)} other seeds", *(_value(scores, n) for n in ("sscd", "lpips", "ssim", "psnr")), reading])
-    return pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    unmeasured = [name for name in ("SSCD", "LPIPS") if frame[name].isin(["n/a", ""]).all()]  # no network: the availability note says why, once
+    return frame.drop(columns=unmeasured)
 
 
 ADVICE = {
@@ -116,7 +120,7 @@ def verdict_markdown(report: dict) -> str:
     lines = [
         f"## {verdict.capitalize()}",
         f"On the target seed (seed {forgetting.get('worst_target_seed')}), the pixels you painted moved **{r:.0%}** of the way to the surrogate "
-        f"(fixed at ≥ {forgetting.get('fixed_at', 0.7):.0%}; 0 % = unchanged). Denoise probe: {forgetting.get('denoise_probe_toward_surrogate') or 0:.0%}.",
+        f"(fixed at ≥ {forgetting.get('fixed_at', 0.7):.0%}; 0 % = unchanged).",
     ]
     if forgetting.get("rest_changed"):
         lines.append(f"**Careful:** the pixels you did not paint changed too (mean {forgetting['unpainted_change']:.0%}): check the image below before you use this adapter.")

@@ -91,8 +91,8 @@ def canvas_image(value) -> Image.Image:
 
 def render(services: Services, model_state: gr.State, target_state: gr.State, surrogate_state: gr.State) -> None:
     with gr.Row():
-        target_image = image_input("Target x_f", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-target")
-        surrogate_image = image_input("Surrogate x_s", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
+        target_image = image_input("Target: the flagged image", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-target")
+        surrogate_image = image_input("Surrogate: the corrected image", interactive=False, height=256, width=256, format="png", elem_classes=PIXELS, elem_id="sur-surrogate")
         with gr.Column():
             similarity = gr.Markdown("Flag a target in *Generate & flag*, then make a surrogate here.", label="similarity", elem_id="sur-metrics")
             main_change_button = gr.Button("Keep only the main change", size="sm", elem_id="sur-main-change")
@@ -111,7 +111,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
                 with gr.Column():
                     click_does = gr.Radio(["recolour", "pick its colour"], value="recolour", label="A click on the image…", elem_id="sur-click")
                     colour = gr.ColorPicker(BRUSH_COLOURS[0], label="New colour", elem_id="sur-colour")
-                    tolerance = gr.Slider(0, 255, 60, step=5, label="Tolerance", elem_id="sur-tolerance",
+                    tolerance = gr.Slider(0, 255, 80, step=5, label="Tolerance", elem_id="sur-tolerance",
                                           info="how far a pixel's colour (R+G+B) may be from the clicked one and still join the region")
                     with gr.Row():
                         undo = gr.Button("Undo", size="sm", elem_id="sur-undo")

@@ -13,6 +13,7 @@ import pandas as pd
 from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
+from unlearn_core.metrics import FIXED_AT
 from unlearn_core.images import open_image
 from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
@@ -28,7 +29,11 @@ DEFAULT_PRESET = "balanced"
 PHASES = ("preparing", "remember set", "training", "evaluating")
 PHASE_OF = {"loading": "preparing"}  # the job process reports loading the model before preparing
 CANCELLABLE = ("queued", "running")
-CONFLICT_INFO = ("*What the gradient conflicts mean: the share of steps where forgetting the target and remembering everything else pulled "
+PLAIN_LABELS = {  # the settings on the form's front, in words; the rest keep their config names (the API's and the CLI's)
+    "steps": "planned steps", "stop_at_r": "stop once the flagged seed has moved this far (share of the way)",
+    "remember_prompts": "other prompts to keep", "review_seeds": "your seeds to check after the job", "learning_rate": "learning rate",
+}
+CONFLICT_INFO = ("*Pulled apart: the share of steps where forgetting the target and remembering everything else pulled "
                  "the weights in opposite directions (negative cosine). A high share is normal for a local fix; with projection on, "
                  "the forget step is projected so that it does not undo the remember step.*")
 
@@ -48,7 +53,7 @@ def shown_for(spec, method: str) -> bool:
 
 def component_for(spec) -> gr.components.Component:
     """One form component per config field, from its type and metadata."""
-    meta, label, value = spec.metadata, spec.name.replace("_", " "), _default(spec)
+    meta, label, value = spec.metadata, PLAIN_LABELS.get(spec.name, spec.name.replace("_", " ")), _default(spec)
     common = {"label": label, "info": meta.get("help"), "elem_id": f"cfg-{spec.name.replace('_', '-')}", "visible": shown_for(spec, UnlearnConfig.method)}
     if "choices" in meta:
         return gr.Dropdown(list(meta["choices"]), value=value, **common)
@@ -154,10 +159,14 @@ def progress_markdown(info: dict | None, elapsed: float | None = None) -> str:
         return "No job yet: flag a target, make a surrogate, then press **Start unlearning**."
     parts = [f"**Job `{info['id']}`** — {info['state']}", phase_line(info, elapsed)]
     if info.get("loss_forget") is not None:
-        parts.append(f"L_f {info['loss_forget']:.4f} · L_r {info['loss_remember']:.4f} · gradient conflicts {info['conflict_rate']:.0%} · {info['seconds_per_step']:.2f} s/step")
-    if info.get("toward_surrogate") is not None:
-        stop = f" (training stops at {info['stop_at_r']:.0%})" if info.get("stop_at_r") else ""
-        parts.append(f"target seed now {info['toward_surrogate']:.0%} of the way to the surrogate{stop}")
+        parts.append(f"{info['seconds_per_step']:.2f} s a step · forget loss {info['loss_forget']:.4f} · remember loss {info['loss_remember']:.4f} · "
+                     f"the two pulled apart on {info['conflict_rate']:.0%} of the steps")
+    if info.get("final_r") is not None:
+        saved = f" (the weights of step {info['weights_of_step']}, the ones saved)" if info.get("weights_of_step") not in (None, info["step"]) else ""
+        parts.append(f"the flagged seed moved {info['final_r']:.0%} of the way to the surrogate{saved}: **{info['verdict']}**")
+    elif info.get("toward_surrogate") is not None:
+        stop = f" (it stops once {info['stop_at_r']:.0%} of the way, or {FIXED_AT:.0%} after the planned steps)" if info.get("stop_at_r") else ""
+        parts.append(f"the flagged seed is now {info['toward_surrogate']:.0%} of the way to the surrogate{stop}")
     if info.get("error"):
         parts.append(f"⚠ {info['error']}")
     if info.get("damaged"):
@@ -174,8 +183,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     with gr.Row():
         prompt = gr.Textbox(label="Target prompt", elem_id="unl-prompt")
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
-        target = image_input("Target x_f (optional)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
-        surrogate = image_input("Surrogate x_s", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-surrogate")
+        target = image_input("Target: the flagged image (optional)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
+        surrogate = image_input("Surrogate: the corrected image", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-surrogate")
     gr.Markdown("*Flagging a target on the first tab fills these in; without a target image the job regenerates it from the prompt and seed.*")
     with gr.Row(equal_height=True):
         preset = gr.Radio(list(PRESET_DESCRIPTIONS), value=DEFAULT_PRESET, label="Preset", elem_id="unl-preset", scale=1)
@@ -282,10 +291,14 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         shown_info = info
         if state == "done":  # the steps actually trained (training may stop early), not the planned total
             try:
-                trained = ((found.folder.read_metrics() or {}).get("timing") or {}).get("steps_run")
+                report = found.folder.read_metrics() or {}
             except DamagedRunFile as error:
-                trained, shown_info = None, {**info, "damaged": f"{info.get('damaged') or ''} {error}".strip()}
-            shown_info = {**shown_info, "step": int(trained)} if trained is not None else shown_info
+                report, shown_info = {}, {**info, "damaged": f"{info.get('damaged') or ''} {error}".strip()}
+            timing, forgetting = report.get("timing") or {}, report.get("forgetting") or {}
+            if timing.get("steps_run") is not None:
+                shown_info = {**shown_info, "step": int(timing["steps_run"])}
+            if forgetting.get("toward_surrogate") is not None:  # the verdict's r, of the weights saved: the Results page's number
+                shown_info = {**shown_info, "final_r": forgetting["toward_surrogate"], "verdict": forgetting.get("verdict"), "weights_of_step": timing.get("weights_of_step")}
         buttons = [gr.update(interactive=state in CANCELLABLE), gr.update(interactive=state in RESUMABLE)] if key != last else [gr.skip(), gr.skip()]
         return progress_markdown(shown_info, elapsed), plot, info if key != last else gr.skip(), job_table(store, owner), key, *buttons
 

@@ -27,7 +27,7 @@ from unlearn_core.probe.config import (
     parse_variants,
 )
 from unlearn_core.probe.figures import heatmap_image, heatmap_steps, plot_attention_mass, plot_heatmaps, plot_images, plot_similarity, token_choices
-from unlearn_core.probe.run import CSV_COLUMNS, ProbeResult, VariantResult, auc, export_zip, mass_on, probe_rows, run_probe, summary_lines, write_outputs
+from unlearn_core.probe.run import CSV_COLUMNS, ProbeResult, VariantResult, auc, conclusion, export_zip, mass_on, probe_rows, run_probe, summary_lines, write_outputs
 from unlearn_core.probe.text import ClipScorer, TextScores, encode_token_ids, load_clip, text_analysis, text_encoder_of
 from unlearn_core.probe.tokens import TokenMap, TokenSets, map_words, padded, split_words, token_sets, without_positions
 
@@ -46,6 +46,7 @@ __all__ = [
     "Variant",
     "VariantResult",
     "auc",
+    "conclusion",
     "default_variants_text",
     "encode_token_ids",
     "export_zip",

@@ -316,9 +316,30 @@ def export_zip(result: ProbeResult, path: str | Path | None = None) -> Path:
     return path
 
 
+def conclusion(result: ProbeResult) -> str:
+    """The probe's answer in one line, from this run's numbers: how much of the first (baseline)
+    variant's cross-attention on the concept's tokens each other variant keeps, and how close its
+    text encoding stays to the plain prompt's."""
+    variants = list(result.variants.values())
+    if len(variants) < 2:
+        return "Only one variant: add an instruction variant to compare with it."
+    base, others = variants[0], variants[1:]
+    base_mass = float(np.mean(base.concept_auc))
+    kept = {v.name: float(np.mean(v.concept_auc)) / base_mass if base_mass > 0 else float("nan") for v in others}
+    least = min(kept, key=kept.get)
+    cosine = min(v.text.cosine for v in others)
+    concept = result.config.concept
+    if kept[least] >= 0.5:
+        return (f"Writing the instruction does not remove \"{concept}\": every variant keeps at least {kept[least]:.0%} of "
+                f"{base.name}'s attention on its tokens (least: {least}), and their text encodings stay at cosine ≥ {cosine:.2f} to the plain prompt.")
+    return (f"{least} cut the attention on \"{concept}\" to {kept[least]:.0%} of {base.name}'s; the other variants keep "
+            f"{min([k for n, k in kept.items() if n != least], default=kept[least]):.0%} or more. Look at its images: less attention is not absence.")
+
+
 def summary_lines(result: ProbeResult) -> list[str]:
     """The key numbers as a fixed-width table, for the terminal."""
     lines = [
+        conclusion(result),
         f"anchor: {result.anchor_prompt!r}",
         f"{'variant':<12} {'cos tokens':>10} {'cos pooled':>10} {'-concept':>9} {'-instr':>9} {'concept AUC':>12} {'instr AUC':>10} {'image sim':>10}",
     ]
