@@ -121,6 +121,8 @@ def test_operator_flow(page, server, tmp_path):
     page.click("#gen-run")
     page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 8")
     assert f"seed {TARGET_SEED}" in text_of(page, "#gen-gallery")  # captions carry the provenance
+    wait_text(page, "#gen-judge-note", "thinks")  # the flag judge marks what it thinks wrong, seed 40's purple stripe among them
+    assert f"seed {TARGET_SEED} · ⚠ looks like" in text_of(page, "#gen-gallery")
 
     # 2. flag seed 40 (the purple stripe) by clicking it
     page.locator("#gen-gallery img").nth(TARGET_SEED - 36).click()

@@ -65,3 +65,20 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.tokenizer.model_max_length == 40
     assert json.loads((out / "training_report.json").read_text())["device"] == "cpu"
+
+
+def test_the_flag_judge_marks_the_grid_images_it_thinks_wrong():
+    """Generate & flag's marks: the README's flagged seed (Chad with a purple stripe) is marked with
+    the flag the judge sees instead, a correct Japanese flag is not, and a prompt that names no flag
+    the judge knows gets no marks at all."""
+    from PIL import Image
+
+    flagged = Image.open(ROOT / "assets" / "examples" / "chad_seed40_target.png")
+    from unlearn_core.demo import flags
+
+    photo = flags.render_example("japan", seed=0, size=64)  # the renderer's photo of the Japanese flag
+    japan = Image.fromarray((photo.permute(1, 2, 0).clamp(-1, 1).add(1).mul(127.5)).round().byte().numpy())
+    marks = quality.judge_marks("flag of chad", [flagged])
+    assert marks[0] and marks[0].startswith("looks like: ") and "chad" not in marks[0]
+    assert quality.judge_marks("flag of japan", [japan]) == [None]
+    assert quality.judge_marks("a red fox", [japan]) is None and quality.judge_marks("flag of atlantis", [japan]) is None

@@ -12,6 +12,7 @@ and a sample grid.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -98,6 +99,25 @@ def classify(model: FlagClassifier, images: np.ndarray) -> list[str]:
     tensor = F.interpolate(tensor, size=(64, 64), mode="bilinear", align_corners=False)
     with torch.no_grad():
         return [flags.FLAG_NAMES[i] for i in model(tensor).argmax(1).tolist()]
+
+
+JUDGE_FILE = Path(__file__).resolve().parents[2] / "assets" / "flag-classifier.safetensors"
+
+
+def judge_marks(prompt: str, images: list[Image.Image]) -> list[str | None] | None:
+    """For a `flag of NAME` grid of the demo model: per image, the flag the judge sees where it is not
+    NAME ("looks like: romania"), else None. None for a prompt that names no flag the judge knows
+    (it knows only the demo's flags, so it has nothing to say about other prompts or models)."""
+    name = prompt.strip().lower().removeprefix("flag of ").removeprefix("the ").strip()
+    if not prompt.strip().lower().startswith("flag of") or name not in flags.FLAG_NAMES or not JUDGE_FILE.is_file():
+        return None
+    seen = classify(_judge(), np.stack([np.asarray(image.convert("RGB").resize((64, 64))) for image in images]))
+    return [None if flag == name else f"looks like: {flag}" for flag in seen]
+
+
+@functools.lru_cache(maxsize=1)
+def _judge() -> FlagClassifier:
+    return load_classifier(JUDGE_FILE)
 
 
 def check(model_path: str, classifier_path: Path, seeds: int, out: Path, steps: int = 25, guidance: float = 5.0) -> dict:
