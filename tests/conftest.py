@@ -8,6 +8,15 @@ from unlearn_core import settings
 
 os.environ.setdefault("HOTFIX_DOWNLOAD_TIMEOUT", "3")
 
+# The longest files start first: pytest-xdist's loadfile scheduling hands files to the workers in
+# collection order, and a long file handed out last keeps one worker busy after the others end.
+LONGEST_FILES_FIRST = ("test_browser.py", "test_hardening.py", "test_restart.py", "test_accounts.py", "test_ddp.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
 
 @pytest.fixture(autouse=True)
 def fresh_settings():

@@ -57,7 +57,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
         target_info = gr.Markdown(describe_target(None), elem_id="target-info")
 
     @on_gpu
-    def generate(prompt_text, seed_text, step_count, guidance_scale, model_id, mark_wrong=False, progress=gr.Progress()):
+    def generate(prompt_text, seed_text, step_count, guidance_scale, model_id, progress=gr.Progress()):
         try:
             request = GenerationRequest(prompt_text or "", parse_seeds(seed_text), int(step_count or 0), float(guidance_scale if guidance_scale is not None else -1))
             model = get_model(model_id, services.device)
@@ -65,14 +65,18 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
             raise fail(error) from None
         results = generate_grid(model, request, progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
         records = [prov.to_dict() for _, prov in results]
-        marks = judge_marks(request.prompt, [image for image, _ in results]) if mark_wrong and model.source == DEMO_MODEL else None
-        items = [(image, caption(record, marks[index] if marks else None)) for index, ((image, _), record) in enumerate(zip(results, records))]
+        marks = judge_marks(request.prompt, [image for image, _ in results]) if model.source == DEMO_MODEL else None
+        items = [(image, caption(record)) for (image, _), record in zip(results, records)]  # the API's captions: the seed only
         kept = [{"image": image, "provenance": record, "mark": marks[index] if marks else None, "judged": marks is not None} for index, ((image, _), record) in enumerate(zip(results, records))]
         return items, records, kept
 
-    def explain_marks(results: list, wanted: bool) -> str:
-        judged = bool(results) and results[0].get("judged")
-        return judge_note([item["mark"] for item in results] if judged else None, bool(wanted)) if results else ""
+    def show_marks(results: list, wanted: bool):
+        """The grid again with the judge's marks on its captions (or without, when the toggle is off), and what they mean."""
+        if not results:
+            return gr.skip(), ""
+        judged = results[0].get("judged")
+        items = [(item["image"], caption(item["provenance"], item["mark"] if wanted else None)) for item in results]
+        return items, judge_note([item["mark"] for item in results] if judged else None, bool(wanted))
 
     def flag(results: list, evt: gr.SelectData):
         if not results or evt.index is None or not 0 <= int(evt.index) < len(results):
@@ -80,6 +84,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
         target = {**results[int(evt.index)], "grid_seeds": [item["provenance"]["seed"] for item in results]}  # the grid the operator looked at
         return target, target["image"], describe_target(target)
 
-    run.click(generate, [prompt, seeds, steps, guidance, model_state, judge], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE).then(
-        explain_marks, [results_state, judge], [marks_note], **INTERNAL)
+    run.click(generate, [prompt, seeds, steps, guidance, model_state], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE).then(
+        show_marks, [results_state, judge], [gallery, marks_note], **INTERNAL)
+    judge.change(show_marks, [results_state, judge], [gallery, marks_note], **INTERNAL)
     gallery.select(flag, [results_state], [target_state, target_image, target_info], **INTERNAL)
