@@ -3,7 +3,9 @@
     python -m benchmarks.held_back [--out runs/held-back] [--cases france-77-red,ireland-77-orange]
 
 Each case is the demo model's own output for a prompt and seed with a region repainted the way
-`benchmarks.cases` paints (the source colour picked at a point, as with an eyedropper). The job is
+`benchmarks.cases` paints (the source colour picked at a point, as with an eyedropper), or, for a
+global surrogate, SDEdit of it with its own prompt (every pixel changes, as the Surrogate tab's
+SDEdit makes it). The job is
 the CLI's `unlearn` with default settings; the adapter is then loaded into a plain diffusers
 `StableDiffusionPipeline`, as a user would load it, and measured there: r on the target seed,
 and SSIM ≥ 0.9 of 16 other seeds of the prompt and of 8 seeds each of two other prompts. The user's
@@ -48,8 +50,9 @@ class HeldBackCase:
     name: str
     prompt: str
     seed: int
-    at: tuple[int, int]  # (x, y) inside the region to repaint
-    new: str  # hex colour painted there
+    at: tuple[int, int] = (0, 0)  # (x, y) inside the region to repaint
+    new: str = ""  # hex colour painted there
+    sdedit_strength: float | None = None  # a global surrogate instead: SDEdit of the target at this strength (it changes every pixel)
 
 
 CASES = (
@@ -58,6 +61,7 @@ CASES = (
     HeldBackCase("france-77-red", "flag of france", 77, (50, 32), "ef4135"),
     HeldBackCase("ireland-77-orange", "flag of ireland", 77, (50, 32), "ff883e"),
     HeldBackCase("germany-77-gold", "flag of germany", 77, (32, 42), "ffce00"),
+    HeldBackCase("france-61-sdedit-0.6", "flag of france", 61, sdedit_strength=0.6),
 )
 
 
@@ -89,6 +93,13 @@ def warm_cache(case: HeldBackCase, surrogate: Image.Image) -> None:
     warm_remember_cache(model, [EvalTarget(case.prompt, case.seed, target, surrogate)], config, cache)
 
 
+def global_surrogate(case: HeldBackCase, target: Image.Image) -> Image.Image:
+    """SDEdit of the target with its own prompt, as the Surrogate tab makes it (seed 0, 25 steps)."""
+    from unlearn_core.models import load_model
+
+    return load_model(DEMO_MODEL, device="cpu").sdedit(target, case.prompt, case.sdedit_strength, 0, STEPS, GUIDANCE)
+
+
 def generation_row() -> float:
     """Seconds of `python -m benchmarks`' generation row on this machine now."""
     from unlearn_core.models import load_model
@@ -104,7 +115,7 @@ def run_case(case: HeldBackCase, out: Path) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / DEMO_MODEL), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     target = images(pipe, case.prompt, [case.seed])[0]
-    surrogate = paint(target, (Recolour(colour_at(target, case.at), case.new, at=case.at),))
+    surrogate = global_surrogate(case, target) if case.sdedit_strength else paint(target, (Recolour(colour_at(target, case.at), case.new, at=case.at),))
     target.save(folder / "target.png")
     surrogate.save(folder / "surrogate.png")
     warm_cache(case, surrogate)
