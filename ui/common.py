@@ -304,7 +304,7 @@ def model_picker(device: str = "auto") -> gr.State:
     an id and see its family and size); leaving the box with a new id does the same."""
     box = gr.Textbox(DEMO_MODEL, label="Model", info="Hugging Face model id (owner/name), or a local diffusers folder where this server allows it; press Enter to load and check it now, otherwise it loads on first use",
                      elem_id="model-id")
-    status = gr.Markdown(f"Model: `{DEMO_MODEL}` (loads on first use).", elem_id="model-status")
+    status = gr.Markdown(f"Model: `{DEMO_MODEL}`.", elem_id="model-status")  # the box's info says when it loads; this line would go stale
     state = gr.State(DEMO_MODEL)
 
     @on_gpu
