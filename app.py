@@ -33,11 +33,11 @@ ZERO_GPU_NOTE = ("**On ZeroGPU** generation, surrogates, the adapter preview and
                  "slowly. For GPU training, run this Space on dedicated GPU hardware.")
 
 
-def instruction_tab() -> None:
-    """The instruction-forgetting analysis, built by its own module on the app's shared models."""
+def instruction_tab(model_state: gr.State) -> None:
+    """The instruction-forgetting analysis, built by its own module on the page's model."""
     from ui import instruction_tab as module  # this function's name shadows the module at top level
 
-    module.render()
+    module.render(model_state)
 
 
 def build(services: Services) -> gr.Blocks:
@@ -63,7 +63,7 @@ def build(services: Services) -> gr.Blocks:
             with gr.Tab("Adapters", elem_id="tab-adapters") as tab:
                 adapters_tab.render(services, model_state, tab)
             with gr.Tab("Instruction forgetting", elem_id="tab-instruction"):
-                instruction_tab()
+                instruction_tab(model_state)
     refuse_non_finite(demo.blocks.values())
     guard_handlers(demo)  # every handler's error message leaves through ui.messages.fail: no server paths, no raw bug text
     return demo

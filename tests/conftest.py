@@ -8,8 +8,9 @@ from unlearn_core import settings
 
 os.environ.setdefault("HOTFIX_DOWNLOAD_TIMEOUT", "3")
 
-# The longest files start first: pytest-xdist's loadfile scheduling hands files to the workers in
-# collection order, and a long file handed out last keeps one worker busy after the others end.
+# The longest files start first: with `--no-loadscope-reorder` (the Makefile) pytest-xdist's
+# loadfile scheduling hands files to the workers in collection order; by default it would start the
+# files with the most tests first, and the one-test browser file, the longest, would end the run alone.
 LONGEST_FILES_FIRST = ("test_browser.py", "test_hardening.py", "test_restart.py", "test_accounts.py", "test_ddp.py")
 
 

@@ -149,7 +149,7 @@ def test_operator_flow(page, server, tmp_path):
     page.click("#sur-use-canvas")
     wait_text(page, "#sur-metrics", "SSIM")
     similarity = text_of(page, "#sur-metrics")
-    assert "PSNR" in similarity and ("SSCD" in similarity)  # SSCD is a value or "unavailable: <reason>"
+    assert "PSNR" in similarity and ("SSCD" in similarity)  # SSCD is a value or "not on this server"
     assert float(re.search(r"SSIM: ([0-9.]+)", similarity).group(1)) < 0.99, "the painted stroke did not reach the surrogate"
     painted = page.locator("#sur-surrogate img").first.get_attribute("src")
     open_tab(page, "Upload")
@@ -187,6 +187,7 @@ def test_operator_flow(page, server, tmp_path):
     assert page.locator("#unl-prompt textarea, #unl-prompt input").first.input_value() == PROMPT
     assert page.locator("#unl-seed input").first.input_value() == str(TARGET_SEED)
     wait_text(page, "#unl-preset-info", "balanced")
+    wait_text(page, "#unl-surrogate-in-use", "from the recoloured region")  # which surrogate the job will use
     assert page.locator("#cfg-review-seeds textarea, #cfg-review-seeds input").first.input_value() == "36, 37, 38, 39, 41, 42, 43"  # the rest of the grid, checked after the job
     assert page.locator("#cfg-steps").is_visible() and page.locator("#cfg-stop-at-r").is_visible()
     assert not page.locator("#cfg-siss-mixture").is_visible() and not page.locator("#cfg-lora-rank").is_visible()  # SISS only for SISS; Advanced closed

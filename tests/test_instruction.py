@@ -362,9 +362,10 @@ def test_instruction_tab_renders():
 
     with gr.Blocks() as demo:
         with gr.Tab("Instruction forgetting"):
-            instruction_tab.render()
+            instruction_tab.render(gr.State("assets/demo-model"))
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"instr-run", "instr-gallery", "instr-table", "instr-heatmap", "instr-token", "instr-step", "instr-export"} <= ids
+    assert "instr-model" not in ids  # the page's own model box serves this tab too
     with pytest.raises(gr.Error, match="concept"):
         instruction_tab._config("", "a photo of {concept}", "0", 2, 5.0)
     with pytest.raises(gr.Error, match="seeds"):

@@ -101,17 +101,15 @@ def _on_variant(result, variant, step):
     return tokens, _heatmap(result, variant, position, step)
 
 
-def render() -> None:
-    """Build the tab body; call inside `with gr.Tab("Instruction forgetting"):`."""
+def render(model_state: gr.State) -> None:
+    """Build the tab body on the page's model (the box at the top); call inside `with gr.Tab("Instruction forgetting"):`."""
     result_state = gr.State(None)
     gr.Markdown(
         "Ask the model to *forget* a concept in the prompt and watch it draw the concept anyway. "
         "Compares prompt variants on the same seeds: text-embedding similarity to `a photo of X`, "
         "token ablation, cross-attention mass on concept vs instruction tokens per step, and heat maps."
     )
-    with gr.Row():
-        model_path = gr.Textbox(value=DEMO_MODEL, label="Model (hub id or local diffusers folder)", elem_id="instr-model")
-        concept = gr.Textbox(value=DEFAULT_CONCEPT, label="Concept X", elem_id="instr-concept")
+    concept = gr.Textbox(value=DEFAULT_CONCEPT, label="Concept X", elem_id="instr-concept")
     variants = gr.Textbox(
         value=probe.default_variants_text(),
         lines=5,
@@ -135,14 +133,15 @@ def render() -> None:
                         "that token's own range across the steps.")
         with gr.Column(scale=2):
             heatmap = gr.Image(label="Cross-attention heat map", type="pil", height=420, show_label=False, elem_id="instr-heatmap")
-    mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", type="filepath", height=420, elem_id="instr-mass-plot")
-    similarity_plot = gr.Image(label="Text similarity to the anchor and token ablation", type="filepath", height=380, elem_id="instr-similarity-plot")
+    # the figures carry their own titles: a label on top would cover them
+    mass_plot = gr.Image(label="Attention mass on concept vs instruction tokens", show_label=False, type="filepath", height=420, elem_id="instr-mass-plot")
+    similarity_plot = gr.Image(label="Text similarity to the anchor and token ablation", show_label=False, type="filepath", height=380, elem_id="instr-similarity-plot")
     table = gr.Dataframe(headers=list(probe.CSV_COLUMNS), label="Results (one row per variant and seed)", interactive=False, elem_id="instr-table")
     export = gr.File(label="Export (CSV + figures + images, zip)", elem_id="instr-export")
 
     run.click(
         _run,
-        inputs=[model_path, concept, variants, seeds, steps, guidance],
+        inputs=[model_state, concept, variants, seeds, steps, guidance],
         outputs=[result_state, gallery, heat_variant, token, step, heatmap, mass_plot, similarity_plot, table, export, status],
         **MODEL_QUEUE,
     )

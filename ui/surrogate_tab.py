@@ -43,19 +43,33 @@ ORIGINS = {"sdedit": "SDEdit", "image": "your image", "canvas": "the canvas", "r
 LOCAL_SSIM = 0.7  # below: the surrogate changes more than a region
 
 
+def in_use_line(reach, origin: str) -> str:
+    """Which surrogate is in use, where it came from and how far it is from the target (shown on
+    the Surrogate and the Unlearn tabs)."""
+    if not origin:
+        return ""
+    line = f"**Surrogate in use: from {ORIGINS.get(origin, origin)}**, SSIM {reach.ssim:.2f} to the target."
+    if reach.ssim < LOCAL_SSIM and not reach.is_global:
+        line += " This changes more than the region you meant; paint or recolour the region instead?"
+    return line
+
+
+def in_use(target: Image.Image, surrogate: Image.Image, origin: str) -> dict:
+    """The shared surrogate state: the image and its in-use line."""
+    return {"image": surrogate, "in_use": in_use_line(surrogate_reach(target, surrogate), origin)}
+
+
 def similarity_markdown(target: Image.Image, surrogate: Image.Image, origin: str = "") -> str:
     """Which surrogate is in use and where it came from, then target vs surrogate under each
     metric's own name; unavailable networks say why."""
     reach = surrogate_reach(target, surrogate)
-    lines = [f"**Surrogate in use: from {ORIGINS.get(origin, origin)}**, SSIM {reach.ssim:.2f} to the target." if origin else "", ""]
-    if origin and reach.ssim < LOCAL_SSIM and not reach.is_global:
-        lines[0] += " This changes more than the region you meant; paint or recolour the region instead?"
+    lines = [in_use_line(reach, origin), ""]
     lines += ["**Surrogate vs target** (the surrogate should keep the structure and drop what is wrong)", ""]
-    for result in metrics.compare([surrogate], [target]).values():
-        if result["available"]:
-            lines.append(f"- **{result['name']}**: {result['value']:.4g}")
-        else:
-            lines.append(f"- {result['name']}: unavailable: {result['reason']}")
+    results = list(metrics.compare([surrogate], [target]).values())
+    lines += [f"- **{result['name']}**: {result['value']:.4g}" for result in results if result["available"]]
+    missing = [result["name"] for result in results if not result["available"]]
+    if missing:  # the Results tab lists why, once
+        lines.append(f"- {' and '.join(missing)}: not on this server (their networks' weights are missing; Results says more)")
     note = reach.warning()
     return "\n".join(lines + ([f"\n**Global surrogate.** {note}"] if note else []))
 
@@ -146,7 +160,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         surrogate = make_surrogate(model, target, options)
         if np.array_equal(np.asarray(surrogate), np.asarray(target)):
             gr.Warning("the surrogate is identical to the target: unlearning would change nothing")
-        return surrogate, similarity_markdown(target, surrogate, origin or options.method), surrogate
+        return surrogate, similarity_markdown(target, surrogate, origin or options.method), in_use(target, surrogate, origin or options.method)
 
     def make(method_name, target, prompt, strength_value, sigma_value, seed_value, step_count, image, model_id):
         """The one handler behind every button (and the API's make_surrogate)."""
@@ -179,7 +193,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             kept = keep_main_change(target, open_image(surrogate, "surrogate"))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
-        return kept, similarity_markdown(target, kept, "main change"), kept
+        return kept, similarity_markdown(target, kept, "main change"), in_use(target, kept, "main change")
 
     def on_target(target):
         if not target:

@@ -185,6 +185,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         seed = gr.Number(label="Target seed", precision=0, minimum=0, elem_id="unl-seed")
         target = image_input("Target: the flagged image (optional)", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-target")
         surrogate = image_input("Surrogate: the corrected image", height=224, width=224, format="png", elem_classes=PIXELS, elem_id="unl-surrogate")
+    surrogate_in_use = gr.Markdown("", elem_id="unl-surrogate-in-use")
     gr.Markdown("*Flagging a target on the first tab fills these in; without a target image the job regenerates it from the prompt and seed.*")
     with gr.Row(equal_height=True):
         preset = gr.Radio(list(PRESET_DESCRIPTIONS), value=DEFAULT_PRESET, label="Preset", elem_id="unl-preset", scale=1)
@@ -323,4 +324,4 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
     timer.tick(poll, [job_id, shown], [progress_text, curves, status_json, table, shown, cancel, resume], show_progress="hidden", **INTERNAL)
     table.select(pick_row, None, [job_id], **INTERNAL)
     target_state.change(on_target, [target_state], [prompt, seed, target, built["review_seeds"]], **INTERNAL)
-    surrogate_state.change(lambda image: image, [surrogate_state], [surrogate], **INTERNAL)
+    surrogate_state.change(lambda value: (value["image"], value["in_use"]) if value else (None, ""), [surrogate_state], [surrogate, surrogate_in_use], **INTERNAL)

@@ -71,9 +71,9 @@ def _metric_lines(metrics: dict | None) -> list[str]:
     for prompt, scores in metrics.get("integrity", {}).items():
         ssim = scores.get("ssim", {})
         lines.append(f"- Other seeds of `{prompt}`: SSIM before/after {ssim.get('value', float('nan')):.3f}; {scores.get('ssim_at_least_0.9', '?')} of {len(scores.get('seeds', []))} at ≥ 0.9.")
-    for name, state in metrics.get("availability", {}).items():
-        if not state.get("available"):
-            lines.append(f"- {name}: not computed ({state.get('reason', 'unavailable')}).")
+    missing = [name for name, state in metrics.get("availability", {}).items() if not state.get("available")]
+    if missing:
+        lines.append(f"- Not computed where it was trained (no weights for their networks): {', '.join(missing)}.")
     return lines
 
 

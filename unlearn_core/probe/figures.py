@@ -81,11 +81,14 @@ def plot_attention_mass(result: ProbeResult, path: Path) -> Path:
     fig = _figure(11, 3.8)
     axes = fig.subplots(1, 2, sharey=True)
     colors = _colors(len(result.variants))
-    for color, v in zip(colors, result.variants.values()):
+    styles = ("-", "--", ":", "-.")
+    for index, (color, v) in enumerate(zip(colors, result.variants.values())):
         for ax, curves, aucs in ((axes[0], v.concept_curves, v.concept_auc), (axes[1], v.instruction_curves, v.instruction_auc)):
             mean = curves.mean(axis=0)
             xs = np.linspace(0, 1, mean.size) if mean.size > 1 else np.array([0.0])
-            ax.plot(xs, mean, color=color, lw=2, marker="o" if mean.size < 3 else None, label=f"{v.name} (AUC {np.mean(aucs):.3f})")
+            # each variant its own dash, the first (the baseline) drawn on top: curves that coincide stay visible
+            ax.plot(xs, mean, color=color, lw=2, ls=styles[index % len(styles)], zorder=3 + len(result.variants) - index,
+                    marker="o" if mean.size < 3 else None, label=f"{v.name} (AUC {np.mean(aucs):.3f})")
             if curves.shape[0] > 1:
                 ax.fill_between(xs, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.15)
     axes[0].set_title(f"attention mass on concept tokens ('{result.config.concept}')", fontsize=11)
