@@ -278,4 +278,6 @@ def test_operator_flow(page, server, tmp_path):
     page.wait_for_selector("#instr-heatmap img")
     wait_text(page, "#instr-status", "Done in")
     assert re.search(r"(does not remove|cut the attention)", text_of(page, "#instr-status").split("\n")[0]), "no conclusion line"
+    page.wait_for_timeout(1000)  # an event refused by the server shows its toast by now
+    assert "greater than maximum" not in page.inner_text("body"), "the run's new step range was refused"
     shoot(page, "instruction")

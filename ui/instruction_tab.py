@@ -145,6 +145,9 @@ def render(model_state: gr.State) -> None:
         outputs=[result_state, gallery, heat_variant, token, step, heatmap, mass_plot, similarity_plot, table, export, status],
         **MODEL_QUEUE,
     )
-    heat_variant.change(_on_variant, inputs=[result_state, heat_variant, step], outputs=[token, heatmap])
-    token.change(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)
-    step.change(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)
+    # .input, not .change: only the operator's own choices redraw the map. A run's own updates (a new
+    # step range with its value, a variant, a token) already carry their map, and a change event
+    # sent with the slider's old value against its new range was refused ("Value 25 is greater than maximum value 3").
+    heat_variant.input(_on_variant, inputs=[result_state, heat_variant, step], outputs=[token, heatmap])
+    token.input(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)
+    step.input(_heatmap, inputs=[result_state, heat_variant, token, step], outputs=heatmap)

@@ -13,8 +13,8 @@ import pandas as pd
 from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
-from unlearn_core.metrics import FIXED_AT
 from unlearn_core.images import open_image
+from unlearn_core.metrics import FIXED_AT
 from unlearn_core.models import check_web_model
 from unlearn_core.store import RESUMABLE, progress
 from unlearn_core.surrogate import surrogate_reach

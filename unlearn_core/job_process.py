@@ -42,11 +42,11 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
         if main:
             folder.write_status(state, **extra)
 
+    phase = {}  # the phase now, when it began, and the remember set's count
+
     def on_step(report):
         steps.update(step=report.step)
         record("running", **phase, **steps)
-
-    phase = {}
 
     def on_phase(name):
         phase.clear()

@@ -327,11 +327,11 @@ def conclusion(result: ProbeResult) -> str:
     base_mass = float(np.mean(base.concept_auc))
     kept = {v.name: float(np.mean(v.concept_auc)) / base_mass if base_mass > 0 else float("nan") for v in others}
     least = min(kept, key=kept.get)
-    cosine = min(v.text.cosine for v in others)
+    cosine = min(v.text.cosine_mean for v in others)  # over the word tokens: what the denoiser reads
     concept = result.config.concept
     if kept[least] >= 0.5:
         return (f"Writing the instruction does not remove \"{concept}\": every variant keeps at least {kept[least]:.0%} of "
-                f"{base.name}'s attention on its tokens (least: {least}), and their text encodings stay at cosine ≥ {cosine:.2f} to the plain prompt.")
+                f"{base.name}'s attention on its tokens (least: {least}); their word tokens' encodings stay at cosine ≥ {cosine:.2f} to the plain prompt's.")
     return (f"{least} cut the attention on \"{concept}\" to {kept[least]:.0%} of {base.name}'s; the other variants keep "
             f"{min([k for n, k in kept.items() if n != least], default=kept[least]):.0%} or more. Look at its images: less attention is not absence.")
 
