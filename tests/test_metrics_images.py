@@ -223,3 +223,26 @@ def test_keeping_the_main_change_restores_the_target_elsewhere():
     assert not surrogate_reach(target, Image.fromarray(kept.astype(np.uint8))).is_global
     with pytest.raises(ImageError, match="no region"):
         keep_main_change(target, _flag((120, 0, 160), wobble=5))
+
+
+def test_recolour_region_fills_the_connected_region_within_tolerance_and_keeps_the_rest():
+    """The region tool: the clicked band takes the new colour; a band of the same colour elsewhere
+    (not connected), a soft edge beyond the tolerance and every other pixel keep theirs."""
+    from unlearn_core.errors import InvalidInput
+    from unlearn_core.surrogate import colour_at, recolour_region
+
+    pixels = np.zeros((8, 12, 3), dtype=np.uint8)
+    pixels[:, 0:3] = (120, 0, 160)  # the band clicked
+    pixels[:, 3] = (150, 60, 150)  # its soft edge: R+G+B 30+60+10 = 100 away
+    pixels[:, 4:8] = (250, 200, 20)
+    pixels[:, 8:12] = (120, 0, 160)  # the same colour, not connected
+    pixels[2, 1] = (125, 5, 160)  # within tolerance: filled too
+    image = Image.fromarray(pixels)
+    assert colour_at(image, (0, 0)) == "#7800a0"
+    after = np.asarray(recolour_region(image, (1, 4), "#c8102e", tolerance=80))
+    assert (after[:, 0:3] == (200, 16, 46)).all()
+    assert (after[:, 3:] == pixels[:, 3:]).all()
+    with pytest.raises(InvalidInput, match="outside"):
+        recolour_region(image, (12, 0), "#c8102e")
+    with pytest.raises(InvalidInput, match="colour"):
+        recolour_region(image, (0, 0), "not a colour")
