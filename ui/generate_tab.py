@@ -84,7 +84,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State) ->
         target = {**results[int(evt.index)], "grid_seeds": [item["provenance"]["seed"] for item in results]}  # the grid the operator looked at
         return target, target["image"], describe_target(target)
 
-    run.click(generate, [prompt, seeds, steps, guidance, model_state], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE).then(
+    run.click(generate, [prompt, seeds, steps, guidance, model_state], [gallery, provenance, results_state], api_name="generate", **MODEL_QUEUE).success(
         show_marks, [results_state, judge], [gallery, marks_note], **INTERNAL)
     judge.change(show_marks, [results_state, judge], [gallery, marks_note], **INTERNAL)
     gallery.select(flag, [results_state], [target_state, target_image, target_info], **INTERNAL)
