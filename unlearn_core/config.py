@@ -162,9 +162,14 @@ MAX_LISTED_SEEDS = 64  # review_seeds: a Generate grid's worth
 MAX_PROMPT_BYTES = 16_000  # all prompts of one job together
 
 
+def measures_r_while_training(config: "UnlearnConfig") -> bool:
+    """Whether training re-records the targets' trajectories, and so measures r as it goes."""
+    return config.method == "ours" and config.forget_states == "trajectory" and config.trajectory_refresh > 0
+
+
 def _measures_r(config: "UnlearnConfig") -> bool:
-    """Whether training measures r as it goes (and so may stop early, train on or consolidate)."""
-    return config.method == "ours" and config.forget_states == "trajectory" and config.trajectory_refresh > 0 and config.stop_at_r > 0
+    """Whether training measures r and acts on it (may stop early, train on or consolidate)."""
+    return measures_r_while_training(config) and config.stop_at_r > 0
 
 
 def max_training_steps(config: "UnlearnConfig") -> int:

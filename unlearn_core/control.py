@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from unlearn_core.config import measures_r_while_training
 from unlearn_core.sets import record_target_states
 
 # How far below the r at which the target was fixed consolidation may let it fall. A correction's
@@ -117,7 +118,7 @@ class ControlPolicy:
 
     def _measures_r_while_training(self) -> bool:
         """Whether this run re-records the targets' trajectories (and so measures r while training)."""
-        return self.config.method == "ours" and self.config.forget_states == "trajectory" and self.config.trajectory_refresh > 0
+        return measures_r_while_training(self.config)
 
     def _trajectory_due(self) -> bool:
         return self._measures_r_while_training() and self.step % self.config.trajectory_refresh == 0

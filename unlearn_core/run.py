@@ -82,14 +82,25 @@ def remember_images(model: DiffusionModel, targets: list[EvalTarget], config: Un
             raise ImageError(f"remember folder {config.remember_dir} holds no images")
         images = [load_for_model(f, model.image_size, f.name) for f in files[: config.remember_count]]
         return images, [targets[0].prompt] * len(images)
-    prompts = list(dict.fromkeys([t.prompt for t in targets] + config.remember_prompts))
-    seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+    prompts, seeds = remember_image_plan(targets, config)
     images, texts = [], []
     for prompt in prompts:
         generated, _ = cache.get_or_generate(model, prompt, seeds, config.generation_steps, config.guidance_scale)
         images += generated
         texts += [prompt] * len(generated)
     return images, texts
+
+
+def remember_image_plan(targets: list[EvalTarget], config: UnlearnConfig) -> tuple[list[str], list[int]]:
+    """The prompts and seeds of generated remember images (denoise remembering, the baselines)."""
+    prompts = list(dict.fromkeys([t.prompt for t in targets] + config.remember_prompts))
+    return prompts, list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
+
+
+def remember_pool_seeds(targets: list[EvalTarget], config: UnlearnConfig) -> list[int]:
+    """`config.remember_seeds` less the target seeds: the seeds a remember prompt's pool holds."""
+    target_seeds = {t.seed for t in targets}
+    return [seed for seed in config.remember_seeds if seed not in target_seeds]
 
 
 def remember_prompts_for(model: DiffusionModel, targets: list[EvalTarget], config: UnlearnConfig) -> list[str]:
@@ -138,8 +149,7 @@ def remember_seed_plan(model: DiffusionModel, prompts: list[str], config: Unlear
     the target's, so a fix spills onto them first; holding them is what keeps the target's
     neighbours. Other prompts (the empty one, extra remember prompts) have no flagged image and
     keep the first seeds."""
-    target_seeds = {t.seed for t in targets}
-    pool = [seed for seed in config.remember_seeds if seed not in target_seeds]
+    pool = remember_pool_seeds(targets, config)
     renoising = config.renoised_seed_count > 0
     plans = []
     for prompt in prompts:
@@ -182,11 +192,9 @@ def remember_set_images(model: DiffusionModel, targets: list[EvalTarget], config
     A flagged prompt's pool not yet generated means its nearest seeds are not yet recorded either."""
     trajectories = len(targets) if config.method == "ours" and config.forget_states == "trajectory" else 0
     if config.method != "ours" or config.remember_loss != "distill":  # `remember_images`
-        seeds = list(range(config.remember_seed_offset, config.remember_seed_offset + config.remember_count))
-        prompts = dict.fromkeys([t.prompt for t in targets] + config.remember_prompts)
+        prompts, seeds = remember_image_plan(targets, config)
         return trajectories + (0 if config.remember_dir else sum(cache.missing_images(model, prompt, seeds, config.generation_steps, config.guidance_scale) for prompt in prompts))
-    target_seeds = {t.seed for t in targets}
-    pool = [seed for seed in config.remember_seeds if seed not in target_seeds]
+    pool = remember_pool_seeds(targets, config)
     count = trajectories
     for prompt in remember_prompts_for(model, targets, config):
         flagged = config.remember_choice == "nearest" and any(t.prompt == prompt for t in targets) and len(pool) > config.remember_count
