@@ -60,7 +60,14 @@ def page(server):
 
 
 def shoot(page, name: str) -> None:
+    """A full-page screenshot once every image on the page has loaded (Chromium loads images below
+    the fold lazily: scrolled through first, or they show blank)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("""async () => {
+        for (let y = 0; y < document.body.scrollHeight; y += 400) { window.scrollTo(0, y); await new Promise(done => setTimeout(done, 50)); }
+    }""")
+    page.wait_for_function("[...document.images].every(image => image.complete)")
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -276,6 +283,10 @@ def test_operator_flow(page, server, tmp_path):
     page.wait_for_selector("#instr-gallery img")
     wait_text(page, "#instr-table", "unlearning")
     page.wait_for_selector("#instr-heatmap img")
+    similarity = page.locator("#instr-similarity-plot img")  # loaded lazily: only once scrolled to
+    similarity.wait_for(state="attached")
+    similarity.scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelector('#instr-similarity-plot img').naturalWidth > 0")
     wait_text(page, "#instr-status", "Done in")
     assert re.search(r"(does not remove|cut the attention)", text_of(page, "#instr-status").split("\n")[0]), "no conclusion line"
     page.wait_for_timeout(1000)  # an event refused by the server shows its toast by now

@@ -114,3 +114,21 @@ def save_tiny(kind: str, folder: Path) -> Path:
     if not (folder / "model_index.json").exists():
         BUILDERS[kind]().save_pretrained(folder)
     return folder
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny real CLIP (random weights, the demo's tokenizer, CLIP's image processor at 32 px) saved
+    as a model folder, for what loads CLIP from disk (`HOTFIX_CLIP_MODEL`)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=_tokenizer().vocab_size, max_position_embeddings=77,
+                         bos_token_id=_tokenizer().bos_token_id, eos_token_id=_tokenizer().eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=_tokenizer()).save_pretrained(folder)
+    return folder

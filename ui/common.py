@@ -176,9 +176,16 @@ def loss_frame(run_dir: str | None) -> pd.DataFrame | None:
         rows = []
     if not rows:
         return None
-    records = [{"step": int(r["step"]), "loss": r["loss_forget"], "curve": "L_f (forget)"} for r in rows]
-    records += [{"step": int(r["step"]), "loss": r["loss_remember"], "curve": "L_r (remember)"} for r in rows]
+    records = [{"step": int(r["step"]), "loss": r["loss_forget"], "curve": "forget loss"} for r in rows]
+    records += [{"step": int(r["step"]), "loss": r["loss_remember"], "curve": "remember loss"} for r in rows]
     return pd.DataFrame(records, columns=["step", "loss", "curve"])
+
+
+def loss_plot(run_dir: str | None, steps: int):
+    """The loss chart's update: the log, on a step axis from 0 to `steps` (at least 10). A fixed
+    axis does not jump as rows arrive, and a span of 10 or more keeps Vega's ticks on whole steps
+    (gr.LinePlot has no integer-tick option; a 3-step log gets ticks at 0.5)."""
+    return gr.update(value=loss_frame(run_dir), x_lim=[0, max(int(steps or 0), 10)])
 
 
 def hugging_face_user(request: gr.Request | None) -> str | None:

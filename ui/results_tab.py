@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, fail, job_choices, loss_frame, owner_of, served_copies
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, fail, job_choices, loss_frame, loss_plot, owner_of, served_copies
 from unlearn_core.config import PRESETS, UnlearnConfig
 from unlearn_core.errors import DamagedRunFile
 from unlearn_core.images import open_image
@@ -222,7 +222,7 @@ def render(services: Services, tab: gr.Tab) -> None:
         text += "".join(f"\n\n⚠ {note}" for note in notes)
         pair = (target, after) if target is not None and after is not None else None
         return (text, verdict_markdown(report), gr.update(visible=retry), "", target, surrogate, after, pair,
-                served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_frame(found.run_dir))
+                served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_plot(found.run_dir, trained))
 
     def rerun_stronger(job_id, request: gr.Request):
         """The same targets and settings with the stronger preset's values on top, as a new job."""

@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 import gradio as gr
 import pandas as pd
 
-from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, owner_of, pretty
+from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, loss_plot, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
 from unlearn_core.images import open_image
@@ -283,7 +283,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         found = store.get(job or "", owner)
         info = progress(found) if found else None
         key = f"{job}:{info['step']}:{info['state']}" if info else ""
-        plot = loss_frame(found.run_dir) if found and key != last else gr.skip()
+        plot = loss_plot(found.run_dir, info["total"]) if found and key != last else gr.skip()
         elapsed = None
         if info and info["state"] == "running" and info.get("phase") != "training":
             since = info.get("phase_started")

@@ -120,6 +120,14 @@ class ClipScorer:
         txt = txt / txt.norm(dim=-1, keepdim=True)
         return [float(v) for v in (image @ txt[0])]
 
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence) -> torch.Tensor:
+        """CLIP's projected image embeddings, one row per image (float32)."""
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        features = self.model.get_image_features(**inputs)
+        # transformers 5 returns an output whose pooler_output is the projected embedding; 4.x a tensor
+        return (features if isinstance(features, torch.Tensor) else features.pooler_output).float()
+
 
 class ClipUnavailable(Exception):
     """Why no CLIP scorer could be loaded (the probe reports it and goes on without CLIP)."""
