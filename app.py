@@ -28,9 +28,9 @@ QUEUE_MAX_SIZE = 64  # events waiting at once; more are refused with "the queue 
 # those older than an hour are deleted (all of them when the server stops). A job copies its images into
 # its run folder when it is queued, so only an upload left unused for an hour is lost.
 DELETE_CACHE = (600, 3600)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
-ZERO_GPU_NOTE = ("**On ZeroGPU** generation, surrogates, the adapter preview and the instruction probe run on the GPU (inside "
-                 "`spaces.GPU` calls), but unlearning jobs run in their own process, which ZeroGPU gives no GPU: they train on the CPU, "
-                 "slowly. For GPU training, run this Space on dedicated GPU hardware.")
+ZERO_GPU_NOTE = ("**On ZeroGPU** every part runs on the GPU inside `spaces.GPU` calls. An unlearning job runs as a chain of GPU "
+                 "slots of {slot:.0f} s: each slot goes on from the last one's checkpoint, so a job waits for a GPU between slots "
+                 "and each slot counts toward the visitor's ZeroGPU quota.")
 
 
 def instruction_tab(model_state: gr.State) -> None:
@@ -45,7 +45,7 @@ def build(services: Services) -> gr.Blocks:
         gr.Markdown("# Hotfix Studio\nRemove one specific bad output of a diffusion model with a small LoRA: "
                     "generate → flag → surrogate → unlearn → inspect → export.")
         if settings_module.current().zero_gpu:
-            gr.Markdown(ZERO_GPU_NOTE, elem_id="zero-gpu-note")
+            gr.Markdown(ZERO_GPU_NOTE.format(slot=settings_module.current().gpu_slot_s), elem_id="zero-gpu-note")
         if settings_module.current().hf_oauth:  # a Space with hf_oauth: jobs belong to the signed-in account, across sessions
             gr.LoginButton(elem_id="hf-login")
         model_state = model_picker(services.device)
@@ -90,17 +90,29 @@ def open_store(settings: settings_module.Settings) -> tuple[JobStore, list[str]]
     return store, interrupted
 
 
+def preload_for_zero_gpu(device: str) -> None:
+    """ZeroGPU wants the weights loaded, and moved to "cuda", when the server starts, not inside a
+    GPU call: the page's model and the jobs' copy (each GPU slot of a job starts from it, unchanged)."""
+    from ui.common import get_model
+    from unlearn_core.config import DEMO_MODEL
+    from unlearn_core.job_process import warm_up
+
+    get_model(DEMO_MODEL, device)
+    warm_up(DEMO_MODEL, device)
+
+
 def main() -> None:
     settings = settings_module.use(settings_module.Settings.from_env())
     if settings.zero_gpu:
-        print(ZERO_GPU_NOTE.replace("**", "").replace("`", ""))
+        print(ZERO_GPU_NOTE.format(slot=settings.gpu_slot_s).replace("**", "").replace("`", ""))
+        preload_for_zero_gpu(settings.device)
     accounts = Accounts(read_users(settings.users_file) if settings.users_file else {}, settings.admins, settings.login,
                         LoginLimiter(settings.login_failures, settings.login_window_s))
     store, interrupted = open_store(settings)
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted, their server stopped renewing its lease: {', '.join(interrupted)}")
     device = settings.device
-    worker = JobWorker(store, device, warm=settings.warm_worker).start()
+    worker = JobWorker(store, device, warm=settings.warm_worker, slot_s=settings.gpu_slot_s if settings.zero_gpu else None).start()
     atexit.register(worker.stop)  # a running job's process is stopped and its job marked interrupted
     signal.signal(signal.SIGTERM, _interrupt)
     demo = build(Services(store, worker, device))

@@ -25,12 +25,12 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     `display` (a `RunCallbacks`) also sees each phase and step, e.g. the CLI's progress bar. `web`:
     the job came from the web, so its model name follows the web's rules (`models.check_web_model`).
     Raises what ended the run (after recording it): `TrainingCancelled`, `TrainingDiverged`, an
-    `OperatorError`, or a bug.
+    `OperatorError`, or a bug; `TrainingPaused` when `display` asked it to stop at a checkpoint.
     """
     from unlearn_core.config import InstanceTarget, UnlearnConfig, max_training_steps
     from unlearn_core.models import load_model
     from unlearn_core.run import RunCallbacks, run_unlearning
-    from unlearn_core.trainer import TrainingCancelled
+    from unlearn_core.trainer import TrainingCancelled, TrainingPaused
 
     request = folder.read_request()
     config = UnlearnConfig.from_dict(request["config"])
@@ -67,6 +67,9 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     except TrainingCancelled as error:
         record("cancelled", error=str(error), **steps)
         raise
+    except TrainingPaused:  # at a checkpoint, at the end of a GPU slot: the next slot goes on
+        record("running", phase="waiting for a GPU slot", phase_started=time.time(), **steps)
+        raise
     except Exception as error:
         record("failed", error=str(error) if isinstance(error, OperatorError) else without_server_paths(f"{type(error).__name__}: {error}"), **steps)
         raise
@@ -88,7 +91,7 @@ def _take_preloaded(name: str, device: str, web: bool):
     return model
 
 
-def _warm_up(preload: str | None, device: str) -> None:
+def warm_up(preload: str | None, device: str) -> None:
     """What every job needs before its run folder is known: the heavy imports and, when given, the
     server's default model. A model that fails to load here is loaded (and its error reported) by the job."""
     import importlib
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preload", default=None, help="with --wait: the model to load while waiting")
     args = parser.parse_args(argv)
     if args.wait:
-        _warm_up(args.preload, args.device)
+        warm_up(args.preload, args.device)
         args.run_dir = sys.stdin.readline().strip()
         if not args.run_dir:
             return 0  # the server stopped before it had a job for this process

@@ -25,7 +25,7 @@ from unlearn_core.models import DiffusionModel
 from unlearn_core.models.base import SamplingRecord
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.sets import FixedSets, encode_sets, record_target_states, remember_pool
-from unlearn_core.trainer import StepReport, UnlearnTrainer
+from unlearn_core.trainer import StepReport, TrainingPaused, UnlearnTrainer
 
 
 def _nothing(*args) -> None:
@@ -40,6 +40,7 @@ class RunCallbacks:
     on_phase: Callable[[str], None] = _nothing
     should_stop: Callable[[], bool] = lambda: False
     on_images: Callable[[int, int], None] = _nothing  # (done, total) images sampled in the remember set
+    should_pause: Callable[[str], bool] = lambda before: False  # before "step" or "evaluating": stop at a checkpoint, to go on later (`gpu_slots`)
 
     def then(self, other: "RunCallbacks | None") -> "RunCallbacks":
         """These callbacks followed by `other`'s (which may also ask the run to stop)."""
@@ -58,7 +59,8 @@ class RunCallbacks:
             self.on_images(done, total)
             other.on_images(done, total)
 
-        return RunCallbacks(on_step, on_phase, lambda: self.should_stop() or other.should_stop(), on_images)
+        return RunCallbacks(on_step, on_phase, lambda: self.should_stop() or other.should_stop(), on_images,
+                            lambda before: self.should_pause(before) or other.should_pause(before))
 
 
 def resolve_target_images(model: DiffusionModel, targets: list[InstanceTarget], config: UnlearnConfig, cache: GenerationCache) -> list[EvalTarget]:
@@ -304,9 +306,12 @@ def run_unlearning(
         torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
         model.add_lora(config.lora_rank, config.lora_alpha, config.lora_layers)
     callbacks.on_phase("training")
-    trainer = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop)
+    trainer = UnlearnTrainer(model, config, sets, folder, callbacks.on_step, callbacks.should_stop, lambda: callbacks.should_pause("step"))
     trainer.train()
     trained = time.time()
+    if main and evaluate_after and callbacks.should_pause("evaluating"):  # too little of a GPU slot left: evaluate in the next
+        trainer.save_checkpoint()
+        raise TrainingPaused("paused before evaluating")
     if not main:
         return {"run_dir": str(folder.path), "files": [], "summary": summarise(trainer), "metrics": None}
     files = [] if config.full_finetune else model.save_lora(folder.path) + save_kohya(model, folder)

@@ -35,6 +35,22 @@ class StatePool:
     def __len__(self) -> int:
         return self.x_t.shape[0]
 
+    def to_tensors(self) -> dict:
+        """The pool as tensors only (images as uint8 arrays), for a checkpoint that loads with
+        `torch.load(weights_only=True)`."""
+        import numpy as np
+
+        fields = {name: getattr(self, name) for name in ("x_t", "timesteps", "cond_index", "reference", "label", "conds", "frozen")}
+        images = [torch.from_numpy(np.array(image.convert("RGB"))) for image in self.images] if self.images is not None else None
+        return {**fields, "guided": torch.tensor(self.guided), "images": images}
+
+    @classmethod
+    def from_tensors(cls, saved: dict) -> "StatePool":
+        from PIL import Image
+
+        images = [Image.fromarray(image.numpy()) for image in saved["images"]] if saved["images"] is not None else None
+        return cls(**{**saved, "guided": bool(saved["guided"]), "images": images})
+
     def take(self, index: torch.Tensor, device: torch.device):
         cond = {key: value[self.cond_index[index]].to(device) for key, value in self.conds.items()}
         return self.x_t[index].to(device), self.timesteps[index].to(device), cond, self.reference[index].to(device), self.label[index].to(device)

@@ -62,6 +62,7 @@ class Settings:
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
     lease_s: float = 30.0  # HOTFIX_LEASE_S: a running job whose worker has not renewed its lease for this long is marked interrupted
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
+    gpu_slot_s: float = 120.0  # HOTFIX_GPU_SLOT_S: on ZeroGPU, the length of one GPU call of a job (`gpu_slots`); ZeroGPU's own default is 60
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":
@@ -88,6 +89,7 @@ class Settings:
             download_timeout_s=float(env.get("HOTFIX_DOWNLOAD_TIMEOUT") or cls.download_timeout_s),
             warm_worker=_flag(env.get("HOTFIX_WARM_WORKER")) is not False,
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
+            gpu_slot_s=float(env.get("HOTFIX_GPU_SLOT_S") or cls.gpu_slot_s),
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
@@ -110,6 +112,8 @@ class Settings:
             raise ValueError(f"HOTFIX_CACHE_MAX_GB must be a number of gigabytes, 0 or more; got {self.cache_max_gb!r}")
         if self.sscd_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sscd_sha256.strip()):
             raise ValueError(f"HOTFIX_SSCD_SHA256 must be a SHA-256 digest (64 hexadecimal digits, as sha256sum prints); got {self.sscd_sha256!r}")
+        if not self.gpu_slot_s >= 10:
+            raise ValueError(f"HOTFIX_GPU_SLOT_S must be at least 10 seconds; got {self.gpu_slot_s!r}")
         if not self.lease_s > 0:
             raise ValueError(f"HOTFIX_LEASE_S must be a positive number of seconds; got {self.lease_s!r}")
 

@@ -51,7 +51,7 @@ from unlearn_core.config import UnlearnConfig, max_training_steps
 from unlearn_core.files import write_bytes_atomic
 from unlearn_core.models import DiffusionModel
 from unlearn_core.runfolder import RunFolder
-from unlearn_core.sets import FixedSets
+from unlearn_core.sets import FixedSets, StatePool
 
 PAINTED_BOX_MARGIN = 8  # x0 cells of context around the painted region that the pixel forget loss decodes
 
@@ -63,6 +63,10 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingCancelled(RuntimeError):
     """The operator cancelled the job."""
+
+
+class TrainingPaused(RuntimeError):
+    """The job stopped at a checkpoint to go on later (the end of a ZeroGPU slot, `gpu_slots`)."""
 
 
 @dataclass
@@ -111,6 +115,7 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
         folder: RunFolder | str | Path | None = None,
         on_step: Callable[[StepReport], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        should_pause: Callable[[], bool] | None = None,
     ):
         from accelerate import Accelerator
 
@@ -118,6 +123,7 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
         self.folder = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
         self.on_step = on_step or (lambda report: None)
         self.should_stop = should_stop or (lambda: False)
+        self.should_pause = should_pause or (lambda: False)
         # Mixed precision is the config's bf16 autocast (`_autocast`), whatever an accelerate config
         # says: fp16's GradScaler skips overflowing steps, which the NaN check would take for
         # divergence. "no" here, always, because accelerate fixes it for the life of the process.
@@ -152,6 +158,7 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
         self.last_neighbour_check = 0
         self.neighbours_settled = False  # a check at the full weight found the neighbours already leaving: no more checks
         self.held: bool | None = None  # decided at the first refresh past `steps` (`_note_held`)
+        self.finished = False  # training has ended (a checkpoint saved then resumes straight to what follows)
 
     def _missing_sets(self) -> str:
         config, sets = self.config, self.sets
@@ -290,11 +297,17 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
         """Run to `step_budget`, resuming from the run folder's checkpoint if there is one."""
         if self.folder and not self.load_checkpoint() and self.accelerator.is_main_process:
             self._rewrite_log()  # a fresh start: the log of an earlier run in this folder (the same --out twice) is replaced, not continued
+        if self.finished:
+            self.model.denoiser.eval()
+            return self.log
         while self.step < self.step_budget:
             if self._anywhere(self.should_stop()):
                 if self.folder:
                     self.save_checkpoint()
                 raise TrainingCancelled(f"cancelled at step {self.step}")
+            if self.folder and self._anywhere(self.should_pause()):
+                self.save_checkpoint()
+                raise TrainingPaused(f"paused at step {self.step}")
             report = self.train_step()
             if self.accelerator.is_main_process:  # one writer of the log and the status, however many processes train
                 if self.folder:
@@ -310,6 +323,7 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
                 self.save_checkpoint()
         if self.consolidating_since is not None:
             self._end_consolidation()
+        self.finished = True
         self.model.denoiser.eval()
         return self.log
 
@@ -334,7 +348,10 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights, "remember_scale": self.remember_scale, "last_neighbour_check": self.last_neighbour_check, "neighbours_settled": self.neighbours_settled, "held": self.held}
+        state = {"step": self.step, "weights": self._trainable_state(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "log": self.log, "config": self.config.to_dict(), "siss_norm": self._siss_norm, "consolidating_since": self.consolidating_since, "consolidation_floor": self.consolidation_floor, "fixed_weights": self.fixed_weights, "remember_scale": self.remember_scale, "last_neighbour_check": self.last_neighbour_check, "neighbours_settled": self.neighbours_settled, "held": self.held,
+                 # the controls' view of the target, as it stood: a resumed job goes on exactly as one never stopped
+                 "target_r": self.target_r, "kept_step": self.kept_step, "finished": self.finished,
+                 "target_states": self.sets.target_states.to_tensors() if self.sets.target_states is not None else None}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes_atomic(self.checkpoint_path, buffer.getvalue())
@@ -357,7 +374,10 @@ class UnlearnTrainer(OursLosses, ControlPolicy, BaselineLosses):
         self.held = state.get("held")
         if self.folder and self.accelerator.is_main_process:
             self._rewrite_log()
-        if self.config.method == "ours" and self.config.forget_states == "trajectory":
+        self.target_r, self.kept_step, self.finished = state.get("target_r", self.target_r), state.get("kept_step"), state.get("finished", False)
+        if state.get("target_states") is not None:
+            self.sets.target_states = StatePool.from_tensors(state["target_states"])
+        elif self.config.method == "ours" and self.config.forget_states == "trajectory":  # a checkpoint from before they were saved
             self._refresh_target_states()
         return True
 

@@ -50,8 +50,10 @@ class JobWorker:
     """One background thread per device; runs queued jobs one at a time, each in a job process of
     its own, started ahead and waiting (`job_command`). `warm=False` starts each at its job instead."""
 
-    def __init__(self, store: JobStore, device: str = "auto", poll_s: float = 0.5, env: dict | None = None, warm: bool = True, preload: str | None = DEMO_MODEL):
+    def __init__(self, store: JobStore, device: str = "auto", poll_s: float = 0.5, env: dict | None = None, warm: bool = True, preload: str | None = DEMO_MODEL,
+                 slot_s: float | None = None):
         self.store = store
+        self.slot_s = slot_s  # ZeroGPU: each job runs in this server as a chain of GPU slots this long (`gpu_slots`), not in a process of its own
         self.device = device
         self.poll_s = poll_s
         self.env = env
@@ -70,7 +72,7 @@ class JobWorker:
         self._waiting_log = store.runs_dir / "workers" / f"{os.getpid()}-{device.replace('/', '_')}.log"
 
     def start(self) -> "JobWorker":
-        if self.warm:
+        if self.warm and not self.slot_s:
             self._start_waiting()
         self._thread.start()
         return self
@@ -83,7 +85,12 @@ class JobWorker:
 
     def _hand_over(self, folder: RunFolder) -> subprocess.Popen:
         """Give the run folder to the waiting job process (starting one if none waits); that process
-        is now the job's. If it died while waiting, the job's end reports why (`_finish`)."""
+        is now the job's. If it died while waiting, the job's end reports why (`_finish`). On ZeroGPU,
+        the job's chain of GPU slots instead."""
+        if self.slot_s:
+            from unlearn_core.gpu_slots import SlotChain
+
+            return SlotChain(folder, self.device, self.slot_s)
         if self._waiting is None:
             self._start_waiting()
         process, self._waiting = self._waiting, None
@@ -128,7 +135,7 @@ class JobWorker:
             self._wake.clear()
             return
         self._run(job)
-        if self.warm and not self._stop.is_set():
+        if self.warm and not self.slot_s and not self._stop.is_set():
             self._start_waiting()  # the next job's process warms up while the device is idle
 
     def _run(self, job: Job) -> None:
