@@ -13,7 +13,11 @@ import signal
 import sqlite3
 import tempfile
 
-import gradio as gr
+from unlearn_core.settings import use_persistent_hub_cache
+
+use_persistent_hub_cache()  # before gradio imports huggingface_hub, which reads HF_HOME once
+
+import gradio as gr  # noqa: E402
 
 from ui import adapters_tab, generate_tab, login, results_tab, surrogate_tab, unlearn_tab
 from ui.common import PAGE_CSS, Services, guard_handlers, model_picker, refuse_non_finite
@@ -29,8 +33,7 @@ QUEUE_MAX_SIZE = 64  # events waiting at once; more are refused with "the queue 
 # its run folder when it is queued, so only an upload left unused for an hour is lost.
 DELETE_CACHE = (600, 3600)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
 ZERO_GPU_NOTE = ("**On ZeroGPU** every part runs on the GPU inside `spaces.GPU` calls. An unlearning job runs as a chain of GPU "
-                 "slots of {slot:.0f} s: each slot goes on from the last one's checkpoint, so a job waits for a GPU between slots "
-                 "and each slot counts toward the visitor's ZeroGPU quota.")
+                 "slots of {slot:.0f} s: each slot goes on from the last one's checkpoint, and a job may wait for a GPU between slots.")
 
 
 def instruction_tab(model_state: gr.State) -> None:

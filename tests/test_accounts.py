@@ -3,6 +3,7 @@
 import pytest
 
 from unlearn_core.accounts import Accounts, hash_password, read_users, verify_password
+from tests.gradio_calls import handler_call, hugging_face_request
 from unlearn_core.errors import InvalidInput
 
 
@@ -27,27 +28,53 @@ def test_hashes_are_salted_and_bad_lines_refused(tmp_path):
         read_users(broken)
 
 
-def hugging_face_request(username: str | None, expires_in: float = 3600, session_hash: str = "tab-1"):
-    """A real gr.Request around a real Starlette request whose session carries what Gradio's OAuth
-    routes store after "Sign in with Hugging Face" (`oauth_info`)."""
-    import time
+def test_a_space_sign_in_owns_the_jobs_across_sessions(monkeypatch):
+    import gradio as gr
+
+    from ui.common import identity_of, owner_of
+    from unlearn_core import settings
+
+    def who(request: gr.Request, profile: gr.OAuthProfile | None):  # as every handler that asks who calls it
+        return identity_of(request, profile), owner_of(request, profile)
+
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env({"HOTFIX_ADMINS": "trust-lead"}))
+    assert handler_call(who, hugging_face_request("alice", session_hash="tab-1"))[0] == handler_call(who, hugging_face_request("alice", session_hash="tab-2"))[0] == "hf:alice"
+    assert handler_call(who, hugging_face_request("bob")) == ("hf:bob", "hf:bob")
+    assert handler_call(who, hugging_face_request(None, session_hash="tab-3"))[0] == "session:tab-3"
+    assert handler_call(who, hugging_face_request("alice", expires_in=-1, session_hash="tab-4"))[0] == "session:tab-4"  # an expired sign-in is none
+    assert handler_call(who, hugging_face_request("trust-lead"))[1] is None
+
+
+def test_every_handler_that_identifies_its_caller_gets_the_sign_in_from_gradio(tmp_path):
+    """Public Gradio APIs only: every handler with a gr.Request parameter also has a
+    `gr.OAuthProfile | None` one (Gradio fills it in), and no module reads Gradio's private names."""
+    import inspect
+    import re
+    import typing
+    from pathlib import Path
 
     import gradio as gr
-    from starlette.requests import Request
 
-    session = {} if username is None else {"oauth_info": {"userinfo": {"preferred_username": username}, "expires_at": time.time() + expires_in, "access_token": "hf_x"}}
-    return gr.Request(request=Request({"type": "http", "method": "GET", "path": "/", "headers": [], "session": session}), session_hash=session_hash)
+    import app
+    from ui.common import Services
+    from unlearn_core.store import JobStore
+    from unlearn_core.worker import JobWorker
 
+    store = JobStore(tmp_path / "runs")
+    demo = app.build(Services(store, JobWorker(store)))
+    def hints(fn) -> set:
+        fn = inspect.unwrap(fn)
+        fn = getattr(fn, "func", fn)  # a functools.partial's function
+        return set(typing.get_type_hints(fn).values())
 
-def test_a_space_sign_in_owns_the_jobs_across_sessions(monkeypatch):
-    from ui.common import identity_of, owner_of
-
-    monkeypatch.setenv("HOTFIX_ADMINS", "trust-lead")
-    assert identity_of(hugging_face_request("alice", session_hash="tab-1")) == identity_of(hugging_face_request("alice", session_hash="tab-2")) == "hf:alice"
-    assert identity_of(hugging_face_request("bob")) == "hf:bob"
-    assert identity_of(hugging_face_request(None, session_hash="tab-3")) == "session:tab-3"
-    assert identity_of(hugging_face_request("alice", expires_in=-1, session_hash="tab-4")) == "session:tab-4"  # an expired sign-in is none
-    assert owner_of(hugging_face_request("trust-lead")) is None and owner_of(hugging_face_request("alice")) == "hf:alice"
+    with_request = [block.fn for block in demo.fns.values() if block.fn is not None and gr.Request in hints(block.fn)]
+    assert len(with_request) >= 10
+    for fn in with_request:
+        assert gr.OAuthProfile | None in hints(fn), f"{fn.__name__} asks for the request but not for the signed-in profile"
+    root = Path(app.__file__).parent
+    private = [f"{path.name}:{number}" for path in [root / "app.py", *sorted((root / "ui").glob("*.py"))]
+               for number, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"gradio\.(helpers|oauth)\._", line)]
+    assert private == []
 
 
 def test_the_sign_in_button_appears_only_on_a_space_with_oauth(tmp_path):

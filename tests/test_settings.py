@@ -23,6 +23,16 @@ def test_loading_options_and_zero_gpu_come_from_the_environment():
     with pytest.raises(ValueError, match="HOTFIX_DTYPE"):
         Settings.from_env({"HOTFIX_DTYPE": "fp8"})
     assert Settings.from_env({}).warm_worker and not Settings.from_env({"HOTFIX_WARM_WORKER": "0"}).warm_worker
+    assert Settings.from_env({}).gpu_slot_s == 120 and Settings.from_env({"HOTFIX_GPU_SLOT_S": "90"}).gpu_slot_s == 90
+    with pytest.raises(ValueError, match="HOTFIX_GPU_SLOT_S"):
+        Settings.from_env({"HOTFIX_GPU_SLOT_S": "5"})
+
+
+def test_the_server_s_token_pushes_from_the_web_only_on_loopback_and_opted_in():
+    assert not Settings.from_env({}).web_pushes_with_server_token
+    assert not Settings.from_env({"HOTFIX_HOST": "0.0.0.0", "HOTFIX_PUSH_WITH_SERVER_TOKEN": "1"}).web_pushes_with_server_token
+    assert Settings.from_env({"HOTFIX_PUSH_WITH_SERVER_TOKEN": "1"}).web_pushes_with_server_token
+    assert not Settings.from_env({}).requires_sign_in and Settings.from_env({"HOTFIX_REQUIRE_SIGN_IN": "1"}).requires_sign_in
 
 
 def test_auto_precision_is_full_on_the_cpu_and_half_on_request(tiny_models):

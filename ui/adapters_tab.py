@@ -13,11 +13,33 @@ from PIL import Image
 
 from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, job_choices, on_gpu, owner_of, served_copies
 from unlearn_core.config import parse_seeds
-from unlearn_core.errors import AdapterError
+from unlearn_core import settings
+from unlearn_core.errors import AdapterError, InvalidInput
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
 from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES, RunFolder
 
 COMPARE_SIDE = 192  # the least width of a compared image on the page
+
+
+def push_token(typed: str | None, signed_in: gr.OAuthToken | None) -> str | None:
+    """The token a push from the web uses: the one the visitor typed, else their own Hugging Face
+    sign-in's (a Space's "Sign in with Hugging Face", with the write scopes of its `hf_oauth_scopes`).
+    The server's own token (HF_TOKEN, `hf auth login`) only on a server that listens on loopback and
+    whose owner opted in (HOTFIX_PUSH_WITH_SERVER_TOKEN=1): None is returned then, and the Hub client
+    finds it. Any other push without a token of the visitor's is refused: a visitor of a server others
+    can reach never writes with its owner's token."""
+    token = (typed or "").strip() or (signed_in.token if signed_in is not None else "")
+    if token:
+        return token
+    if settings.current().web_pushes_with_server_token:
+        return None
+    raise InvalidInput("sign in with Hugging Face, or paste a token with write access: this server does not push with its own token")
+
+
+def push_token_note() -> str:
+    if settings.current().web_pushes_with_server_token:
+        return "empty, without a sign-in: this server's own token (HOTFIX_PUSH_WITH_SERVER_TOKEN, on loopback only)"
+    return "never the server's token: without a sign-in or a token of yours, nothing is pushed"
 
 
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
@@ -36,7 +58,8 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
         with gr.Row():
             repo = gr.Textbox("", label="Model repository", placeholder=REPO_ID_HELP, elem_id="ada-repo", scale=3)
-            token = gr.Textbox("", label="Token with write access (empty: the server's HF_TOKEN)", type="password", elem_id="ada-token", scale=3)
+            token = gr.Textbox("", label="Your token with write access (empty: your Hugging Face sign-in's)", type="password", elem_id="ada-token", scale=3,
+                               info=push_token_note())
         with_images = gr.Checkbox(False, label="Also upload the target and surrogate images (they show what is being removed)", elem_id="ada-push-images")
         push = gr.Button("Push (private repository)", elem_id="ada-push")
         pushed = gr.Markdown("", elem_id="ada-pushed")
@@ -52,14 +75,14 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     gallery = gr.Gallery(label="pairs of base | adapter, seed by seed", columns=4, height="auto", allow_preview=False, format="png", elem_classes=PIXELS, elem_id="ada-gallery")
     verdict = gr.Markdown("", elem_id="ada-info")
 
-    def choices(current, request: gr.Request):
-        options = job_choices(store, owner_of(request), only_done=True)
+    def choices(current, request: gr.Request, profile: gr.OAuthProfile | None):
+        options = job_choices(store, owner_of(request, profile), only_done=True)
         ids = [value for _, value in options]
         return gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None))
 
-    def download(job_id, request: gr.Request):
+    def download(job_id, request: gr.Request, profile: gr.OAuthProfile | None):
         try:
-            files = store.adapter_files(job_id or "", owner_of(request))
+            files = store.adapter_files(job_id or "", owner_of(request, profile))
             folder = RunFolder(files[0].parent)
             archive = adapter_zip(folder, folder.adapter_zip)
         except OPERATOR_ERRORS as error:
@@ -67,10 +90,10 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         weights_copy, card_copy, archive_copy = served_copies([files[0], files[-1], archive])
         return weights_copy, card_copy, archive_copy
 
-    def push_job(job_id, repo_id, token_text, images, request: gr.Request):
+    def push_job(job_id, repo_id, token_text, images, request: gr.Request, profile: gr.OAuthProfile | None, signed_in: gr.OAuthToken | None):
         try:
-            files = store.adapter_files(job_id or "", owner_of(request))
-            url = push_to_hub(RunFolder(files[0].parent), (repo_id or "").strip(), token=(token_text or "").strip() or None, include_images=bool(images))
+            files = store.adapter_files(job_id or "", owner_of(request, profile))
+            url = push_to_hub(RunFolder(files[0].parent), (repo_id or "").strip(), token=push_token(token_text, signed_in), include_images=bool(images))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         return f"Pushed to [{url}]({url})" + (" with the target and surrogate images." if images else " (adapter and cards only).")
@@ -102,10 +125,10 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
         return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
     @on_gpu
-    def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request):
+    def try_adapter(job_id, uploaded, prompt_text, seed_text, step_count, model_id, request: gr.Request, profile: gr.OAuthProfile | None):
         try:
             seed_list = parse_seeds(seed_text, limit=16) if str(seed_text or "").strip() else None
-            folder, card_data = adapter_folder(job_id, uploaded, owner_of(request))
+            folder, card_data = adapter_folder(job_id, uploaded, owner_of(request, profile))
             target = (card_data.get("targets") or [{}])[0]
             seed_list = seed_list or list(range(int(target.get("seed", 0)), int(target.get("seed", 0)) + 4))  # the fixed seed first
             model = get_model(model_id, services.device)

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from ui.messages import UNEXPECTED, fail, guard_handlers, guarded, plain  # noqa: F401  (the tabs and app.py import them from here)
 from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL
-from unlearn_core.errors import DamagedRunFile, ImageError, OperatorError
+from unlearn_core.errors import DamagedRunFile, ImageError, InvalidInput, OperatorError
 from unlearn_core.images import check_header
 from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.runfolder import RunFolder
@@ -188,24 +188,20 @@ def loss_plot(run_dir: str | None, steps: int):
     return gr.update(value=loss_frame(run_dir), x_lim=[0, max(int(steps or 0), 10)])
 
 
-def hugging_face_user(request: gr.Request | None) -> str | None:
-    """The Hugging Face account signed in with the Space's LoginButton, or None. Read from the
-    session the way Gradio reads it to inject `gr.OAuthProfile` (gradio.helpers.special_args), so
-    no handler needs an extra parameter; an expired sign-in counts as none."""
-    from gradio.helpers import _session_from_request
-    from gradio.oauth import _get_valid_oauth_info_from_session
-
-    info = _get_valid_oauth_info_from_session(_session_from_request(request)) if request is not None else None
-    return ((info or {}).get("userinfo") or {}).get("preferred_username") or None
+def signed_in_user(profile: gr.OAuthProfile | None) -> str | None:
+    """The Hugging Face account signed in with the Space's LoginButton, or None. Gradio passes the
+    profile to any handler with a `profile: gr.OAuthProfile | None` parameter (None when nobody is
+    signed in, or the sign-in has expired); every handler that asks who its caller is has one."""
+    return getattr(profile, "username", None) or None
 
 
-def identity_of(request: gr.Request | None) -> str:
+def identity_of(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str:
     """Who the caller is: the logged-in user, else the Hugging Face account signed in on a Space,
     else this browser session or API client (its session hash). A job records it as its owner."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
         return f"user:{username}"
-    hf_user = hugging_face_user(request)
+    hf_user = signed_in_user(profile)
     if hf_user:
         return f"hf:{hf_user}"
     session = getattr(request, "session_hash", None) if request is not None else None
@@ -226,17 +222,25 @@ def client_address(request: gr.Request | None) -> str:
     return str(getattr(client, "host", "") or "")
 
 
-def anonymous_address(request: gr.Request | None) -> str:
+def check_may_train(request: gr.Request | None, profile: gr.OAuthProfile | None) -> None:
+    """Refuse training to an anonymous visitor where sign-in is required (HOTFIX_REQUIRE_SIGN_IN, on
+    by default on a Space with "Sign in with Hugging Face"): they may still generate and paint."""
+    if settings.current().requires_sign_in and identity_of(request, profile).startswith("session:"):
+        how = " with the Sign in with Hugging Face button at the top of the page" if settings.current().hf_oauth else ""
+        raise InvalidInput(f"sign in{how} to train: on this server, visitors who have not signed in may generate and make surrogates, but not start jobs")
+
+
+def anonymous_address(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str:
     """The address a job of this caller counts toward (HOTFIX_MAX_PENDING_PER_ADDRESS): an
     anonymous visitor's, whose session hash it may renew at will; '' for a signed-in account."""
-    return client_address(request) if identity_of(request).startswith("session:") else ""
+    return client_address(request) if identity_of(request, profile).startswith("session:") else ""
 
 
-def owner_of(request: gr.Request | None) -> str | None:
+def owner_of(request: gr.Request | None, profile: gr.OAuthProfile | None = None) -> str | None:
     """Whose jobs this caller sees and acts on: their own, or None (every job) for a user (or a
     Hugging Face account) named in HOTFIX_ADMINS."""
-    name = (getattr(request, "username", None) if request is not None else None) or hugging_face_user(request)
-    return None if name and name in settings.current().admins else identity_of(request)
+    name = (getattr(request, "username", None) if request is not None else None) or signed_in_user(profile)
+    return None if name and name in settings.current().admins else identity_of(request, profile)
 
 
 JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "error"]

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, fail, job_choices, loss_frame, loss_plot, owner_of, served_copies
+from ui.common import INTERNAL, OPERATOR_ERRORS, Services, anonymous_address, check_may_train, fail, job_choices, loss_frame, loss_plot, owner_of, served_copies
 from unlearn_core.config import PRESETS, UnlearnConfig
 from unlearn_core.errors import DamagedRunFile
 from unlearn_core.images import open_image
@@ -182,16 +182,16 @@ def render(services: Services, tab: gr.Tab) -> None:
     availability = gr.Markdown("", elem_id="res-availability")
     curves = gr.LinePlot(loss_frame(None), x="step", y="loss", color="curve", title="Losses", height=240, elem_id="res-curves")
 
-    def choices(current, request: gr.Request):
-        owner = owner_of(request)
+    def choices(current, request: gr.Request, profile: gr.OAuthProfile | None):
+        owner = owner_of(request, profile)
         options = job_choices(store, owner)
         ids = [value for _, value in options]
         done = [job.id for job in store.list(owner=owner) if job.state == "done"]
         value = current if current in ids else (done[0] if done else (ids[0] if ids else None))
         return gr.update(choices=options, value=value)
 
-    def show(job_id, request: gr.Request):
-        found = store.get(job_id or "", owner_of(request))
+    def show(job_id, request: gr.Request, profile: gr.OAuthProfile | None):
+        found = store.get(job_id or "", owner_of(request, profile))
         if found is None:
             return "Pick a finished job.", "", gr.update(visible=False), "", None, None, None, None, None, pd.DataFrame(columns=COLUMNS), "", loss_frame(None)
         folder = found.folder
@@ -224,14 +224,15 @@ def render(services: Services, tab: gr.Tab) -> None:
         return (text, verdict_markdown(report), gr.update(visible=retry), "", target, surrogate, after, pair,
                 served_copies([picture])[0] if picture.is_file() else None, metrics_frame(report), availability_markdown(report), loss_plot(found.run_dir, trained))
 
-    def rerun_stronger(job_id, request: gr.Request):
+    def rerun_stronger(job_id, request: gr.Request, profile: gr.OAuthProfile | None):
         """The same targets and settings with the stronger preset's values on top, as a new job."""
         try:
-            found = store.require(job_id or "", owner_of(request))
+            check_may_train(request, profile)
+            found = store.require(job_id or "", owner_of(request, profile))
             config = UnlearnConfig.from_dict({**found.config, **PRESETS[STRONGER]})
             instances = [{"prompt": t["prompt"], "seed": t["seed"], "surrogate": open_image(store.resolve_path(t["surrogate_path"]), "surrogate"),
                           "target": open_image(store.resolve_path(t["target_path"]), "target") if t.get("target_path") else None} for t in found.targets]
-            queued = store.create(found.model, config, instances, owner=found.owner, address=anonymous_address(request))
+            queued = store.create(found.model, config, instances, owner=found.owner, address=anonymous_address(request, profile))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()

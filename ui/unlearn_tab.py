@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 import gradio as gr
 import pandas as pd
 
-from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, fail, identity_of, image_input, job_table, loss_frame, loss_plot, owner_of, pretty
+from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, check_may_train, fail, identity_of, image_input, job_table, loss_frame, loss_plot, owner_of, pretty
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
 from unlearn_core.images import open_image
@@ -239,8 +239,9 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
 
-    def start_job(prompt_text, seed_value, surrogate_image, target_image, config_text, model_id, request: gr.Request):
+    def start_job(prompt_text, seed_value, surrogate_image, target_image, config_text, model_id, request: gr.Request, profile: gr.OAuthProfile | None):
         try:
+            check_may_train(request, profile)
             if surrogate_image is None:
                 raise NotReady("no surrogate: make one in the Surrogate tab (or pass a surrogate image)")
             if seed_value is None:
@@ -249,7 +250,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             check_web_model((model_id or DEMO_MODEL).strip())  # refuses what the web may not load, before anything is written
             instance = {"prompt": prompt_text or "", "seed": check_seed(seed_value, "target seed"), "surrogate": open_image(surrogate_image, "surrogate"),
                         "target": open_image(target_image, "target") if target_image is not None else None}
-            job = store.create(model_id or DEMO_MODEL, config, [instance], owner=identity_of(request), address=anonymous_address(request))
+            job = store.create(model_id or DEMO_MODEL, config, [instance], owner=identity_of(request, profile), address=anonymous_address(request, profile))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()
@@ -258,28 +259,28 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             gr.Warning(note)
         return job.id, progress(job)
 
-    def status(job, request: gr.Request):
-        found = store.get(job or "", owner_of(request))
+    def status(job, request: gr.Request, profile: gr.OAuthProfile | None):
+        found = store.get(job or "", owner_of(request, profile))
         if found is None:
             raise gr.Error(f"no job {job!r}")
         return progress(found)
 
     def act(action, job, request):
         try:
-            found = action(job or "", owner=owner_of(request))
+            found = action(job or "", owner=owner_of(request, profile))
         except OPERATOR_ERRORS as error:
             raise fail(error) from None
         services.worker.wake()
         return progress(found)
 
-    def cancel_job(job, request: gr.Request):
+    def cancel_job(job, request: gr.Request, profile: gr.OAuthProfile | None):
         return act(store.cancel, job, request)
 
-    def resume_job(job, request: gr.Request):
+    def resume_job(job, request: gr.Request, profile: gr.OAuthProfile | None):
         return act(store.resume, job, request)
 
-    def poll(job, last, request: gr.Request):
-        owner = owner_of(request)
+    def poll(job, last, request: gr.Request, profile: gr.OAuthProfile | None):
+        owner = owner_of(request, profile)
         found = store.get(job or "", owner)
         info = progress(found) if found else None
         key = f"{job}:{info['step']}:{info['state']}" if info else ""

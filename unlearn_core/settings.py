@@ -18,6 +18,20 @@ DEMO_MODEL_DIR = PACKAGE_ROOT / "assets" / "demo-model"  # resolved from the pac
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
+SPACE_STORAGE = Path("/data")  # where a Hugging Face Space mounts its persistent storage
+
+
+def use_persistent_hub_cache(environ: dict | None = None, storage: Path = SPACE_STORAGE) -> str | None:
+    """On a Space with persistent storage, the Hugging Face cache (HF_HOME: hub models, tokens) goes
+    on it, so a restart does not download every model again. Call before huggingface_hub is imported
+    (it reads HF_HOME then). An HF_HOME already set is kept. Returns the HF_HOME set, or None."""
+    env = os.environ if environ is None else environ
+    if env.get("HF_HOME") or env.get("SYSTEM") != "spaces" or not storage.is_dir() or not os.access(storage, os.W_OK):
+        return None
+    env["HF_HOME"] = str(storage / ".huggingface")
+    return env["HF_HOME"]
+
+
 def _list(text: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 
@@ -62,6 +76,8 @@ class Settings:
     warm_worker: bool = True  # HOTFIX_WARM_WORKER=0: start each job's process at its job, not ahead (saves ~1 GB of idle memory)
     lease_s: float = 30.0  # HOTFIX_LEASE_S: a running job whose worker has not renewed its lease for this long is marked interrupted
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
+    require_sign_in: bool | None = None  # HOTFIX_REQUIRE_SIGN_IN: may only signed-in visitors train? None: only on a Space with hf_oauth
+    push_with_server_token: bool = False  # HOTFIX_PUSH_WITH_SERVER_TOKEN=1: a push from the web without a visitor's token uses the server's (on loopback only)
     gpu_slot_s: float = 120.0  # HOTFIX_GPU_SLOT_S: on ZeroGPU, the length of one GPU call of a job (`gpu_slots`); ZeroGPU's own default is 60
 
     @classmethod
@@ -90,6 +106,8 @@ class Settings:
             warm_worker=_flag(env.get("HOTFIX_WARM_WORKER")) is not False,
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
             gpu_slot_s=float(env.get("HOTFIX_GPU_SLOT_S") or cls.gpu_slot_s),
+            require_sign_in=_flag(env.get("HOTFIX_REQUIRE_SIGN_IN")),
+            push_with_server_token=_flag(env.get("HOTFIX_PUSH_WITH_SERVER_TOKEN")) is True,
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
             max_job_work=int(env.get("HOTFIX_MAX_JOB_WORK") or cls.max_job_work),
             max_pending_per_owner=int(env.get("HOTFIX_MAX_PENDING_JOBS") or cls.max_pending_per_owner),
@@ -124,7 +142,23 @@ class Settings:
         reach, a Space among them, offers the demo model and the allow-list (`models.check_web_model`)."""
         if self.local_models is not None:
             return self.local_models
+        return self.on_loopback
+
+    @property
+    def requires_sign_in(self) -> bool:
+        """Whether training needs a signed-in account (a login, or Sign in with Hugging Face)."""
+        return self.require_sign_in if self.require_sign_in is not None else self.hf_oauth
+
+    @property
+    def on_loopback(self) -> bool:
+        """Whether the server listens on loopback only (one person's workstation): no one else can reach it."""
         return self.host in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def web_pushes_with_server_token(self) -> bool:
+        """Whether a push from the web may use the server's own Hub token: only where its owner opted
+        in and no one else can reach the server (the CLI always uses it)."""
+        return self.push_with_server_token and self.on_loopback
 
     @property
     def login(self) -> tuple[str, str] | None:
