@@ -24,7 +24,7 @@ from ui.common import PAGE_CSS, Services, guard_handlers, model_picker, refuse_n
 from unlearn_core import settings as settings_module
 from unlearn_core.accounts import Accounts, LoginLimiter, read_users
 from unlearn_core.store import JobStore
-from unlearn_core.worker import JobWorker
+from unlearn_core.workers import build_pool
 
 MAX_FILE_SIZE = "20mb"
 QUEUE_MAX_SIZE = 64  # events waiting at once; more are refused with "the queue is full"
@@ -115,7 +115,7 @@ def main() -> None:
     if interrupted:
         print(f"marked {len(interrupted)} job(s) interrupted, their server stopped renewing its lease: {', '.join(interrupted)}")
     device = settings.device
-    worker = JobWorker(store, device, warm=settings.warm_worker, slot_s=settings.gpu_slot_s if settings.zero_gpu else None).start()
+    worker = build_pool(store, settings).start()
     atexit.register(worker.stop)  # a running job's process is stopped and its job marked interrupted
     signal.signal(signal.SIGTERM, _interrupt)
     demo = build(Services(store, worker, device))

@@ -78,7 +78,7 @@ def test_the_worker_runs_a_job_in_gpu_slots_and_a_cancel_between_slots_ends_it(t
 
     store = JobStore(tmp_path / "runs")
     instance = {"prompt": TARGET["prompt"], "seed": TARGET["seed"], "surrogate": Image.open(TARGET["surrogate_path"]), "target": Image.open(TARGET["target_path"])}
-    worker = JobWorker(store, device="cpu", poll_s=0.05, slot_s=0.01).start()
+    worker = JobWorker(store, device="cpu", poll_s=0.05, launch=gpu_slots.launcher(0.01)).start()
     try:
         done = store.create("assets/demo-model", UnlearnConfig.from_dict(CONFIG), [instance])
         cancelled = store.create("assets/demo-model", UnlearnConfig.from_dict(CONFIG), [instance])

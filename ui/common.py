@@ -28,6 +28,7 @@ from unlearn_core.models import DiffusionModel, load_model
 from unlearn_core.runfolder import RunFolder
 from unlearn_core.store import JobStore
 from unlearn_core.worker import JobWorker
+from unlearn_core.workers import WorkerPool
 
 # Every event that runs the model shares one queue slot: a pipeline is not thread-safe, and the
 # adapter tab attaches a LoRA for the length of its call.
@@ -51,7 +52,7 @@ class Services:
     """What the tabs share, built once by app.py: the job store, its worker and the device."""
 
     store: JobStore
-    worker: JobWorker
+    worker: JobWorker | WorkerPool  # wake() after a submit
     device: str = "auto"
 
 

@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from ui.common import INTERNAL, JOB_COLUMNS, OPERATOR_ERRORS, PIXELS, Services, anonymous_address, check_may_train, fail, identity_of, image_input, job_table, loss_frame, loss_plot, owner_of, pretty
+from unlearn_core import settings
 from unlearn_core.config import DEMO_MODEL, PRESET_DESCRIPTIONS, PRESETS, UnlearnConfig, check_seed, parse_seeds
 from unlearn_core.errors import DamagedRunFile, InvalidInput, NotReady
 from unlearn_core.images import open_image
@@ -215,6 +216,8 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         start = gr.Button("Start unlearning", variant="primary", elem_id="unl-start")
         cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="unl-cancel")  # enabled by the poll when they apply
         resume = gr.Button("Resume", interactive=False, elem_id="unl-resume")
+    if settings.current().requires_sign_in:
+        gr.Markdown("Training on this server needs a sign-in: sign in first (anyone may generate and make surrogates).", elem_id="unl-sign-in-note")
     with gr.Row():
         job_id = gr.Textbox(label="Job", placeholder="job id (or click a row of the table)", elem_id="unl-job-id", scale=3)
         refresh = gr.Button("Status", elem_id="unl-refresh", scale=1)
@@ -265,7 +268,7 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
             raise gr.Error(f"no job {job!r}")
         return progress(found)
 
-    def act(action, job, request):
+    def act(action, job, request, profile):
         try:
             found = action(job or "", owner=owner_of(request, profile))
         except OPERATOR_ERRORS as error:
@@ -274,10 +277,10 @@ def render(services: Services, model_state: gr.State, target_state: gr.State, su
         return progress(found)
 
     def cancel_job(job, request: gr.Request, profile: gr.OAuthProfile | None):
-        return act(store.cancel, job, request)
+        return act(store.cancel, job, request, profile)
 
     def resume_job(job, request: gr.Request, profile: gr.OAuthProfile | None):
-        return act(store.resume, job, request)
+        return act(store.resume, job, request, profile)
 
     def poll(job, last, request: gr.Request, profile: gr.OAuthProfile | None):
         owner = owner_of(request, profile)

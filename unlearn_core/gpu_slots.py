@@ -94,6 +94,11 @@ def _gpu_slot():
 _decorated = None
 
 
+def launcher(slot_s: float):
+    """`JobWorker`'s `launch` for ZeroGPU: each job as a chain of GPU slots of `slot_s` seconds."""
+    return lambda folder, device: SlotChain(folder, device, slot_s)
+
+
 class SlotChain:
     """A job run as a chain of GPU slots in a thread, watched as the worker watches a job process:
     `poll()` and `returncode` (0 done, `EXIT_CANCELLED`, `EXIT_FAILED`), `send_signal` and `kill`

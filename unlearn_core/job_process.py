@@ -40,7 +40,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
 
     def record(state, **extra):
         if main:
-            folder.write_status(state, **extra)
+            folder.write_status(state, pid=os.getpid(), **extra)  # the process running it (a job process, or a Ray actor's)
 
     phase = {}  # the phase now, when it began, and the remember set's count
 
@@ -106,7 +106,7 @@ def warm_up(preload: str | None, device: str) -> None:
             print(f"not preloaded: {error}", file=sys.stderr, flush=True)
 
 
-def _write_output_to(path) -> None:
+def write_output_to(path) -> None:
     """Send this process's stdout and stderr (file descriptors 1 and 2, so library output too) to the job's log."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         args.run_dir = sys.stdin.readline().strip()
         if not args.run_dir:
             return 0  # the server stopped before it had a job for this process
-        _write_output_to(RunFolder(args.run_dir).worker_log)
+        write_output_to(RunFolder(args.run_dir).worker_log)
     if not args.run_dir:
         parser.error("give the run folder")
     try:

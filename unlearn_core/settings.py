@@ -16,6 +16,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = PACKAGE_ROOT / "assets" / "demo-model"  # resolved from the package, not the working directory
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+EXECUTORS = ("local", "ray")
 
 
 SPACE_STORAGE = Path("/data")  # where a Hugging Face Space mounts its persistent storage
@@ -78,6 +79,8 @@ class Settings:
     zero_gpu: bool = False  # a Hugging Face ZeroGPU Space: a GPU only inside @spaces.GPU calls of the server process
     require_sign_in: bool | None = None  # HOTFIX_REQUIRE_SIGN_IN: may only signed-in visitors train? None: only on a Space with hf_oauth
     push_with_server_token: bool = False  # HOTFIX_PUSH_WITH_SERVER_TOKEN=1: a push from the web without a visitor's token uses the server's (on loopback only)
+    devices: tuple[str, ...] = ()  # HOTFIX_DEVICES: one worker per device listed (e.g. cuda:0,cuda:1); empty: every CUDA device, else HOTFIX_DEVICE
+    executor: str = "local"  # HOTFIX_EXECUTOR: local (job processes of this machine) or ray (actors on the Ray cluster at RAY_ADDRESS, or a local Ray)
     gpu_slot_s: float = 120.0  # HOTFIX_GPU_SLOT_S: on ZeroGPU, the length of one GPU call of a job (`gpu_slots`); ZeroGPU's own default is 60
 
     @classmethod
@@ -106,6 +109,8 @@ class Settings:
             warm_worker=_flag(env.get("HOTFIX_WARM_WORKER")) is not False,
             zero_gpu=(env.get("SPACES_ZERO_GPU") or "").lower() in ("1", "true"),
             gpu_slot_s=float(env.get("HOTFIX_GPU_SLOT_S") or cls.gpu_slot_s),
+            devices=_list(env.get("HOTFIX_DEVICES")),
+            executor=(env.get("HOTFIX_EXECUTOR") or cls.executor).strip().lower(),
             require_sign_in=_flag(env.get("HOTFIX_REQUIRE_SIGN_IN")),
             push_with_server_token=_flag(env.get("HOTFIX_PUSH_WITH_SERVER_TOKEN")) is True,
             hf_oauth=env.get("SYSTEM") == "spaces" and bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID")),  # as gradio.utils.get_space() tells a Space
@@ -130,6 +135,8 @@ class Settings:
             raise ValueError(f"HOTFIX_CACHE_MAX_GB must be a number of gigabytes, 0 or more; got {self.cache_max_gb!r}")
         if self.sscd_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sscd_sha256.strip()):
             raise ValueError(f"HOTFIX_SSCD_SHA256 must be a SHA-256 digest (64 hexadecimal digits, as sha256sum prints); got {self.sscd_sha256!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"HOTFIX_EXECUTOR must be one of {', '.join(EXECUTORS)}; got {self.executor!r}")
         if not self.gpu_slot_s >= 10:
             raise ValueError(f"HOTFIX_GPU_SLOT_S must be at least 10 seconds; got {self.gpu_slot_s!r}")
         if not self.lease_s > 0:

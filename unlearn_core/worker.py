@@ -51,9 +51,12 @@ class JobWorker:
     its own, started ahead and waiting (`job_command`). `warm=False` starts each at its job instead."""
 
     def __init__(self, store: JobStore, device: str = "auto", poll_s: float = 0.5, env: dict | None = None, warm: bool = True, preload: str | None = DEMO_MODEL,
-                 slot_s: float | None = None):
+                 launch=None):
         self.store = store
-        self.slot_s = slot_s  # ZeroGPU: each job runs in this server as a chain of GPU slots this long (`gpu_slots`), not in a process of its own
+        # How a job runs elsewhere than in a job process of this machine: launch(folder, device) returns
+        # what runs it, with the Popen methods `_watch` uses (ZeroGPU's `gpu_slots.SlotChain`, Ray's
+        # `ray_executor.RayJob`). None: a job process here, started ahead when `warm`.
+        self.launch = launch
         self.device = device
         self.poll_s = poll_s
         self.env = env
@@ -72,7 +75,7 @@ class JobWorker:
         self._waiting_log = store.runs_dir / "workers" / f"{os.getpid()}-{device.replace('/', '_')}.log"
 
     def start(self) -> "JobWorker":
-        if self.warm and not self.slot_s:
+        if self.warm and self.launch is None:
             self._start_waiting()
         self._thread.start()
         return self
@@ -85,12 +88,10 @@ class JobWorker:
 
     def _hand_over(self, folder: RunFolder) -> subprocess.Popen:
         """Give the run folder to the waiting job process (starting one if none waits); that process
-        is now the job's. If it died while waiting, the job's end reports why (`_finish`). On ZeroGPU,
-        the job's chain of GPU slots instead."""
-        if self.slot_s:
-            from unlearn_core.gpu_slots import SlotChain
-
-            return SlotChain(folder, self.device, self.slot_s)
+        is now the job's. If it died while waiting, the job's end reports why (`_finish`). With a
+        `launch`, what it starts instead."""
+        if self.launch is not None:
+            return self.launch(folder, self.device)
         if self._waiting is None:
             self._start_waiting()
         process, self._waiting = self._waiting, None
@@ -135,7 +136,7 @@ class JobWorker:
             self._wake.clear()
             return
         self._run(job)
-        if self.warm and not self.slot_s and not self._stop.is_set():
+        if self.warm and self.launch is None and not self._stop.is_set():
             self._start_waiting()  # the next job's process warms up while the device is idle
 
     def _run(self, job: Job) -> None:
@@ -185,15 +186,19 @@ class JobWorker:
                 cancel_seen = cancel_seen or time.monotonic()
                 if time.monotonic() - cancel_seen > CANCEL_GRACE_S:
                     _terminate(process)
-        return self._finish(job, process.returncode, cancel_seen is not None)
+        return self._finish(job, process.returncode, cancel_seen is not None, lost=getattr(process, "lost", ""))
 
-    def _finish(self, job: Job, returncode: int, cancelled: bool) -> str:
+    def _finish(self, job: Job, returncode: int, cancelled: bool, lost: str = "") -> str:
+        """The job's state from how its process ended; `lost`: why what ran it is gone (a Ray actor or node)."""
         folder = job.folder
         status = folder.read_status()
         step, _ = _progress(folder, job)
         if returncode == 0 and status.get("state") == "done":
             self._settle(job, state="done", step=step, error="")
             return "done"
+        if lost:  # the machine or actor that ran it is gone; its checkpoint is not
+            self._settle(job, state="interrupted", step=step, error=f"{lost}; resume continues from the last checkpoint")
+            return "interrupted"
         if cancelled or status.get("state") == "cancelled":
             self._settle(job, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             return "cancelled"
