@@ -13,6 +13,7 @@ CLI's `unlearn` verb:
     pytorch_lora_weights.safetensors     the adapter (diffusers' name; peft's
                                          adapter_model.safetensors + adapter_config.json for DDPM)
     lora_kohya.safetensors               the same LoRA in kohya's format (UNet families)
+    lora_interchange.safetensors         the same LoRA, alpha folded in, diffusers' key names (SD3)
     adapter_card.json  README.md         the adapter's card, as JSON and as a Hub model card
     metrics.json  before_after.png       the evaluation; the integrity grid (target seeds, then every seed, worst first)
     after_0.png  ...                     the target seed regenerated with the adapter
@@ -197,6 +198,12 @@ class RunFolder:
     @property
     def kohya_weights(self) -> Path:
         return self.path / "lora_kohya.safetensors"
+
+    @property
+    def interchange_weights(self) -> Path:
+        """The LoRA in diffusers' key names with alpha / rank folded into lora_B (SD3): loads at
+        the trained strength where a loader ignores alpha."""
+        return self.path / "lora_interchange.safetensors"
 
     def write_card(self, card: dict) -> None:
         write_json_atomic(self.card_file, card)
