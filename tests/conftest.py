@@ -11,7 +11,7 @@ os.environ.setdefault("HOTFIX_DOWNLOAD_TIMEOUT", "3")
 # The longest files start first: with `--no-loadscope-reorder` (the Makefile) pytest-xdist's
 # loadfile scheduling hands files to the workers in collection order; by default it would start the
 # files with the most tests first, and the one-test browser file, the longest, would end the run alone.
-LONGEST_FILES_FIRST = ("test_browser.py", "test_hardening.py", "test_restart.py", "test_accounts.py", "test_ddp.py")
+LONGEST_FILES_FIRST = ("test_browser.py", "test_hardening.py", "test_ray.py", "test_restart.py", "test_accounts.py", "test_gpu_slots.py", "test_ddp.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -246,7 +246,7 @@ def test_where_sign_in_is_required_an_anonymous_visitor_may_not_start_a_job(tmp_
 
 def test_the_package_declares_every_import_and_leaves_the_benchmarks_out():
     """pyproject.toml names the distribution of every third-party module the app and the core import
-    (the ZeroGPU decorator in its own extra), asks for the Gradio major the pins test, and installs
+    (the ZeroGPU decorator and Ray in extras of their own), asks for the Gradio major the pins test, and installs
     only app.py, ui/ and unlearn_core/."""
     import ast
     import importlib.metadata
@@ -259,7 +259,8 @@ def test_the_package_declares_every_import_and_leaves_the_benchmarks_out():
         return {re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-") for requirement in requirements}
 
     declared = names(project["project"]["dependencies"])
-    optional = names(project["project"]["optional-dependencies"]["zerogpu"])
+    extras = project["project"]["optional-dependencies"]
+    optional = names(extras["zerogpu"] + extras["ray"])
     sources = [ROOT / "app.py", *(ROOT / "ui").rglob("*.py"), *(ROOT / "unlearn_core").rglob("*.py")]
     imported = set()
     for path in sources:

@@ -45,7 +45,7 @@ def push_token_note() -> str:
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     store = services.store
     gr.Markdown("### Download\nThe LoRA in diffusers format, its card (base model, target provenance, config, metrics), or the whole "
-                "adapter folder as one zip: diffusers file, kohya file for ComfyUI / AUTOMATIC1111, model card `README.md` and `adapter_card.json` "
+                "adapter folder as one zip: diffusers file, kohya file for ComfyUI / AUTOMATIC1111 (SD3: a file with alpha folded in, for ComfyUI), model card `README.md` and `adapter_card.json` "
                 "(never the flagged target or its surrogate).")
     with gr.Row():
         job = gr.Dropdown([], label="Job", allow_custom_value=True, elem_id="ada-job", scale=4)

@@ -244,7 +244,7 @@ def owner_of(request: gr.Request | None, profile: gr.OAuthProfile | None = None)
     return None if name and name in settings.current().admins else identity_of(request, profile)
 
 
-JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "error"]
+JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "worker", "error"]
 
 
 def job_table(store: JobStore, owner: str | None) -> pd.DataFrame:
@@ -260,6 +260,7 @@ def job_table(store: JobStore, owner: str | None) -> pd.DataFrame:
             "seed": target.get("seed", ""),
             "method": job.config.get("method", ""),
             "model": job.model,
+            "worker": job.runner.rsplit("/", 1)[-1] if job.runner else "",  # the device (cpu, cuda:1) or Ray slot of the worker that took it
             "error": job.error[:120],
         })
     return pd.DataFrame(rows, columns=JOB_COLUMNS)

@@ -212,6 +212,8 @@ def render(services: Services, tab: gr.Tab) -> None:
             text += " · no metrics yet (they are written when the job finishes)."
         else:
             text += f" · conflict rate {timing.get('conflict_rate', 0):.0%} · {timing.get('seconds_total', 0):.0f} s in all"
+        if info.get("ran_on"):
+            text += f" · ran on {info['ran_on']}"
         forgetting = report.get("forgetting") or {}
         retry = bool(forgetting) and forgetting.get("verdict") != "fixed"
         unreadable: list[str] = []

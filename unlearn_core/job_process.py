@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
@@ -35,7 +36,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     request = folder.read_request()
     config = UnlearnConfig.from_dict(request["config"])
     targets = [InstanceTarget(**target) for target in request["targets"]]
-    steps = {"step": 0, "total": max_training_steps(config)}  # one total, the most the job may train: it never changes
+    steps = {"step": 0, "total": max_training_steps(config)}  # one total, the most the job may train: it never changes; and where it runs, once known
     main = is_main_process()  # under torchrun only the main process records the status
 
     def record(state, **extra):
@@ -63,6 +64,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested, on_images=on_images).then(display)
     try:
         model = _take_preloaded(request["model"], device, web) or load_model(request["model"], device, web=web)
+        steps["ran_on"] = f"{model.device} on {socket.gethostname()}"  # a worker's device, or a Ray node's
         result = run_unlearning(model, targets, config, folder, callbacks)
     except TrainingCancelled as error:
         record("cancelled", error=str(error), **steps)
@@ -73,7 +75,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
     except Exception as error:
         record("failed", error=str(error) if isinstance(error, OperatorError) else without_server_paths(f"{type(error).__name__}: {error}"), **steps)
         raise
-    record("done", step=int(result["summary"].get("steps_run", steps["step"])), total=steps["total"])  # the steps trained: the early stop may end before the total
+    record("done", **{**steps, "step": int(result["summary"].get("steps_run", steps["step"]))})  # the steps trained: the early stop may end before the total
     return result
 
 

@@ -32,7 +32,9 @@ def connect(local_cpus: int | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": local_cpus or os.cpu_count() or 1, "include_dashboard": False}
+        # A local Ray's object store holds nothing of ours (run folders carry the data): 256 MB, not Ray's 30 % of memory.
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": local_cpus or os.cpu_count() or 1, "include_dashboard": False,
+                                                          "object_store_memory": 256 * 1024**2}
         ray.init(namespace=NAMESPACE, log_to_driver=False, **local)
     resources = ray.cluster_resources()
     return int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))

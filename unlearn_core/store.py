@@ -376,7 +376,10 @@ def progress(job: Job) -> dict:
                     toward_surrogate=next((r["toward_surrogate"] for r in reversed(rows) if r.get("toward_surrogate") is not None), None))
         if job.state == "running":
             info["eta_s"] = max(0.0, (total - step) * seconds)
-    status = folder.read_status() if job.state == "running" else {}
+    status = folder.read_status()
+    info["ran_on"] = status.get("ran_on", "")  # the device and host the job process reported
+    if job.state != "running":
+        status = {}
     info["phase"] = status.get("phase") or ("training" if rows and job.state == "running" else job.state)
     info["phase_started"] = status.get("phase_started", status.get("updated"))
     if info["phase"] == "remember set" and status.get("images_total"):
