@@ -84,7 +84,11 @@ def wait_text(page, selector: str, needle: str, timeout: int = UI_TIMEOUT_MS) ->
 
 
 def natural_width(page, selector: str) -> int:
-    return page.locator(selector).first.evaluate("e => e.naturalWidth")
+    """The image's own width, once it has loaded (Chromium loads an image only near the viewport)."""
+    image = page.locator(selector).first
+    image.scroll_into_view_if_needed()
+    image.evaluate("e => e.complete && e.naturalWidth ? e.naturalWidth : new Promise(done => e.addEventListener('load', () => done(e.naturalWidth), {once: true}))")
+    return image.evaluate("e => e.naturalWidth")
 
 
 def image_at(page, src: str) -> "Image.Image":

@@ -362,10 +362,10 @@ def test_damaged_run_files_are_named_and_the_pages_keep_working(tmp_path):
 
     demo = build(Services(store, None, "cpu"))
     handlers = {fn.name: fn.fn for fn in demo.fns.values()}
-    summary = handlers["show"](job.id, None)[0]
+    summary = handlers["show"](job.id, None, None)[0]  # job, request, signed-in profile
     assert all(name in summary for name in ("metrics.json", "loss_log.csv", "after_0.png")), summary
     assert str(tmp_path) not in summary and "Traceback" not in summary
-    polled = handlers["poll"](job.id, "", None)[0]
+    polled = handlers["poll"](job.id, "", None, None)[0]
     assert "metrics.json" in polled and "loss_log.csv" in polled, polled
 
     store.update(job.id, state="failed")

@@ -98,7 +98,7 @@ def test_results_with_an_unreadable_after_image(tmp_path):
     store.update(job.id, state="done", step=7)
     Image.new("RGB", (64, 64), (200, 10, 10)).save(job.folder.training_image("target", 0))
     unreadable(job.folder.after_image(0))
-    summary = handlers(store)["show"](job.id, None)[0]
+    summary = handlers(store)["show"](job.id, None, None)[0]  # job, request, signed-in profile
     assert "after_0.png" in summary and "damaged" in summary, summary
     assert str(tmp_path) not in summary
 
@@ -111,7 +111,7 @@ def test_try_adapter_with_a_header_claiming_40_gb(tmp_path):
     upload.parent.mkdir()
     upload.write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
     with pytest.raises(gr.Error) as caught:
-        handlers(JobStore(tmp_path / "runs"))["try_adapter"](None, str(upload), "flag of chad", "0", 2, "assets/demo-model", None)
+        handlers(JobStore(tmp_path / "runs"))["try_adapter"](None, str(upload), "flag of chad", "0", 2, "assets/demo-model", None, None)
     message = caught.value.message
     assert "cannot load this adapter" in message, message
     assert "/tmp" not in message and str(tmp_path) not in message and "hotfix-adapter-" not in message, message
