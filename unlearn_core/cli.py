@@ -204,10 +204,20 @@ def cmd_probe(args) -> int:
     return 0
 
 
+# -- release -----------------------------------------------------------------------------------
+def cmd_release(args) -> int:
+    from unlearn_core.release import make_release, summary_lines
+
+    summary = make_release(args.run_dirs, args.out, args.device)
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote the release adapter, its card and release.json in {args.out}")
+    return 0 if not summary["not_holding"] else 1
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m unlearn_core", description="Hotfix Studio: prompt-free instance unlearning for diffusion models.")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{generate,surrogate,unlearn,evaluate,probe}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{generate,surrogate,unlearn,evaluate,probe,release}")
 
     gen = sub.add_parser("generate", help="a seed grid with provenance (PNGs + manifest.json)")
     _add_model(gen)
@@ -268,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("--heatmap-resolution", type=int, default=16)
     pro.add_argument("--clip-model", default=None, help="CLIP id or folder for image similarity (default: the HOTFIX_CLIP_MODEL setting, else CLIP ViT-B/32)")
     pro.set_defaults(func=cmd_probe)
+
+    rel = sub.add_parser("release", help="one adapter carrying several fixes (finished run folders), every fix re-checked in it")
+    rel.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of finished jobs on the same base model")
+    rel.add_argument("--out", required=True, help="folder for the release: adapter files, model card, release.json")
+    rel.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    rel.set_defaults(func=cmd_release)
     return parser
 
 
