@@ -65,9 +65,9 @@ def test_a_release_of_two_flags_keeps_both_fixed_in_plain_diffusers(tmp_path, ca
     assert np.asarray(Image.open(out / "before_after.png")).shape[0] > 0
 
 
-def test_a_release_refuses_a_single_fix_and_fixes_of_other_models(tmp_path):
-    with pytest.raises(InvalidInput, match="at least two"):
-        make_release(FIXES[:1], tmp_path / "one")
+def test_a_release_refuses_no_fix_and_fixes_of_other_models(tmp_path):
+    with pytest.raises(InvalidInput, match="at least one"):
+        make_release([], tmp_path / "none")
     other = tmp_path / "other-model"
     other.mkdir()
     for path in FIXES[1].iterdir():
@@ -76,3 +76,43 @@ def test_a_release_refuses_a_single_fix_and_fixes_of_other_models(tmp_path):
     (other / "config.json").write_text(json.dumps({**request, "model": "someone/another-model"}))
     with pytest.raises(InvalidInput, match="different models"):
         make_release([FIXES[0], other], tmp_path / "mixed")
+
+
+def test_the_ledger_keeps_fixed_jobs_per_owner_across_restarts_and_retires_them(tmp_path):
+    import shutil
+
+    from unlearn_core.ledger import Ledger
+
+    runs = tmp_path / "runs"
+    ledger = Ledger(runs)
+    chad = ledger.add(FIXES[0], owner="hf:alice")
+    italy = ledger.add(FIXES[1], owner="hf:bob")
+    own = json.loads((FIXES[0] / "metrics.json").read_text())["integrity"]["flag of chad"]
+    assert (chad.prompt, chad.seed, chad.kept) == ("flag of chad", 40, f"{own['ssim_at_least_0.9']}/16") and chad.r == pytest.approx(0.77, abs=0.01)
+    with pytest.raises(InvalidInput, match="already"):
+        ledger.add(FIXES[0], owner="hf:alice")
+    unfixed = tmp_path / "unfixed"
+    shutil.copytree(FIXES[0], unfixed)
+    metrics = json.loads((unfixed / "metrics.json").read_text())
+    metrics["forgetting"]["verdict"] = "partly fixed"
+    (unfixed / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(InvalidInput, match="verdict is 'fixed'"):
+        ledger.add(unfixed, owner="hf:alice")
+    again = Ledger(runs)  # a restart: the ledger is a table of the runs folder's store
+    assert [fix.id for fix in again.list("hf:alice")] == [chad.id] and [fix.id for fix in again.list()] == [chad.id, italy.id]
+    with pytest.raises(InvalidInput, match="no fix"):
+        again.retire(italy.id, owner="hf:alice")  # another owner's fix is not there for alice
+    again.retire(chad.id, owner="hf:alice")
+    assert again.list("hf:alice") == [] and again.list("hf:alice", include_retired=True)[0].retired > 0
+
+
+def test_the_cli_adds_to_the_ledger_and_releases_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOTFIX_RUNS_DIR", str(tmp_path / "runs"))
+    assert cli.entry(["ledger", "add", str(FIXES[0])]) == 0
+    capsys.readouterr()
+    assert cli.entry(["ledger", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["seed"] == 40
+    assert cli.entry(["ledger", "list"]) == 0
+    assert "'flag of chad' seed 40" in capsys.readouterr().out
+    assert cli.entry(["release", "--ledger", "--out", str(tmp_path / "release"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "release" / "release.json").read_text())["fixes"][0]["verdict"] == "fixed"

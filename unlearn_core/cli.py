@@ -206,18 +206,34 @@ def cmd_probe(args) -> int:
 
 # -- release -----------------------------------------------------------------------------------
 def cmd_release(args) -> int:
+    from unlearn_core.ledger import Ledger
     from unlearn_core.release import make_release, summary_lines
 
-    summary = make_release(args.run_dirs, args.out, args.device)
+    run_dirs = list(args.run_dirs) + ([fix.run_dir for fix in Ledger(settings.current().runs_dir).list()] if args.ledger else [])
+    summary = make_release(run_dirs, args.out, args.device)
     print("\n".join(summary_lines(summary)))
     print(f"wrote the release adapter, its card and release.json in {args.out}")
     return 0 if not summary["not_holding"] else 1
 
 
+def cmd_ledger(args) -> int:
+    from unlearn_core.ledger import Ledger, as_json, table_lines
+
+    ledger = Ledger(settings.current().runs_dir)
+    if args.action == "add":
+        shown = [ledger.add(path, owner="cli") for path in args.items]
+    elif args.action == "retire":
+        shown = [ledger.retire(fix_id) for fix_id in args.items]
+    else:
+        shown = ledger.list(include_retired=args.all)
+    print(as_json(shown) if args.json else "\n".join(table_lines(shown)))
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m unlearn_core", description="Hotfix Studio: prompt-free instance unlearning for diffusion models.")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{generate,surrogate,unlearn,evaluate,probe,release}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{generate,surrogate,unlearn,evaluate,probe,release,ledger}")
 
     gen = sub.add_parser("generate", help="a seed grid with provenance (PNGs + manifest.json)")
     _add_model(gen)
@@ -280,10 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     pro.set_defaults(func=cmd_probe)
 
     rel = sub.add_parser("release", help="one adapter carrying several fixes (finished run folders), every fix re-checked in it")
-    rel.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders of finished jobs on the same base model")
+    rel.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders of finished jobs on the same base model")
+    rel.add_argument("--ledger", action="store_true", help="also every fix of the ledger in HOTFIX_RUNS_DIR that is not retired")
     rel.add_argument("--out", required=True, help="folder for the release: adapter files, model card, release.json")
     rel.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     rel.set_defaults(func=cmd_release)
+
+    led = sub.add_parser("ledger", help="the fix ledger in HOTFIX_RUNS_DIR: list, add a fixed run, retire a fix")
+    led.add_argument("action", choices=("list", "add", "retire"))
+    led.add_argument("items", nargs="*", metavar="RUN_DIR|FIX_ID", help="add: run folders of fixed jobs; retire: fix ids (from list)")
+    led.add_argument("--all", action="store_true", help="list: retired fixes too")
+    led.add_argument("--json", action="store_true", help="print JSON")
+    led.set_defaults(func=cmd_ledger)
     return parser
 
 

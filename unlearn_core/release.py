@@ -142,8 +142,8 @@ def make_release(run_dirs: list[str | Path], out: str | Path, device: str = "aut
     from unlearn_core.models import load_model
 
     fixes = [Fix.read(run_dir) for run_dir in run_dirs]
-    if len(fixes) < 2:
-        raise InvalidInput("a release merges at least two fixes")
+    if not fixes:
+        raise InvalidInput("give at least one fix to release")
     bases = {fix.model for fix in fixes}
     if len(bases) > 1:
         raise InvalidInput(f"the fixes were made on different models ({', '.join(sorted(bases))}): a release is for one base model")
