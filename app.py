@@ -19,7 +19,7 @@ use_persistent_hub_cache()  # before gradio imports huggingface_hub, which reads
 
 import gradio as gr  # noqa: E402
 
-from ui import adapters_tab, generate_tab, login, results_tab, surrogate_tab, unlearn_tab
+from ui import adapters_tab, generate_tab, login, releases_tab, results_tab, surrogate_tab, unlearn_tab
 from ui.common import PAGE_CSS, Services, guard_handlers, model_picker, refuse_non_finite
 from unlearn_core import settings as settings_module
 from unlearn_core.accounts import Accounts, LoginLimiter, read_users
@@ -65,6 +65,8 @@ def build(services: Services) -> gr.Blocks:
                 results_tab.render(services, tab)
             with gr.Tab("Adapters", elem_id="tab-adapters") as tab:
                 adapters_tab.render(services, model_state, tab)
+            with gr.Tab("Releases", elem_id="tab-releases") as tab:
+                releases_tab.render(services, tab)
             with gr.Tab("Instruction forgetting", elem_id="tab-instruction"):
                 instruction_tab(model_state)
     refuse_non_finite(demo.blocks.values())

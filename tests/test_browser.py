@@ -277,6 +277,19 @@ def test_operator_flow(page, server, tmp_path):
     assert natural_width(page, "#ada-gallery img") >= 192
     shoot(page, "adapters")
 
+    # the fix ledger and a release of it: the job's fix re-checked in the release
+    open_tab(page, "Releases")
+    page.wait_for_function("([id]) => { const e = document.querySelector('#rel-job input'); return e && e.value.includes(id); }", arg=[job_id])
+    page.click("#rel-add")
+    wait_text(page, "#rel-ledger", "flag of chad")
+    page.wait_for_selector("#rel-thumbs img")
+    page.click("#rel-make")
+    wait_text(page, "#rel-note", "Every fix holds")
+    wait_text(page, "#rel-result", "fixed")
+    assert re.search(r"flag of chad\s+40\s+\d+%\s+\d+%\s+fixed", text_of(page, "#rel-result")), text_of(page, "#rel-result")
+    page.locator("#rel-zip a").first.wait_for(state="visible")
+    shoot(page, "releases")
+
     # 7. the instruction-forgetting tab: a short probe, its images, table and heat map
     open_tab(page, "Instruction forgetting")
     page.locator("#instr-seeds textarea, #instr-seeds input").first.fill("0")

@@ -150,13 +150,15 @@ def make_release(run_dirs: list[str | Path], out: str | Path, device: str = "aut
     base = bases.pop()
     model = model or load_model(base, device)
     folder = RunFolder(out).create()
-    rank = merge_into(model, fixes)
-    files = model.save_lora(folder.path) + save_kohya(model, folder)
     targets = [EvalTarget(fix.prompt, fix.seed, load_for_model(fix.folder.training_image("target", 0), model.image_size, "target"),
                           load_for_model(fix.folder.training_image("surrogate", 0), model.image_size, "surrogate")) for fix in fixes]
     config = fixes[0].config  # its evaluation seeds and sampling settings, which every fix of one base model shares by default
-    report, picture, _ = evaluate(model, targets, config, GenerationCache())
-    model.remove_lora()
+    try:
+        rank = merge_into(model, fixes)
+        files = model.save_lora(folder.path) + save_kohya(model, folder)
+        report, picture, _ = evaluate(model, targets, config, GenerationCache())
+    finally:
+        model.remove_lora()  # a shared model (the web page's) is left as it was
     per_fix = [{"run": fix.folder.path.name, "prompt": fix.prompt, "seed": fix.seed, "r_alone": fix.r_alone,
                 "r_release": entry["toward_surrogate"]["r"], "verdict": entry["toward_surrogate"]["verdict"],
                 "holds": entry["toward_surrogate"]["verdict"] == "fixed"} for fix, entry in zip(fixes, report["targets"])]
