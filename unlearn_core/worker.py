@@ -196,12 +196,12 @@ class JobWorker:
         if returncode == 0 and status.get("state") == "done":
             self._settle(job, state="done", step=step, error="")
             return "done"
-        if lost:  # the machine or actor that ran it is gone; its checkpoint is not
-            self._settle(job, state="interrupted", step=step, error=f"{lost}; resume continues from the last checkpoint")
-            return "interrupted"
         if cancelled or status.get("state") == "cancelled":
             self._settle(job, state="cancelled", step=step, error="cancelled by the operator; resume continues from the last checkpoint")
             return "cancelled"
+        if lost:  # the machine or actor that ran it is gone (not by a cancel); its checkpoint is not
+            self._settle(job, state="interrupted", step=step, error=f"{lost}; resume continues from the last checkpoint")
+            return "interrupted"
         if self._store_error and not status.get("error"):  # the disk under the store failed, not the job
             self._settle(job, state="interrupted", step=step, error=f"the job store stopped working during the job ({self._store_error}); resume it")
             return "interrupted"
