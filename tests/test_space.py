@@ -189,7 +189,8 @@ def test_a_push_from_the_web_never_uses_the_server_s_token_where_others_can_reac
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_server_secret")
     store = JobStore(tmp_path / "runs")
-    push = handler_named(app.build(Services(store, JobWorker(store))), "push_job")
+    demo = app.build(Services(store, JobWorker(store)))
+    push, push_release = handler_named(demo, "push_job"), handler_named(demo, "push_release")
     anonymous_job, alice_job = finished_job(store, "session:tab-1"), finished_job(store, "hf:alice")
 
     def attempt(env: dict, job: str, typed: str = "", signed_in: str | None = None) -> tuple[str, list[str]]:
@@ -212,6 +213,11 @@ def test_a_push_from_the_web_never_uses_the_server_s_token_where_others_can_reac
         assert "sign in" in message and sent == []
         message, sent = attempt({"HOTFIX_HOST": "127.0.0.1", "HOTFIX_PUSH_WITH_SERVER_TOKEN": "1"}, anonymous_job)
         assert sent and set(sent) == {"Bearer hf_server_secret"}, "the one case the owner's token is used: their own loopback server, opted in"
+        monkeypatch.setattr(settings, "_current", settings.Settings.from_env(public))  # the Releases tab's push, by the same rule
+        hub.authorizations.clear()
+        with pytest.raises(gr.Error, match="sign in with Hugging Face, or paste a token"):
+            handler_call(push_release, hugging_face_request(None), [store.get(anonymous_job).run_dir, "someone/hotfix-release", ""])
+        assert hub.authorizations == []
     finally:
         hub.close()
 

@@ -11,35 +11,13 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, job_choices, on_gpu, owner_of, served_copies
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, job_choices, on_gpu, owner_of, push_token, push_token_note, served_copies
 from unlearn_core.config import parse_seeds
-from unlearn_core import settings
-from unlearn_core.errors import AdapterError, InvalidInput
+from unlearn_core.errors import AdapterError
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
 from unlearn_core.runfolder import ADAPTER_WEIGHT_NAMES, RunFolder
 
 COMPARE_SIDE = 192  # the least width of a compared image on the page
-
-
-def push_token(typed: str | None, signed_in: gr.OAuthToken | None) -> str | None:
-    """The token a push from the web uses: the one the visitor typed, else their own Hugging Face
-    sign-in's (a Space's "Sign in with Hugging Face", with the write scopes of its `hf_oauth_scopes`).
-    The server's own token (HF_TOKEN, `hf auth login`) only on a server that listens on loopback and
-    whose owner opted in (HOTFIX_PUSH_WITH_SERVER_TOKEN=1): None is returned then, and the Hub client
-    finds it. Any other push without a token of the visitor's is refused: a visitor of a server others
-    can reach never writes with its owner's token."""
-    token = (typed or "").strip() or (signed_in.token if signed_in is not None else "")
-    if token:
-        return token
-    if settings.current().web_pushes_with_server_token:
-        return None
-    raise InvalidInput("sign in with Hugging Face, or paste a token with write access: this server does not push with its own token")
-
-
-def push_token_note() -> str:
-    if settings.current().web_pushes_with_server_token:
-        return "empty, without a sign-in: this server's own token (HOTFIX_PUSH_WITH_SERVER_TOKEN, on loopback only)"
-    return "never the server's token: without a sign-in or a token of yours, nothing is pushed"
 
 
 def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:

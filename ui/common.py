@@ -244,6 +244,27 @@ def owner_of(request: gr.Request | None, profile: gr.OAuthProfile | None = None)
     return None if name and name in settings.current().admins else identity_of(request, profile)
 
 
+def push_token(typed: str | None, signed_in: gr.OAuthToken | None) -> str | None:
+    """The token a push from the web uses: the one the visitor typed, else their own Hugging Face
+    sign-in's (a Space's "Sign in with Hugging Face", with the write scopes of its `hf_oauth_scopes`).
+    The server's own token (HF_TOKEN, `hf auth login`) only on a server that listens on loopback and
+    whose owner opted in (HOTFIX_PUSH_WITH_SERVER_TOKEN=1): None is returned then, and the Hub client
+    finds it. Any other push without a token of the visitor's is refused: a visitor of a server others
+    can reach never writes with its owner's token."""
+    token = (typed or "").strip() or (signed_in.token if signed_in is not None else "")
+    if token:
+        return token
+    if settings.current().web_pushes_with_server_token:
+        return None
+    raise InvalidInput("sign in with Hugging Face, or paste a token with write access: this server does not push with its own token")
+
+
+def push_token_note() -> str:
+    if settings.current().web_pushes_with_server_token:
+        return "empty, without a sign-in: this server's own token (HOTFIX_PUSH_WITH_SERVER_TOKEN, on loopback only)"
+    return "never the server's token: without a sign-in or a token of yours, nothing is pushed"
+
+
 JOB_COLUMNS = ["job", "state", "step", "prompt", "seed", "method", "model", "worker", "error"]
 
 

@@ -10,8 +10,9 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, identity_of, job_choices, on_gpu, owner_of, served_copies
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, identity_of, job_choices, on_gpu, owner_of, push_token, push_token_note, served_copies
 from unlearn_core.errors import InvalidInput
+from unlearn_core.export import REPO_ID_HELP, push_to_hub
 from unlearn_core.images import open_image
 from unlearn_core.ledger import Ledger
 from unlearn_core.release import make_release
@@ -78,6 +79,14 @@ def render(services: Services, tab: gr.Tab) -> None:
     note = gr.Markdown("", elem_id="rel-note")
     result = gr.Dataframe(pd.DataFrame(columns=RELEASE_COLUMNS), label="Each fix in the release", interactive=False, elem_id="rel-result")
     bundle = gr.File(label="The release (zip: diffusers and kohya files, model card, release.json)", interactive=False, elem_id="rel-zip")
+    made = gr.State(None)  # the last release's folder
+    with gr.Accordion("Push the release to the Hugging Face Hub", open=False):
+        with gr.Row():
+            repo = gr.Textbox("", label="Model repository", placeholder=REPO_ID_HELP, elem_id="rel-repo", scale=3)
+            token = gr.Textbox("", label="Your token with write access (empty: your Hugging Face sign-in's)", type="password", elem_id="rel-token", scale=3,
+                               info=push_token_note())
+        push = gr.Button("Push (private repository)", elem_id="rel-push")
+        pushed = gr.Markdown("", elem_id="rel-pushed")
 
     def views(owner):
         fixes = ledger.list(owner)
@@ -127,9 +136,20 @@ def render(services: Services, tab: gr.Tab) -> None:
             for path in sorted(out.iterdir()):
                 if path != archive:
                     zipped.write(path, arcname=path.name)
-        return release_note(summary), release_frame(summary), served_copies([archive])[0]
+        return release_note(summary), release_frame(summary), served_copies([archive])[0], str(out)
+
+    def push_release(folder, repo_id, token_text, request: gr.Request, profile: gr.OAuthProfile | None, signed_in: gr.OAuthToken | None):
+        """The last release, as a job's adapter is pushed: with the visitor's token, never the server's."""
+        try:
+            if not folder:
+                raise InvalidInput("make a release first")
+            url = push_to_hub(RunFolder(folder), (repo_id or "").strip(), token=push_token(token_text, signed_in))
+        except OPERATOR_ERRORS as error:
+            raise fail(error) from None
+        return f"Pushed to [{url}]({url})."
 
     tab.select(refresh, [job], [job, table, gallery, chosen], **INTERNAL)
     add.click(add_fix, [job], [table, gallery, chosen], **INTERNAL)
     retire.click(retire_fixes, [chosen], [table, gallery, chosen], **INTERNAL)
-    make.click(release, [chosen], [note, result, bundle], api_name="make_release", **MODEL_QUEUE)
+    make.click(release, [chosen], [note, result, bundle, made], api_name="make_release", **MODEL_QUEUE)
+    push.click(push_release, [made, repo, token], [pushed], **INTERNAL)

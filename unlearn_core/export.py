@@ -219,12 +219,13 @@ def write_cards(folder: RunFolder, card: dict, kohya: bool) -> None:
 
 # -- publishing -----------------------------------------------------------------------------------
 def publishable_files(folder: RunFolder, include_images: bool = False) -> list[Path]:
-    """The adapter (weights, peft config, kohya or interchange copy), both cards and, only if asked,
+    """The adapter (weights, peft config, kohya or interchange copy), both cards (a release's
+    release.json), and, only if asked,
     the target and surrogate images. Never the loss log, checkpoints, status or logs."""
     files = folder.adapter_files()
     if not files:
         raise NotReady("this run has no adapter yet")
-    files += [path for path in (folder.kohya_weights, folder.interchange_weights, folder.model_card) if path.is_file()]
+    files += [path for path in (folder.kohya_weights, folder.interchange_weights, folder.model_card, folder.path / "release.json") if path.is_file()]
     if include_images:
         files += sorted(folder.path.glob("target_*.png")) + sorted(folder.path.glob("surrogate_*.png"))
     return list(dict.fromkeys(files))
