@@ -61,9 +61,21 @@ def release_note(summary: dict) -> str:
     return f"{head} Other seeds kept (SSIM ≥ 0.9): {kept}."
 
 
+class LazyLedger:
+    """The ledger of the services' store, opened on first use (the page is built before it is served)."""
+
+    def __init__(self, store):
+        self.store, self.opened = store, None
+
+    def __getattr__(self, name):
+        if self.opened is None:
+            self.opened = Ledger(self.store.runs_dir)
+        return getattr(self.opened, name)
+
+
 def render(services: Services, tab: gr.Tab) -> None:
     store = services.store
-    ledger = Ledger(store.runs_dir)
+    ledger = LazyLedger(store)
     gr.Markdown("Fixes arrive over weeks. The **ledger** keeps the fixed jobs to ship together; a **release** is one adapter that carries "
                 "the chosen fixes (their LoRAs side by side, so each one's change is kept exactly) and re-checks every fix in it, with the "
                 "other seeds of each prompt a fix touched.")

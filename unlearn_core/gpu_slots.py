@@ -67,7 +67,7 @@ def run_slot(run_dir: str, device: str, slot_s: float) -> str:
     clock = SlotClock(slot_s)
     watch = RunCallbacks(on_step=clock.on_step, on_phase=clock.on_phase, should_pause=clock.should_pause)
     try:
-        execute(RunFolder(run_dir), device, display=watch, web=True)
+        execute(RunFolder(run_dir), device, display=watch, web=True, fresh_cancel=False)  # the worker cleared it when the job began
     except TrainingPaused:
         return "paused"
     return "done"

@@ -20,7 +20,7 @@ EXIT_FAILED, EXIT_CANCELLED = 2, 3
 
 
 # -- the job process ------------------------------------------------------------------------------
-def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = False) -> dict:
+def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = False, fresh_cancel: bool = True) -> dict:
     """Run the request in `folder` to its end; `status.json` follows every phase and step.
 
     `display` (a `RunCallbacks`) also sees each phase and step, e.g. the CLI's progress bar. `web`:
@@ -58,7 +58,7 @@ def execute(folder: RunFolder, device: str = "auto", display=None, web: bool = F
         phase.update(images_done=done, images_total=total)
         record("running", **phase, **steps)
 
-    if main:
+    if main and fresh_cancel:  # a GPU slot after the first keeps a cancel asked meanwhile
         folder.clear_cancel()
     on_phase("loading")
     callbacks = RunCallbacks(on_step=on_step, on_phase=on_phase, should_stop=folder.cancel_requested, on_images=on_images).then(display)
