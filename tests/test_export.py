@@ -5,6 +5,7 @@ unless asked."""
 
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,16 +49,22 @@ def a1111_version(metadata: dict) -> str:
     return "SD2" if metadata.get("ss_v2") == "True" else "SD1" if metadata else "Unknown"
 
 
+def short_run(model, tmp: Path, evaluate_after: bool, **settings):
+    """A 3-step run in tmp/run on seed 7's inverted image, with convolution LoRA layers and
+    lora_alpha (8) ≠ rank (2); returns the model, carrying the adapter."""
+    target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
+    Image.fromarray(255 - np.asarray(target)).save(tmp / "surrogate.png")
+    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, generation_steps=3, guidance_scale=2.0, lora_layers="all", lora_rank=2, lora_alpha=8.0, **settings)
+    run_unlearning(model, [InstanceTarget(PROMPT, 7, str(tmp / "surrogate.png"))], config, tmp / "run", cache=GenerationCache(tmp / "cache"), evaluate_after=evaluate_after)
+    return model
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     """A tiny SD run with convolution LoRA layers and lora_alpha (8) ≠ rank (2)."""
     tmp = tmp_path_factory.mktemp("export")
-    model = load_model(str(tiny_models["sd"]), "cpu")
-    target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
-    Image.fromarray(255 - np.asarray(target)).save(tmp / "surrogate.png")
-    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, eval_seeds=2, generation_steps=3, guidance_scale=2.0, lora_layers="all", lora_rank=2, lora_alpha=8.0,
-                           review_seeds=[5, 7, 1001])  # 7 is the target and 1001 a remember seed: only 5 is checked as well
-    run_unlearning(model, [InstanceTarget(PROMPT, 7, str(tmp / "surrogate.png"))], config, tmp / "run", cache=GenerationCache(tmp / "cache"))
+    model = short_run(load_model(str(tiny_models["sd"]), "cpu"), tmp, evaluate_after=True, eval_seeds=2,
+                      review_seeds=[5, 7, 1001])  # 7 is the target and 1001 a remember seed: only 5 is checked as well
     output = np.asarray(model.generate(PROMPT, [7], 3, 2.0)[0][0], dtype=np.int16)
     return RunFolder(tmp / "run"), output
 
@@ -165,11 +172,7 @@ def test_kohya_file_carries_sd_scripts_labels_for_its_base_model(kind, labels, t
 def trained_sd3(tiny_models, tmp_path_factory):
     """A tiny SD3 run with lora_alpha (8) ≠ rank (2): diffusers' file carries the scale only as metadata."""
     tmp = tmp_path_factory.mktemp("export-sd3")
-    model = load_model(str(tiny_models["sd3"]), "cpu")
-    target = model.generate(PROMPT, [7], 3, 2.0)[0][0]
-    Image.fromarray(255 - np.asarray(target)).save(tmp / "surrogate.png")
-    config = UnlearnConfig(steps=3, batch_size=2, learning_rate=0.05, remember_count=2, eval_seeds=1, generation_steps=3, guidance_scale=2.0, lora_layers="all", lora_rank=2, lora_alpha=8.0)
-    run_unlearning(model, [InstanceTarget(PROMPT, 7, str(tmp / "surrogate.png"))], config, tmp / "run", cache=GenerationCache(tmp / "cache"), evaluate_after=False)
+    model = short_run(load_model(str(tiny_models["sd3"]), "cpu"), tmp, evaluate_after=False, eval_seeds=1)
     return RunFolder(tmp / "run"), model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, job_choices, on_gpu, owner_of, push_token, push_token_note, served_copies
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, done_jobs_dropdown, fail, get_model, on_gpu, owner_of, push_token, push_token_note, served_copies
 from unlearn_core.config import parse_seeds
 from unlearn_core.errors import AdapterError
 from unlearn_core.export import REPO_ID_HELP, adapter_zip, push_to_hub
@@ -54,9 +54,7 @@ def render(services: Services, model_state: gr.State, tab: gr.Tab) -> None:
     verdict = gr.Markdown("", elem_id="ada-info")
 
     def choices(current, request: gr.Request, profile: gr.OAuthProfile | None):
-        options = job_choices(store, owner_of(request, profile), only_done=True)
-        ids = [value for _, value in options]
-        return gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None))
+        return done_jobs_dropdown(store, owner_of(request, profile), current)
 
     def download(job_id, request: gr.Request, profile: gr.OAuthProfile | None):
         try:

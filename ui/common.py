@@ -298,6 +298,13 @@ def job_choices(store: JobStore, owner: str | None, only_done: bool = False) -> 
     return choices
 
 
+def done_jobs_dropdown(store: JobStore, owner: str | None, current: str | None):
+    """A dropdown's update listing the owner's finished jobs, keeping `current` when it is one of them."""
+    options = job_choices(store, owner, only_done=True)
+    ids = [value for _, value in options]
+    return gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None))
+
+
 SERVE_DIR = Path(tempfile.mkdtemp(prefix="hotfix-serve-"))  # this process's copies of run files for download
 atexit.register(shutil.rmtree, SERVE_DIR, ignore_errors=True)
 SERVED_FOR_S = 900

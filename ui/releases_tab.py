@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, fail, get_model, identity_of, job_choices, on_gpu, owner_of, push_token, push_token_note, served_copies
+from ui.common import INTERNAL, MODEL_QUEUE, OPERATOR_ERRORS, PIXELS, Services, done_jobs_dropdown, fail, get_model, identity_of, on_gpu, owner_of, push_token, push_token_note, served_copies
 from unlearn_core.errors import InvalidInput
 from unlearn_core.export import REPO_ID_HELP, push_to_hub
 from unlearn_core.images import open_image
@@ -107,9 +107,7 @@ def render(services: Services, tab: gr.Tab) -> None:
 
     def refresh(current, request: gr.Request, profile: gr.OAuthProfile | None):
         owner = owner_of(request, profile)
-        options = job_choices(store, owner, only_done=True)
-        ids = [value for _, value in options]
-        return (gr.update(choices=options, value=current if current in ids else (ids[0] if ids else None)), *views(owner))
+        return (done_jobs_dropdown(store, owner, current), *views(owner))
 
     def add_fix(job_id, request: gr.Request, profile: gr.OAuthProfile | None):
         owner = owner_of(request, profile)

@@ -37,8 +37,8 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 
 @dataclass
-class Fix:
-    """One entry of the ledger."""
+class LedgerEntry:
+    """One fix in the ledger."""
 
     id: str
     owner: str
@@ -69,7 +69,7 @@ class Ledger:
         db.row_factory = sqlite3.Row
         return db
 
-    def add(self, run_dir: str | Path, owner: str) -> Fix:
+    def add(self, run_dir: str | Path, owner: str) -> LedgerEntry:
         """Add a finished run whose verdict is `fixed`; refuses anything else, and a run already in."""
         folder = RunFolder(run_dir)
         metrics = folder.read_metrics() or {}
@@ -82,7 +82,7 @@ class Ledger:
         target = request["targets"][0]
         own = (metrics.get("integrity") or {}).get(target["prompt"]) or {}
         kept = f"{own.get('ssim_at_least_0.9', '?')}/{len(own.get('seeds', []))}" if own else "n/a"
-        fix = Fix(secrets.token_urlsafe(6), owner, request["model"], str(folder.path.resolve()), target["prompt"], int(target["seed"]),
+        fix = LedgerEntry(secrets.token_urlsafe(6), owner, request["model"], str(folder.path.resolve()), target["prompt"], int(target["seed"]),
                   forgetting.get("toward_surrogate"), kept, time.time())
         with closing(self._connect()) as db:
             if db.execute("SELECT 1 FROM ledger WHERE run_dir = ? AND owner = ? AND retired = 0", (fix.run_dir, owner)).fetchone():
@@ -90,7 +90,7 @@ class Ledger:
             db.execute("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(fix.to_dict().values()))
         return fix
 
-    def list(self, owner: str | None = None, include_retired: bool = False) -> list[Fix]:
+    def list(self, owner: str | None = None, include_retired: bool = False) -> list[LedgerEntry]:
         """The owner's fixes (every owner's for None), oldest first."""
         query, values = "SELECT * FROM ledger WHERE 1 = 1", []
         if owner is not None:
@@ -98,15 +98,15 @@ class Ledger:
         if not include_retired:
             query += " AND retired = 0"
         with closing(self._connect()) as db:
-            return [Fix(**dict(row)) for row in db.execute(query + " ORDER BY added", values)]
+            return [LedgerEntry(**dict(row)) for row in db.execute(query + " ORDER BY added", values)]
 
-    def get(self, fix_id: str, owner: str | None = None) -> Fix:
+    def get(self, fix_id: str, owner: str | None = None) -> LedgerEntry:
         found = [fix for fix in self.list(owner, include_retired=True) if fix.id == fix_id]
         if not found:
             raise InvalidInput(f"no fix {fix_id!r} in your ledger")
         return found[0]
 
-    def retire(self, fix_id: str, owner: str | None = None) -> Fix:
+    def retire(self, fix_id: str, owner: str | None = None) -> LedgerEntry:
         """Mark a fix retired: it stays listed with --all, and no release takes it."""
         fix = self.get(fix_id, owner)
         with closing(self._connect()) as db:
@@ -114,7 +114,7 @@ class Ledger:
         return self.get(fix_id, owner)
 
 
-def table_lines(fixes: list[Fix]) -> list[str]:
+def table_lines(fixes: list[LedgerEntry]) -> list[str]:
     """The ledger for a terminal."""
     if not fixes:
         return ["the ledger is empty: add a fixed job with `ledger add RUN_DIR`"]
@@ -122,5 +122,5 @@ def table_lines(fixes: list[Fix]) -> list[str]:
             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(fix.added))}  {fix.owner}{'  (retired)' if fix.retired else ''}  {fix.run_dir}" for fix in fixes]
 
 
-def as_json(fixes: list[Fix]) -> str:
+def as_json(fixes: list[LedgerEntry]) -> str:
     return json.dumps([fix.to_dict() for fix in fixes], indent=1)
